@@ -1,0 +1,117 @@
+"""Download MedMNIST files over HTTP(S) with a progress bar, an MD5 check and an atomic rename."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from medistill.errors import DataError
+
+_CHUNK = 1 << 16
+
+
+def md5sum(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Return the hex MD5 digest of the file at `path`, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, md5: str) -> None:
+    """Raise DataError if the MD5 of `path` is not `md5`."""
+    actual = md5sum(path)
+    if actual != md5.lower():
+        raise DataError(f"{path.name} fails its MD5 check: expected {md5}, got {actual} ({path}).")
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    md5: str | None,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Download `url` to `dest` via `dest.part`, check its MD5 (if given) and rename it into place.
+
+    Never overwrites an existing `dest`. On an MD5 mismatch the bytes stay at the `.part` path.
+    Raises DataError with a one-line message on network failure or MD5 mismatch.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise DataError(f"{dest} already exists; not downloading {url} over it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+
+    try:
+        _stream(url, part, progress=progress, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise _network_error(dest, part, url, f"HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise _network_error(dest, part, url, str(exc.reason)) from exc
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise _network_error(dest, part, url, str(exc) or type(exc).__name__) from exc
+
+    if md5 is not None:
+        actual = md5sum(part)
+        if actual != md5.lower():
+            raise DataError(
+                f"{dest.name} fails its MD5 check: expected {md5}, got {actual} "
+                f"(downloaded from {url}); the downloaded bytes were left at {part}."
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _stream(url: str, part: Path, *, progress: bool, timeout: float) -> None:
+    """Copy the body of `url` into `part` chunk by chunk, showing a progress bar if enabled."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        console = Console(stderr=True)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not (progress and sys.stderr.isatty()),
+        )
+        received = 0
+        with bar, open(part, "wb") as fh:
+            task = bar.add_task(part.name.removesuffix(".part"), total=total)
+            while chunk := resp.read(_CHUNK):
+                fh.write(chunk)
+                received += len(chunk)
+                bar.advance(task, len(chunk))
+    if total is not None and received != total:
+        raise http.client.IncompleteRead(b"", total - received)
+
+
+def _network_error(dest: Path, part: Path, url: str, reason: str) -> DataError:
+    """Remove the incomplete `.part` file and build a one-line DataError telling the user what to do."""
+    part.unlink(missing_ok=True)
+    reason = " ".join(reason.split())
+    return DataError(
+        f"Could not download {dest.name} from {url}: {reason}. "
+        f"Download it manually and put it in {dest.parent}."
+    )
