@@ -1,0 +1,184 @@
+"""Differentiable Siamese augmentation (DSA, Zhao & Bilen, ICML 2021).
+
+Every op is differentiable w.r.t. the input images, so synthetic images can be
+optimised through the augmentation. With ``siamese_seed`` one parameter draw is
+shared by the whole batch, so a real and a synthetic batch augmented with the
+same seed get the identical transform (gradient matching, distribution matching,
+MTT). Without it each sample gets its own draw (evaluation-time augmentation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medistill.errors import ConfigError
+
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+COLOR = "color"
+GEOMETRIC_OPS = ("crop", "cutout", "flip", "scale", "rotate")
+VALID_OPS = (COLOR, *GEOMETRIC_OPS)
+
+
+@dataclass
+class DSAParams:
+    """Op strengths; the defaults are the reference DSA settings."""
+
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+    crop: float = 0.125
+    cutout: float = 0.5
+    flip: float = 0.5
+    scale: float = 1.2
+    rotate: float = 15.0
+
+
+class _Draw:
+    """Draws op parameters on CPU: one shared draw (Siamese) or one per sample."""
+
+    def __init__(self, x: Tensor, generator: torch.Generator | None, shared: bool) -> None:
+        self.generator = generator
+        self.n = x.shape[0]
+        self.k = 1 if shared else self.n
+        self.device = x.device
+        self.dtype = x.dtype
+
+    def rand(self) -> Tensor:
+        """Uniform [0, 1) per sample, shape (N,), on the input's device and dtype."""
+        r = torch.rand(self.k, generator=self.generator)
+        return r.expand(self.n).to(device=self.device, dtype=self.dtype)
+
+    def randint(self, low: int, high: int) -> Tensor:
+        """Integers in [low, high) per sample, shape (N,), on the input's device."""
+        r = torch.randint(low, high, (self.k,), generator=self.generator)
+        return r.expand(self.n).to(self.device)
+
+
+def _color(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Brightness, saturation and contrast jitter, in that order."""
+    x = x + ((draw.rand() - 0.5) * p.brightness).view(-1, 1, 1, 1)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (draw.rand() * p.saturation).view(-1, 1, 1, 1) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (draw.rand() + p.contrast).view(-1, 1, 1, 1) + mean
+
+
+def _affine(x: Tensor, theta: Tensor) -> Tensor:
+    """Resample ``x`` through per-sample 2x3 affine matrices, zero outside the image."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _crop(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Translate by a whole number of pixels, up to ``crop * size`` each way, zero padded."""
+    h, w = x.shape[2:]
+    sh, sw = int(h * p.crop + 0.5), int(w * p.crop + 0.5)
+    ty = draw.randint(-sh, sh + 1).to(x.dtype) * (2.0 / h)
+    tx = draw.randint(-sw, sw + 1).to(x.dtype) * (2.0 / w)
+    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
+    theta = torch.stack([torch.stack([one, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
+    return _affine(x, theta)
+
+
+def _cutout(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Zero a ``cutout * size`` square centred anywhere in the image (it may overhang)."""
+    h, w = x.shape[2:]
+    ch, cw = int(h * p.cutout + 0.5), int(w * p.cutout + 0.5)
+    top = (draw.randint(0, h) - ch // 2).view(-1, 1, 1)
+    left = (draw.randint(0, w) - cw // 2).view(-1, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, -1, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+def _flip(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Mirror horizontally with probability ``flip``."""
+    flip = (draw.rand() < p.flip).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+def _scale(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Scale x and y independently by factors uniform in [1/scale, scale]."""
+    lo = 1.0 / p.scale
+    sx = draw.rand() * (p.scale - lo) + lo
+    sy = draw.rand() * (p.scale - lo) + lo
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+def _rotate(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
+    """Rotate about the centre by an angle uniform in [-rotate, rotate] degrees."""
+    angle = (draw.rand() - 0.5) * 2 * p.rotate * (math.pi / 180)
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+_OPS = {
+    COLOR: _color,
+    "crop": _crop,
+    "cutout": _cutout,
+    "flip": _flip,
+    "scale": _scale,
+    "rotate": _rotate,
+}
+
+
+class DiffAugment:
+    """A DSA strategy such as ``"color_crop_cutout_flip_scale_rotate"``.
+
+    Each call applies colour (if listed) and then one other listed op drawn at
+    random, as the reference DSA does. ``"none"`` or ``""`` is the identity.
+    """
+
+    def __init__(self, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None) -> None:
+        self.strategy = strategy
+        self.params = params if params is not None else DSAParams()
+        names = [] if strategy.strip().lower() in ("", "none") else strategy.split("_")
+        unknown = [n for n in names if n not in _OPS]
+        if unknown:
+            raise ConfigError(
+                f"unknown augmentation op(s) {', '.join(repr(n) for n in unknown)} in strategy "
+                f"'{strategy}'; valid ops are {', '.join(VALID_OPS)} (joined by '_'), or 'none'"
+            )
+        names = list(dict.fromkeys(names))
+        self.use_color = COLOR in names
+        self.geometric = [n for n in names if n != COLOR]
+
+    def __call__(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        siamese_seed: int | None = None,
+    ) -> Tensor:
+        """Augment an (N, C, H, W) batch.
+
+        With ``siamese_seed`` all randomness comes from a fresh CPU generator with
+        that seed and one draw is shared by the batch; otherwise every sample gets
+        its own draw from ``generator`` (a CPU generator, or the global RNG if None).
+        """
+        if not self.use_color and not self.geometric:
+            return x
+        if siamese_seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(siamese_seed)
+        draw = _Draw(x, generator, shared=siamese_seed is not None)
+        if self.use_color:
+            x = _color(x, draw, self.params)
+        if self.geometric:
+            pick = int(torch.randint(len(self.geometric), (1,), generator=generator))
+            x = _OPS[self.geometric[pick]](x, draw, self.params)
+        return x
+
+    def siamese_pair(self, real: Tensor, syn: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+        """Apply the identical transform, drawn from ``seed``, to a real and a synthetic batch."""
+        return self(real, siamese_seed=seed), self(syn, siamese_seed=seed)
+
+    def __repr__(self) -> str:
+        return f"DiffAugment(strategy={self.strategy!r}, params={self.params!r})"
