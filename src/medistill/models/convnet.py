@@ -1,0 +1,107 @@
+"""The ConvNet used as the default backbone in dataset distillation (DC, DM, MTT)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medistill.errors import ConfigError
+
+NORMS = ("instance", "batch", "group", "none")
+POOLINGS = ("avg", "max", "none")
+ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
+
+
+def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {kind} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """Build a normalisation layer for ``channels`` feature maps.
+
+    ``"instance"`` is ``GroupNorm(channels, channels)``: per-sample, per-channel
+    normalisation with an affine transform, as in the DC/MTT reference code.
+    """
+    _check_choice("norm", norm, NORMS)
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(4, channels, affine=True)
+    return nn.Identity()
+
+
+def make_activation(activation: str) -> nn.Module:
+    """Build an activation layer by name."""
+    _check_choice("activation", activation, ACTIVATIONS)
+    if activation == "relu":
+        return nn.ReLU(inplace=True)
+    if activation == "leakyrelu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    return nn.Sigmoid()
+
+
+def make_pool(pooling: str) -> nn.Module:
+    """Build a 2x2, stride-2 pooling layer by name (``"none"`` keeps the size)."""
+    _check_choice("pooling", pooling, POOLINGS)
+    if pooling == "avg":
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    if pooling == "max":
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+    return nn.Identity()
+
+
+class ConvNet(nn.Module):
+    """``depth`` blocks of conv3x3 -> norm -> activation -> pool2x2, then one linear layer.
+
+    The classifier's input size is derived from ``in_channels``, ``image_size``
+    and the pooling, so any channel count and any square size works as long as
+    the feature map does not shrink to nothing (size >= 2**depth with pooling).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        width: int = 128,
+        depth: int = 3,
+        norm: str = "instance",
+        pooling: str = "avg",
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ConfigError(f"ConvNet depth must be at least 1, got {depth}")
+        if norm == "group" and width % 4:
+            raise ConfigError(f"ConvNet norm 'group' needs a width divisible by 4, got {width}")
+
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                make_norm(norm, width),
+                make_activation(activation),
+                make_pool(pooling),
+            ]
+            channels = width
+            if pooling != "none":
+                size //= 2
+        if size < 1:
+            raise ConfigError(
+                f"image size {image_size} is too small for a ConvNet of depth {depth} "
+                f"with pooling (need at least {2**depth})"
+            )
+        self.features = nn.Sequential(*layers)
+        self.embed_dim = width * size * size
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened penultimate features, shape ``(N, embed_dim)``."""
+        return torch.flatten(self.features(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))

@@ -1,0 +1,115 @@
+"""Shape, gradient and error checks for every registered model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medistill.errors import ConfigError
+from medistill.models import ConvNet, create_model, list_models, register_model
+from medistill.models import zoo
+
+NUM_CLASSES = 3
+
+
+def _check_forward_backward(model: nn.Module, in_channels: int, size: int, batch: int = 2) -> None:
+    x = torch.randn(batch, in_channels, size, size, requires_grad=True)
+    out = model(x)
+    assert out.shape == (batch, NUM_CLASSES)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_registry_has_required_models() -> None:
+    required = {"convnet", "convnet_bn", "mlp", "lenet", "alexnet", "vgg11", "resnet18"}
+    assert required <= set(list_models())
+    assert list_models() == sorted(list_models())
+
+
+@pytest.mark.parametrize("size", [28, 32])
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_shapes_and_backward(name: str, in_channels: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, in_channels, NUM_CLASSES, size)
+    _check_forward_backward(model, in_channels, size)
+    emb = model.embed(torch.randn(2, in_channels, size, size))
+    assert emb.shape == (2, model.embed_dim)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_convnet_at_64(in_channels: int) -> None:
+    _check_forward_backward(ConvNet(in_channels, NUM_CLASSES, 64, width=16), in_channels, 64)
+
+
+def test_convnet_and_resnet_at_128() -> None:
+    _check_forward_backward(ConvNet(3, NUM_CLASSES, 128, width=8), 3, 128, batch=1)
+    resnet = create_model("resnet18", 1, NUM_CLASSES, 128).eval()
+    assert resnet(torch.randn(1, 1, 128, 128)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
+@pytest.mark.parametrize("pooling", ["avg", "max", "none"])
+def test_convnet_norm_and_pooling_options(norm: str, pooling: str) -> None:
+    model = ConvNet(3, NUM_CLASSES, 28, width=8, norm=norm, pooling=pooling)
+    _check_forward_backward(model, 3, 28)
+
+
+def test_convnet_rgb_28_does_not_crash() -> None:
+    """The DC/MTT reference hard-codes the feature size and fails on 3x28x28."""
+    model = ConvNet(3, NUM_CLASSES, 28)
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize(("size", "expected"), [(32, 128 * 4 * 4), (28, 128 * 3 * 3)])
+def test_convnet_embed_size(size: int, expected: int) -> None:
+    model = ConvNet(1, NUM_CLASSES, size)
+    assert model.embed(torch.randn(2, 1, size, size)).shape == (2, expected)
+    assert model.embed_dim == expected
+
+
+def test_convnet_no_pooling_keeps_spatial_size() -> None:
+    model = ConvNet(1, NUM_CLASSES, 8, width=4, pooling="none")
+    assert model.embed_dim == 4 * 8 * 8
+
+
+def test_convnet_minimum_size() -> None:
+    assert ConvNet(1, NUM_CLASSES, 8, width=4).embed_dim == 4
+    with pytest.raises(ConfigError, match="too small"):
+        ConvNet(1, NUM_CLASSES, 7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [({"norm": "layer"}, "norm"), ({"pooling": "sum"}, "pooling"), ({"activation": "gelu"}, "activation")],
+)
+def test_convnet_invalid_option_lists_choices(kwargs: dict[str, str], option: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown {option} .*valid choices: "):
+        ConvNet(1, NUM_CLASSES, 28, **kwargs)
+
+
+def test_unknown_model_lists_available() -> None:
+    with pytest.raises(ConfigError, match=r"unknown model 'nope'; available: .*convnet"):
+        create_model("nope", 1, NUM_CLASSES, 28)
+
+
+def test_create_model_is_case_insensitive_and_forwards_kwargs() -> None:
+    model = create_model("ConvNet", 1, NUM_CLASSES, 32, width=8, depth=2)
+    assert isinstance(model, ConvNet)
+    assert model.embed_dim == 8 * 8 * 8
+    assert isinstance(create_model("convnet_bn", 1, NUM_CLASSES, 32).features[1], nn.BatchNorm2d)
+
+
+def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo, "_REGISTRY", dict(zoo._REGISTRY))
+
+    @register_model("tiny")
+    def tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
+
+    assert "tiny" in list_models()
+    assert create_model("tiny", 1, NUM_CLASSES, 8)(torch.randn(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("tiny")(tiny)
