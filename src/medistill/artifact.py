@@ -1,0 +1,164 @@
+"""`SyntheticSet`: a distilled (or baseline) training set with everything needed to reuse and share it.
+
+Saved as safetensors (images, labels) with the metadata as JSON in the header; loading
+round-trips bit-exactly. Export to a MedMNIST-style uint8 npz and to a PNG grid is one call each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from medistill import __version__
+from medistill.data.dataset import MULTI_LABEL
+from medistill.errors import DataError
+
+META_KEY = "medistill"
+ARTIFACT_NAME = "synthetic.safetensors"
+
+
+@dataclass
+class SyntheticSet:
+    """Images in normalised space (N,C,H,W), labels, normalisation stats and provenance."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task: str
+    label_names: list[str]
+    source: dict[str, Any]
+    method: str
+    ipc: int | None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    learned_lr: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: str = __version__
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def pixels(self) -> torch.Tensor:
+        """Images mapped back to [0, 1] pixel space."""
+        mean = torch.tensor(self.mean, dtype=self.images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=self.images.dtype).view(1, -1, 1, 1)
+        return (self.images.detach().cpu() * std + mean).clamp(0, 1)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors, JSON-serialisable."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "labels")}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the set as safetensors; a directory path gets `synthetic.safetensors` inside it."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / ARTIFACT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
+        meta = json.dumps(_json_safe(self.metadata()), allow_nan=True)
+        save_file(tensors, str(path), metadata={META_KEY: meta})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SyntheticSet":
+        """Read a set written by `save` (a file, or a directory holding `synthetic.safetensors`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / ARTIFACT_NAME
+        if not path.is_file():
+            raise DataError(f"no synthetic set at {path}")
+        try:
+            tensors = load_file(str(path))
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable medistill artifact ({exc})") from None
+        if META_KEY not in header or "images" not in tensors or "labels" not in tensors:
+            raise DataError(f"{path} is a safetensors file but not a medistill synthetic set")
+        meta = json.loads(header[META_KEY])
+        meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
+        return cls(images=tensors["images"], labels=tensors["labels"], **meta)
+
+    def to_npz(self, path: str | Path) -> Path:
+        """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (self.pixels() * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        if pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        labels = self.labels.cpu().numpy()
+        labels = labels.astype(np.uint8) if self.task == MULTI_LABEL else labels.reshape(-1, 1).astype(np.uint8)
+        meta = {"task": self.task, "label_names": self.label_names, "provenance": {"method": self.method, "source": self.source}}
+        np.savez_compressed(path, train_images=pixels, train_labels=labels, medistill_meta=np.array(json.dumps(_json_safe(meta))))
+        return path
+
+    def to_png_grid(self, path: str | Path, max_per_class: int = 10) -> Path:
+        """Save a PNG grid: one row per class (single-label), up to `max_per_class` images per row."""
+        return save_image_grid(self.pixels(), self.labels, self.task, self.label_names, path, max_per_class)
+
+
+def save_image_grid(
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    task: str,
+    label_names: list[str],
+    path: str | Path,
+    max_per_class: int = 10,
+) -> Path:
+    """Write images in [0,1] as a PNG grid with one row per class."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = pixels.detach().cpu()
+    if task == MULTI_LABEL:
+        rows = [pixels[i : i + max_per_class] for i in range(0, min(len(pixels), max_per_class * 10), max_per_class)]
+    else:
+        rows = [pixels[labels.cpu() == c][:max_per_class] for c in range(len(label_names))]
+    rows = [r for r in rows if len(r)] or [pixels[:1]]
+    c, h, w = pixels.shape[1:]
+    pad = 2
+    cols = max(len(r) for r in rows)
+    canvas = torch.ones(c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, top : top + h, left : left + w] = image
+    array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    """Convert tuples, numpy scalars and tensors into JSON types (NaN kept)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    return value
+
+
+__all__ = ["ARTIFACT_NAME", "SyntheticSet", "save_image_grid"]

@@ -1,0 +1,48 @@
+"""Options shared by several commands, and helpers that turn them into library objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from medistill.data import Dataset, load_dataset
+from medistill.errors import ConfigError
+from medistill.runtime import resolve_device
+
+DataRoot = typer.Option(None, "--data-root", help="Folder of MedMNIST files (default: $MEDISTILL_DATA, else ~/.medmnist).")
+Device = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
+Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the same result on the same device.")
+Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
+ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
+Progress = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def open_dataset(name: str, data_root: Optional[Path], device: str, size: int = 28, image_size: Optional[int] = None,
+                 channels: Optional[int] = None, progress: bool = True) -> Dataset:
+    """Resolve the device and load a dataset by flag or path onto it."""
+    return load_dataset(name, root=data_root, size=size, image_size=image_size, channels=channels,
+                        device=resolve_device(device), progress=progress)
+
+
+def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, Any]:
+    """Method settings from a YAML file, then `KEY=VALUE` pairs (values parsed as YAML scalars)."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
+        settings.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings

@@ -1,0 +1,175 @@
+"""A user's own data: a MedMNIST-style npz, or a folder of images with one sub-folder per class."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset
+from medistill.data.download import md5sum
+from medistill.data.medmnist import read_npz, split_arrays
+from medistill.errors import DataError
+
+META_KEY = "medistill_meta"  # optional 0-d string array holding JSON: task, label_names, provenance
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FOLDER_SPLIT = {"train": 0.7, "val": 0.1, "test": 0.2}  # used when a folder has no train/val/test sub-folders
+
+
+def load_npz_dataset(
+    path: str | Path,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Dataset:
+    """Load an npz with the MedMNIST array names; task and label names come from its metadata or the labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist")
+    arrays = read_npz(path)
+    splits = split_arrays(arrays, path)
+    meta = json.loads(str(arrays[META_KEY])) if META_KEY in arrays else {}
+    task = meta.get("task") or _infer_task(splits)
+    label_names = meta.get("label_names") or _default_label_names(splits, task)
+    source = DataSource(
+        kind="npz",
+        name=path.stem,
+        path=str(path.resolve()),
+        md5=md5sum(path),
+        size=int(splits["train"][0].shape[1]),
+        provenance=meta.get("provenance", {}),
+    )
+    return build_dataset(
+        name=path.stem, task=task, label_names=label_names, arrays=splits, source=source,
+        channels=channels, image_size=image_size, device=device,
+    )
+
+
+def write_npz_dataset(
+    path: str | Path,
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    task: str,
+    label_names: list[str],
+    provenance: dict | None = None,
+) -> Path:
+    """Write splits of uint8 images and labels as a MedMNIST-style npz with medistill metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {f"{s}_{kind}": value for s in SPLITS for kind, value in zip(("images", "labels"), arrays[s])}
+    meta = {"task": task, "label_names": label_names, "provenance": provenance or {}}
+    np.savez_compressed(path, **payload, **{META_KEY: np.array(json.dumps(meta))})
+    return path
+
+
+def _infer_task(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    labels = splits["train"][1]
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return MULTI_LABEL
+    classes = max(int(np.max(split[1])) for split in splits.values()) + 1
+    return BINARY if classes == 2 else MULTI_CLASS
+
+
+def _default_label_names(splits: dict[str, tuple[np.ndarray, np.ndarray]], task: str) -> list[str]:
+    if task == MULTI_LABEL:
+        return [str(i) for i in range(splits["train"][1].shape[1])]
+    classes = max(int(np.max(split[1])) for split in splits.values()) + 1
+    return [str(i) for i in range(classes)]
+
+
+def load_image_folder(
+    path: str | Path,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Dataset:
+    """Load `root/<class>/*.png` (split 70/10/20, stratified and seeded) or `root/{train,val,test}/<class>/`.
+
+    Images are read as grayscale when every file is grayscale, else as RGB, and resized to
+    `image_size` (default: the size of the first image).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    if all((root / s).is_dir() for s in ("train", "test")):
+        listed = {s: _list_class_files(root / s) for s in SPLITS if (root / s).is_dir()}
+        class_names = sorted(listed["train"])
+        if "val" not in listed:
+            listed["val"] = {}
+        files = {s: [(f, class_names.index(c)) for c in sorted(listed[s]) for f in listed[s][c] if c in class_names] for s in SPLITS}
+        if not files["val"]:
+            files["train"], files["val"] = _split_off(files["train"], 0.1, seed)
+    else:
+        per_class = _list_class_files(root)
+        class_names = sorted(per_class)
+        files = _stratified_split(per_class, class_names, seed)
+    all_files = [f for s in SPLITS for f, _ in files[s]]
+    mode = "L" if all(_image_mode(f) in ("L", "1", "I;16", "I") for f in all_files) else "RGB"
+    size = image_size or _first_size(all_files[0])
+    arrays = {s: (_read_images([f for f, _ in files[s]], mode, size), np.array([[y] for _, y in files[s]], dtype=np.int64)) for s in SPLITS}
+    source = DataSource(kind="folder", name=root.name, path=str(root.resolve()), size=size, provenance={"split_seed": seed})
+    task = BINARY if len(class_names) == 2 else MULTI_CLASS
+    return build_dataset(name=root.name, task=task, label_names=class_names, arrays=arrays, source=source,
+                         channels=channels, image_size=image_size, device=device)
+
+
+def _list_class_files(root: Path) -> dict[str, list[Path]]:
+    classes = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {name: files for name, files in classes.items() if files}
+    if len(classes) < 2:
+        raise DataError(f"image folder {root} needs at least two class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})")
+    return classes
+
+
+def _stratified_split(per_class: dict[str, list[Path]], class_names: list[str], seed: int) -> dict[str, list[tuple[Path, int]]]:
+    rng = np.random.default_rng(seed)
+    files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
+    for label, name in enumerate(class_names):
+        items = per_class[name]
+        order = rng.permutation(len(items))
+        n_val = max(1, round(len(items) * FOLDER_SPLIT["val"]))
+        n_test = max(1, round(len(items) * FOLDER_SPLIT["test"]))
+        if len(items) < n_val + n_test + 1:
+            raise DataError(f"class '{name}' in the image folder has {len(items)} image(s); at least 3 are needed to split it")
+        picks = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        for s in SPLITS:
+            files[s].extend((items[i], label) for i in picks[s])
+    return files
+
+
+def _split_off(items: list[tuple[Path, int]], fraction: float, seed: int) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    n = max(1, round(len(items) * fraction))
+    return [items[i] for i in order[n:]], [items[i] for i in order[:n]]
+
+
+def _image_mode(path: Path) -> str:
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _first_size(path: Path) -> int:
+    with Image.open(path) as image:
+        return int(Counter(image.size).most_common(1)[0][0])
+
+
+def _read_images(paths: list[Path], mode: str, size: int) -> np.ndarray:
+    out = np.empty((len(paths), size, size) if mode == "L" else (len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as image:
+            image = image.convert(mode)
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(image)
+    return out

@@ -1,0 +1,225 @@
+"""The in-memory dataset every method, evaluator and audit works on.
+
+Images are held as one normalised float tensor per split, already on the target device;
+channel and size harmonisation happens here and nowhere else (`prepare_images`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medistill.errors import ConfigError, DataError
+
+MULTI_CLASS = "multi-class"
+BINARY = "binary-class"
+ORDINAL = "ordinal-regression"
+MULTI_LABEL = "multi-label, binary-class"
+TASKS = (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) normalised float32 and labels: int64 (N,) or, multi-label, float32 (N, L)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dataset came from: enough to name, re-find and verify it."""
+
+    kind: str  # "medmnist", "npz" or "folder"
+    name: str  # MedMNIST flag, or the file/folder stem
+    path: str
+    md5: str | None = None
+    size: int | None = None  # native image size of the file
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Dataset:
+    """A labelled image dataset with official train/val/test splits, normalised, on one device."""
+
+    name: str
+    task: str
+    label_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: DataSource
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (single-label) or labels (multi-label)."""
+        return len(self.label_names)
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.task == MULTI_LABEL
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.images.device
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ConfigError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def class_counts(self) -> list[int]:
+        """Training images per class (single-label tasks)."""
+        self._require_single_label("counting images per class")
+        return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
+
+    def class_indices(self, label: int) -> torch.Tensor:
+        """Indices of the training images of one class."""
+        self._require_single_label("selecting images per class")
+        return torch.nonzero(self.train.labels == label, as_tuple=False).flatten()
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map normalised images back to [0, 1] pixel space."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata that identifies this dataset (recorded in artifacts and results)."""
+        return {
+            "name": self.name,
+            "task": self.task,
+            "label_names": self.label_names,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "num_train": len(self.train),
+            "source": self.source.to_dict(),
+        }
+
+    def _require_single_label(self, what: str) -> None:
+        if self.is_multilabel:
+            raise ConfigError(f"{what} is not defined for the multi-label dataset '{self.name}'")
+
+
+def prepare_images(raw: np.ndarray, channels: int | None = None, image_size: int | None = None) -> torch.Tensor:
+    """uint8 (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0,1], with the channel count and size asked for.
+
+    Grayscale is repeated to RGB when 3 channels are asked for; RGB is reduced to its
+    luminance when 1 is asked for; resizing is bilinear with antialiasing.
+    """
+    if raw.ndim == 3:
+        raw = raw[..., None]
+    if raw.ndim != 4:
+        raise DataError(f"expected images shaped (N,H,W) or (N,H,W,C), got {raw.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float().div_(255.0)
+    images = convert_channels(images, channels)
+    if image_size is not None and image_size != images.shape[-1]:
+        images = resize(images, image_size)
+    return images.contiguous()
+
+
+def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """Convert (N,C,H,W) images between 1 and 3 channels."""
+    have = images.shape[1]
+    if channels is None or channels == have:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).clone()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+        return (images * weights).sum(dim=1, keepdim=True)
+    raise ConfigError(f"cannot convert {have}-channel images to {channels} channels (1 and 3 are supported)")
+
+
+def resize(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear antialiased resize of (N,C,H,W) images to a square size, in chunks to bound memory."""
+    if image_size < 8:
+        raise ConfigError(f"image size {image_size} is too small; use 8 or more")
+    parts = [
+        F.interpolate(images[i : i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        for i in range(0, images.shape[0], chunk)
+    ]
+    return torch.cat(parts).clamp_(0, 1)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of (N,C,H,W) images."""
+    mean = images.mean(dim=(0, 2, 3))
+    std = images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def build_dataset(
+    *,
+    name: str,
+    task: str,
+    label_names: list[str],
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    source: DataSource,
+    channels: int | None = None,
+    image_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Dataset:
+    """Build a normalised `Dataset` from uint8 images and raw labels per split."""
+    if task not in TASKS:
+        raise DataError(f"dataset '{name}' has unknown task '{task}'; expected one of {', '.join(TASKS)}")
+    missing = [s for s in SPLITS if s not in arrays]
+    if missing:
+        raise DataError(f"dataset '{name}' lacks the split(s) {', '.join(missing)}")
+    pixels = {s: prepare_images(arrays[s][0], channels, image_size) for s in SPLITS}
+    mean, std = channel_stats(pixels["train"])
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    splits = {}
+    for s in SPLITS:
+        labels = _labels_tensor(arrays[s][1], task)
+        if labels.shape[0] != pixels[s].shape[0]:
+            raise DataError(f"dataset '{name}' split '{s}' has {pixels[s].shape[0]} images but {labels.shape[0]} labels")
+        splits[s] = Split(((pixels[s] - mean_t) / std_t).to(device), labels.to(device))
+    _check_labels(name, task, label_names, splits)
+    return Dataset(name=name, task=task, label_names=label_names, mean=mean, std=std, source=source, **splits)
+
+
+def _labels_tensor(labels: np.ndarray, task: str) -> torch.Tensor:
+    labels = np.asarray(labels)
+    if task == MULTI_LABEL:
+        return torch.from_numpy(labels.reshape(labels.shape[0], -1).astype(np.float32))
+    return torch.from_numpy(labels.reshape(labels.shape[0], -1)[:, 0].astype(np.int64))
+
+
+def _check_labels(name: str, task: str, label_names: list[str], splits: dict[str, Split]) -> None:
+    for split_name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"dataset '{name}' has an empty '{split_name}' split")
+        if task == MULTI_LABEL:
+            if split.labels.shape[1] != len(label_names):
+                raise DataError(f"dataset '{name}': {split.labels.shape[1]} labels per image but {len(label_names)} label names")
+        elif int(split.labels.min()) < 0 or int(split.labels.max()) >= len(label_names):
+            raise DataError(f"dataset '{name}' split '{split_name}' has labels outside 0..{len(label_names) - 1}")

@@ -1,0 +1,131 @@
+"""Official MedMNIST 2D datasets: metadata from `medmnist.INFO`, files in the data root, MD5-checked."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from medmnist import INFO
+from medmnist.info import DEFAULT_ROOT
+
+from medistill.data.dataset import SPLITS, DataSource, Dataset, build_dataset
+from medistill.data.download import download_file, md5sum
+from medistill.errors import DataError
+
+SIZES = (28, 64, 128, 224)
+FLAGS = tuple(flag for flag, info in INFO.items() if not flag.endswith("3d"))
+DATA_ENV = "MEDISTILL_DATA"
+
+
+def dataset_info(flag: str) -> dict[str, Any]:
+    """The official `medmnist.INFO` entry of a 2D dataset."""
+    if flag not in FLAGS:
+        raise DataError(f"unknown MedMNIST dataset '{flag}'; available: {', '.join(FLAGS)}")
+    return INFO[flag]
+
+
+def _check_size(size: int) -> None:
+    if size not in SIZES:
+        raise DataError(f"MedMNIST size {size} does not exist; choose one of {', '.join(map(str, SIZES))}")
+
+
+def file_name(flag: str, size: int = 28) -> str:
+    """The official file name: `flag.npz` at 28x28, `flag_SIZE.npz` otherwise."""
+    _check_size(size)
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def url_and_md5(flag: str, size: int = 28) -> tuple[str, str]:
+    """Official download URL and MD5 of one file."""
+    info = dataset_info(flag)
+    _check_size(size)
+    suffix = "" if size == 28 else f"_{size}"
+    return info[f"url{suffix}"], info[f"MD5{suffix}"]
+
+
+def resolve_data_root(root: str | Path | None = None) -> Path:
+    """The data root: the argument, else $MEDISTILL_DATA, else the medmnist cache folder."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path(DEFAULT_ROOT).expanduser()
+
+
+def local_path(flag: str, size: int = 28, root: str | Path | None = None) -> Path:
+    return resolve_data_root(root) / file_name(flag, size)
+
+
+def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, download: bool = True, progress: bool = True) -> Path:
+    """Return the verified local file of a dataset, downloading it from the official URL if absent.
+
+    An existing file whose MD5 differs is reported and left untouched.
+    """
+    path = local_path(flag, size, root)
+    url, md5 = url_and_md5(flag, size)
+    if path.exists():
+        actual = md5sum(path)
+        if actual != md5:
+            raise DataError(
+                f"{path} is corrupt or not the official file (MD5 {actual}, expected {md5}); "
+                f"it was left in place: remove it to download it again from {url}"
+            )
+        return path
+    if not download:
+        raise DataError(f"{path.name} is not in {path.parent}; download {url} and put it there")
+    return download_file(url, path, md5, progress=progress)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of an npz file, turning unreadable files into a clear DataError."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a readable npz file ({exc.__class__.__name__}: {exc})") from None
+
+
+def split_arrays(arrays: dict[str, np.ndarray], path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pick the MedMNIST-named arrays (`train_images`, `train_labels`, ...) out of an npz."""
+    needed = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+    missing = [key for key in needed if key not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks the MedMNIST array(s) {', '.join(missing)}")
+    return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in SPLITS}
+
+
+def load_medmnist(
+    flag: str,
+    *,
+    size: int = 28,
+    root: str | Path | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    device: torch.device | str = "cpu",
+    download: bool = True,
+    progress: bool = True,
+) -> Dataset:
+    """Load an official MedMNIST 2D dataset (verified by MD5) into tensors on `device`."""
+    info = dataset_info(flag)
+    path = ensure_file(flag, size, root, download=download, progress=progress)
+    arrays = split_arrays(read_npz(path), path)
+    label_names = [info["label"][str(i)] for i in range(len(info["label"]))]
+    source = DataSource(kind="medmnist", name=flag, path=str(path), md5=url_and_md5(flag, size)[1], size=size)
+    return build_dataset(
+        name=flag,
+        task=info["task"],
+        label_names=label_names,
+        arrays=arrays,
+        source=source,
+        channels=channels,
+        image_size=image_size,
+        device=device,
+    )
+
+
+def is_cached(flag: str, size: int = 28, root: str | Path | None = None) -> bool:
+    """Whether the file of a dataset is present in the data root (not verified)."""
+    return local_path(flag, size, root).exists()

@@ -1,0 +1,146 @@
+"""The method registry: every way of producing a training set (baselines and distillation) by name.
+
+A method is a config dataclass with the reference defaults plus one function
+`run(dataset, ipc, config, context) -> SyntheticSet`. The CLI, the study runner and the
+benchmarks go through `distill()` and never special-case a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from medistill.artifact import SyntheticSet
+from medistill.data.dataset import Dataset
+from medistill.errors import ConfigError
+from medistill.train.engine import TrainProtocol
+
+DSA_EVAL_EPOCHS = 1000
+PLAIN_EVAL_EPOCHS = 300
+
+
+@dataclass
+class RunContext:
+    """Per-run settings shared by every method."""
+
+    seed: int = 0
+    progress: bool = False
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    log: Callable[[str], None] = field(default=lambda message: None)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method and how its output is evaluated by default."""
+
+    name: str
+    run: Callable[[Dataset, int, Any, RunContext], SyntheticSet]
+    config_class: type
+    summary: str
+    eval_augment: str | None = None  # DSA strategy used when evaluating its output, None for plain training
+    uses_ipc: bool = True
+    synthetic: bool = True  # False when the output is real images (random, full): never share those
+    supports_multilabel: bool = True
+    demo_rank: int | None = None  # lower = preferred by `medistill demo`; None = never used there
+    demo_settings: dict[str, Any] = field(default_factory=dict)  # settings sized for a laptop CPU
+
+    def default_protocol(self, model: str = "convnet") -> TrainProtocol:
+        """The reference evaluation protocol: 1000 epochs with DSA, else 300 without."""
+        epochs = DSA_EVAL_EPOCHS if self.eval_augment else PLAIN_EVAL_EPOCHS
+        return TrainProtocol(epochs=epochs, augment=self.eval_augment, model=model)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry (names are unique)."""
+    if spec.name in _METHODS:
+        raise ValueError(f"method '{spec.name}' is registered twice")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name."""
+    key = name.lower()
+    if key not in _METHODS:
+        raise ConfigError(f"unknown method '{name}'; available: {', '.join(list_methods())}")
+    return _METHODS[key]
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
+    """The method's config with its defaults, updated by `overrides` (unknown keys are refused)."""
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"method '{spec.name}' has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}")
+    try:
+        return spec.config_class(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad settings for method '{spec.name}': {exc}") from None
+
+
+def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: bool = True) -> None:
+    """Refuse an IPC below 1, or above the images a class has when the method draws real images."""
+    if ipc < 1:
+        raise ConfigError(f"IPC must be at least 1, got {ipc}")
+    if dataset.is_multilabel or not needs_real_images:
+        return
+    for name, count in zip(dataset.label_names, dataset.class_counts()):
+        if count < ipc:
+            raise ConfigError(
+                f"IPC {ipc} is larger than class '{name}' of {dataset.name}, which has {count} training image(s); "
+                f"method '{method}' needs {ipc} real images per class"
+            )
+
+
+def distill(
+    method: str,
+    dataset: Dataset,
+    ipc: int,
+    config: dict[str, Any] | Any | None = None,
+    *,
+    context: RunContext | None = None,
+) -> SyntheticSet:
+    """Run a registered method on a dataset and return its training set (with provenance filled in)."""
+    spec = get_method(method)
+    if dataset.is_multilabel and not spec.supports_multilabel:
+        raise ConfigError(f"method '{spec.name}' does not support the multi-label dataset '{dataset.name}'")
+    if not isinstance(config, spec.config_class):
+        config = make_config(spec, config)
+    context = context or RunContext()
+    result = spec.run(dataset, ipc, config, context)
+    result.hyperparameters = {**dataclasses.asdict(config), **result.hyperparameters}
+    return result
+
+
+def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int | None, seed: int, **extra: Any) -> SyntheticSet:
+    """A `SyntheticSet` that carries the dataset's normalisation and provenance."""
+    return SyntheticSet(
+        images=images.detach().cpu(),
+        labels=labels.detach().cpu(),
+        mean=dataset.mean,
+        std=dataset.std,
+        task=dataset.task,
+        label_names=list(dataset.label_names),
+        source=dataset.describe(),
+        method=method,
+        ipc=ipc,
+        seed=seed,
+        **extra,
+    )
+
+
+__all__ = [
+    "MethodSpec", "RunContext", "check_ipc", "distill", "get_method", "list_methods", "make_config",
+    "new_set", "register_method",
+]

@@ -1,0 +1,150 @@
+"""One distillation job end to end: load, run a method, evaluate, write artifact, grid and result.json.
+
+The CLI, the demo and the study runner call this; it holds no command-line concerns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medistill import __version__
+from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.augment import DEFAULT_STRATEGY
+from medistill.data import load_dataset
+from medistill.data.dataset import Dataset
+from medistill.errors import ConfigError, MedistillError
+from medistill.methods import RunContext, distill, get_method
+from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
+from medistill.train import Scores, TrainProtocol, evaluate
+
+RESULT_NAME = "result.json"
+GRID_NAME = "grid.png"
+
+
+@dataclass
+class EvalSettings:
+    """How a produced set is scored: K networks, epochs (None = the method's reference) and architecture."""
+
+    num_models: int = 5
+    epochs: int | None = None
+    model: str = "convnet"
+    augment: bool | None = None  # None = the method's reference (DSA for DSA/DM/MTT)
+
+    def protocol_for(self, method: str) -> TrainProtocol:
+        """The method's reference protocol with these settings applied."""
+        base = get_method(method).default_protocol(self.model)
+        if self.augment is None:
+            augment = base.augment
+        else:
+            augment = (base.augment or DEFAULT_STRATEGY) if self.augment else None
+        epochs = self.epochs or (DSA_EVAL_EPOCHS if augment else PLAIN_EVAL_EPOCHS)
+        return replace(base, epochs=epochs, augment=augment)
+
+
+@dataclass
+class JobResult:
+    """What one job produced."""
+
+    synthetic: SyntheticSet
+    scores: Scores
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol, *, num_models: int, seed: int, progress: bool) -> Scores:
+    """Evaluate a set (in the dataset's normalisation) with the given protocol."""
+    images = renormalize(synthetic, dataset)
+    return evaluate(images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress)
+
+
+def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
+    """The set's images in the dataset's normalisation (identity when the stats agree)."""
+    if synthetic.images.shape[1:] != dataset.train.images.shape[1:]:
+        raise ConfigError(
+            f"the set's images are {tuple(synthetic.images.shape[1:])} but the dataset's are {tuple(dataset.train.images.shape[1:])}"
+        )
+    if synthetic.mean == dataset.mean and synthetic.std == dataset.std:
+        return synthetic.images
+    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    return (synthetic.pixels() - mean) / std
+
+
+def load_source_dataset(synthetic: SyntheticSet, *, root: str | Path | None = None, device: torch.device | str = "cpu",
+                        progress: bool = False) -> Dataset:
+    """Load the dataset a set was made from, at the set's channels and size, and check it is the same file (MD5)."""
+    source = synthetic.source["source"]
+    name = source["name"] if source["kind"] == "medmnist" else source["path"]
+    file_size = (source.get("size") or 28) if source["kind"] == "medmnist" else 28
+    channels, image_size = int(synthetic.images.shape[1]), int(synthetic.images.shape[-1])
+    data = load_dataset(name, root=root, size=file_size, image_size=image_size, channels=channels, device=device, progress=progress)
+    if source.get("md5") and data.source.md5 and data.source.md5 != source["md5"]:
+        raise ConfigError(f"the set was made from {name} with MD5 {source['md5']}, but the file found has MD5 {data.source.md5}")
+    return data
+
+
+def run_job(
+    dataset: Dataset,
+    method: str,
+    ipc: int,
+    *,
+    config: dict[str, Any] | None = None,
+    evaluation: EvalSettings | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    resume: bool = False,
+) -> JobResult:
+    """Distil (or draw a baseline), evaluate, and write `synthetic.safetensors`, `grid.png`, `result.json` to `out_dir`."""
+    evaluation = evaluation or EvalSettings()
+    spec = get_method(method)
+    protocol = evaluation.protocol_for(spec.name)
+    out = Path(out_dir) if out_dir is not None else None
+    checkpoint_dir = out / "checkpoints" if out is not None else None
+    start = time.perf_counter()
+    context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume)
+    synthetic = distill(spec.name, dataset, ipc, config, context=context)
+    distill_seconds = time.perf_counter() - start
+    scores = score_set(synthetic, dataset, protocol, num_models=evaluation.num_models, seed=seed, progress=progress)
+    if any(math.isnan(a) for a in scores.acc):
+        raise MedistillError(f"evaluating the '{spec.name}' set produced NaN accuracy; the set is not usable")
+    wall = time.perf_counter() - start
+    synthetic.metrics = {**synthetic.metrics, **scores.summary(), "eval_protocol": protocol.to_dict(), "eval_models": evaluation.num_models}
+    record = {
+        "dataset": dataset.name,
+        "method": spec.name,
+        "ipc": ipc if spec.uses_ipc else None,
+        "seed": seed,
+        **scores.summary(),
+        "wall_seconds": wall,
+        "distill_seconds": distill_seconds,
+        "eval_seconds": wall - distill_seconds,
+        "num_images": len(synthetic),
+        "learned_lr": synthetic.learned_lr,
+        "eval_protocol": protocol.to_dict(),
+        "eval_models": evaluation.num_models,
+        "hyperparameters": synthetic.hyperparameters,
+        "device": str(dataset.device),
+        "source": dataset.source.to_dict(),
+        "version": __version__,
+    }
+    if out is not None:
+        write_outputs(out, synthetic, record, save_artifact=spec.uses_ipc)
+    return JobResult(synthetic=synthetic, scores=scores, record=record)
+
+
+def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *, save_artifact: bool = True) -> None:
+    """Write the artifact (unless it is the whole real training set), the PNG grid and result.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    if save_artifact:
+        synthetic.save(out / ARTIFACT_NAME)
+        record["artifact"] = ARTIFACT_NAME
+    synthetic.to_png_grid(out / GRID_NAME)
+    record["grid"] = GRID_NAME
+    (out / RESULT_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -1,0 +1,139 @@
+"""The evaluation engine: train K fresh networks on a (synthetic) training set, score them on the test split.
+
+This is the only place networks are trained for scoring. Protocol (ALGORITHMS.md): SGD lr 0.01,
+momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 at the half-way epoch, optional DSA
+augmentation (non-Siamese, a fresh draw per sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medistill.augment import DiffAugment
+from medistill.data.dataset import MULTI_LABEL, Dataset
+from medistill.errors import ConfigError
+from medistill.models import create_model
+from medistill.progress import progress_bar
+from medistill.train.metrics import Scores, predict_scores, score
+
+
+@dataclass(frozen=True)
+class TrainProtocol:
+    """How evaluation networks are trained."""
+
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: str | None = None  # a DSA strategy, e.g. "color_crop_cutout_flip_scale_rotate"
+    model: str = "convnet"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_seeds(seed: int, count: int) -> list[int]:
+    """Independent per-model seeds derived from one run seed."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(count)]
+
+
+def loss_function(task: str) -> nn.Module:
+    """Cross-entropy for single-label tasks (ordinal ones included), BCE-with-logits for multi-label."""
+    return nn.BCEWithLogitsLoss() if task == MULTI_LABEL else nn.CrossEntropyLoss()
+
+
+def train_model(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dataset: Dataset,
+    protocol: TrainProtocol,
+    *,
+    seed: int,
+    lr: float | None = None,
+    on_epoch: Any = None,
+) -> nn.Module:
+    """Train one freshly initialised network on `images`/`labels` (already on the target device)."""
+    device = images.device
+    torch.manual_seed(seed)
+    model = create_model(protocol.model, dataset.channels, dataset.num_classes, dataset.image_size).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    augment = DiffAugment(protocol.augment) if protocol.augment else None
+    base_lr = protocol.lr if lr is None else float(lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
+    criterion = loss_function(dataset.task)
+    model.train()
+    n = images.shape[0]
+    for epoch in range(protocol.epochs):
+        if epoch == protocol.epochs // 2 and protocol.epochs > 1:
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * 0.1
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, protocol.batch_size):
+            idx = order[start : start + protocol.batch_size]
+            x = images[idx]
+            if augment is not None:
+                x = augment(x, generator=generator)
+            loss = criterion(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if on_epoch is not None:
+            on_epoch()
+    return model
+
+
+@torch.no_grad()
+def test_scores(model: nn.Module, dataset: Dataset, split: str = "test", batch_size: int = 1024) -> tuple[float, float]:
+    """(ACC, AUC) of a model on one split of the dataset."""
+    model.eval()
+    data = dataset.split(split)
+    logits = torch.cat([model(data.images[i : i + batch_size]) for i in range(0, len(data), batch_size)])
+    return score(data.labels, predict_scores(logits, dataset.task), dataset.task)
+
+
+def evaluate(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dataset: Dataset,
+    protocol: TrainProtocol | None = None,
+    *,
+    num_models: int = 5,
+    seed: int = 0,
+    lr: float | None = None,
+    progress: bool = False,
+) -> Scores:
+    """Train `num_models` fresh networks on the given set and score each on the dataset's test split.
+
+    The same seed gives the same numbers on the same device.
+    """
+    protocol = protocol or TrainProtocol()
+    if num_models < 1:
+        raise ConfigError(f"the number of evaluation models must be at least 1, got {num_models}")
+    if lr is not None and not (np.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the training learning rate must be a positive finite number, got {lr}")
+    images = images.to(dataset.device)
+    labels = labels.to(dataset.device)
+    if dataset.is_multilabel:
+        labels = labels.float()
+    scores = Scores()
+    with progress_bar(num_models * protocol.epochs, f"evaluate {protocol.model} x{num_models}", progress) as bar:
+        for model_seed in model_seeds(seed, num_models):
+            model = train_model(images, labels, dataset, protocol, seed=model_seed, lr=lr, on_epoch=bar.advance)
+            acc, auc = test_scores(model, dataset)
+            scores.acc.append(acc)
+            scores.auc.append(auc)
+            bar.set(acc=scores.acc_mean)
+    return scores
