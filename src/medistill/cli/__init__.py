@@ -20,7 +20,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from medistill.cli import core  # noqa: E402,F401  (registers the commands)
+
+def _register_commands() -> None:
+    """Import every module of this package: each one adds its commands to `app`."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_commands()
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
