@@ -19,6 +19,7 @@ from medistill.errors import DataError
 SIZES = (28, 64, 128, 224)
 FLAGS = tuple(flag for flag, info in INFO.items() if not flag.endswith("3d"))
 DATA_ENV = "MEDISTILL_DATA"
+MIRROR_ENV = "MEDISTILL_MIRROR"  # base URL of a mirror holding the official files under their official names
 
 
 def dataset_info(flag: str) -> dict[str, Any]:
@@ -40,11 +41,13 @@ def file_name(flag: str, size: int = 28) -> str:
 
 
 def url_and_md5(flag: str, size: int = 28) -> tuple[str, str]:
-    """Official download URL and MD5 of one file."""
+    """Download URL and official MD5 of one file: the official URL, or `$MEDISTILL_MIRROR/<file name>`."""
     info = dataset_info(flag)
     _check_size(size)
     suffix = "" if size == 28 else f"_{size}"
-    return info[f"url{suffix}"], info[f"MD5{suffix}"]
+    mirror = os.environ.get(MIRROR_ENV)
+    url = f"{mirror.rstrip('/')}/{file_name(flag, size)}" if mirror else info[f"url{suffix}"]
+    return url, info[f"MD5{suffix}"]
 
 
 def resolve_data_root(root: str | Path | None = None) -> Path:
