@@ -7,7 +7,6 @@ round-trips bit-exactly. Export to a MedMNIST-style uint8 npz and to a PNG grid 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -145,7 +144,7 @@ def save_image_grid(
 
 
 def _json_safe(value: Any) -> Any:
-    """Convert tuples, numpy scalars and tensors into JSON types (NaN kept)."""
+    """Convert tuples, numpy scalars and tensors into JSON types (NaN and infinity kept)."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -155,8 +154,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and math.isinf(value):
         return str(value)
     return value
 
