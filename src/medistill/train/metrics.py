@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from medmnist.evaluator import getACC, getAUC
+from sklearn.exceptions import UndefinedMetricWarning
 
 from medistill.data.dataset import MULTI_LABEL
 
@@ -24,7 +26,9 @@ def score(labels: torch.Tensor, probabilities: torch.Tensor, task: str) -> tuple
         y_true = y_true[:, None]
     acc = float(getACC(y_true, y_score, task))
     try:
-        auc = float(getAUC(y_true, y_score, task))
+        with warnings.catch_warnings():  # recent scikit-learn warns (and returns NaN) instead of raising
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            auc = float(getAUC(y_true, y_score, task))
     except ValueError:  # only one class present
         auc = float("nan")
     return acc, auc
