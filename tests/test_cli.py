@@ -1,0 +1,177 @@
+"""The `medistill` command: datasets, distill, evaluate, demo, and one-line errors with exit code 2.
+
+Most calls go through typer's CliRunner (fast, in process); a few run the installed
+`medistill` executable and `python -m medistill` as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import medistill.demo
+from medistill.artifact import SyntheticSet
+from medistill.cli import EXIT_USER_ERROR, app, main
+from medistill.data import FLAGS
+from medistill.pipeline import EvalSettings
+
+EXE = Path(sys.executable).parent / "medistill"
+REQUIRED = ("dataset", "method", "ipc", "seed", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std", "wall_seconds")
+runner = CliRunner()
+
+
+def _invoke(*args: str | Path):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _run_main(argv: list[str | Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the real entry point (error handling included) in process; return the exit code and stderr."""
+    monkeypatch.setattr(sys, "argv", ["medistill", *map(str, argv)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    return info.value.code, capsys.readouterr().err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == EXIT_USER_ERROR == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medistill: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _subprocess(*args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "breast_random"
+    _invoke("distill", "breastmnist", "--method", "random", "--ipc", "10", "--out", out, "--eval-models", "2",
+            "--eval-epochs", "5", "--data-root", medmnist_root, "--device", "cpu", "--no-progress")
+    return out
+
+
+def test_datasets_lists_all_flags_and_marks_the_cached_one(medmnist_root: Path) -> None:
+    output = _invoke("datasets", "--data-root", medmnist_root).output
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]] for line in output.splitlines() if line.startswith("│")}
+    assert set(rows) == set(FLAGS)
+    assert rows["breastmnist"][-1] == "28"
+    assert all(cells[-1] == "-" for flag, cells in rows.items() if flag != "breastmnist")
+    assert rows["breastmnist"][:4] == ["binary-class", "2", "1", "546/78/156"]
+    assert rows["chestmnist"][0] == "multi-label, binary-class" and rows["retinamnist"][0] == "ordinal-regression"
+
+
+def test_distill_random_writes_result_grid_and_artifact(random_run: Path) -> None:
+    record = json.loads((random_run / "result.json").read_text())
+    assert set(REQUIRED) <= set(record)
+    assert (record["dataset"], record["method"], record["ipc"], record["seed"]) == ("breastmnist", "random", 10, 0)
+    assert len(record["test_acc"]) == 2 and record["eval_protocol"]["epochs"] == 5
+    assert 0.0 <= record["test_acc_mean"] <= 1.0 and 0.0 <= record["test_auc_mean"] <= 1.0 and record["wall_seconds"] > 0
+    assert (random_run / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    synthetic = SyntheticSet.load(random_run / "synthetic.safetensors")
+    assert len(synthetic) == 20 and synthetic.method == "random"
+    assert synthetic.metrics["test_acc_mean"] == record["test_acc_mean"]
+
+
+def test_distill_full_writes_result(tmp_path: Path, medmnist_root: Path) -> None:
+    out = tmp_path / "full"
+    _invoke("distill", "breastmnist", "--method", "full", "--out", out, "--eval-models", "1", "--eval-epochs", "1",
+            "--data-root", medmnist_root, "--device", "cpu", "--no-progress")
+    record = json.loads((out / "result.json").read_text())
+    assert set(REQUIRED) <= set(record)
+    assert record["method"] == "full" and record["num_images"] == 546 and record["ipc"] is None
+
+
+def test_evaluate_across_architectures(random_run: Path, medmnist_root: Path, tmp_path: Path) -> None:
+    scores = tmp_path / "scores.json"
+    output = _invoke("evaluate", random_run, "--models", "convnet,mlp", "--eval-models", "1", "--eval-epochs", "2",
+                     "--data-root", medmnist_root, "--device", "cpu", "--no-progress", "--out", scores).output
+    report = json.loads(scores.read_text())
+    assert set(report) == {"convnet", "mlp"}
+    for name in ("convnet", "mlp"):
+        assert name in output
+        assert len(report[name]["test_acc"]) == 1 and 0.0 <= report[name]["test_acc_mean"] <= 1.0
+        assert report[name]["eval_protocol"]["model"] == name and report[name]["eval_protocol"]["epochs"] == 2
+
+
+def test_methods_lists_the_baselines() -> None:
+    output = _invoke("methods").output
+    assert "random" in output and "full" in output
+
+
+@pytest.mark.parametrize(("case", "needles"), [
+    ("unknown_method", ("unknown method 'nosuch'", "random")),
+    ("ipc_too_large", ("IPC 500", "malignant")),
+    ("ipc_zero", ("IPC must be at least 1",)),
+    ("unknown_model", ("nosuchnet",)),
+    ("missing_artifact", ("no synthetic set", "does-not-exist")),
+    ("cuda_without_gpu", ("cuda", "no CUDA GPU")),
+])
+def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, tmp_path, monkeypatch, capsys) -> None:
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    common = ["--data-root", medmnist_root, "--no-progress", "--eval-models", "1", "--eval-epochs", "1"]
+    argv = {
+        "unknown_method": ["distill", "breastmnist", "--method", "nosuch", "--out", out, *common],
+        "ipc_too_large": ["distill", "breastmnist", "--method", "random", "--ipc", "500", "--out", out, *common],
+        "ipc_zero": ["distill", "breastmnist", "--method", "random", "--ipc", "0", "--out", out, *common],
+        "unknown_model": ["evaluate", random_run, "--models", "convnet,nosuchnet", *common],
+        "missing_artifact": ["evaluate", tmp_path / "does-not-exist", *common],
+        "cuda_without_gpu": ["distill", "breastmnist", "--method", "random", "--out", out, "--device", "cuda", *common],
+    }[case]
+    code, err = _run_main(argv, monkeypatch, capsys)
+    _assert_one_line_error(code, err, *needles)
+    assert not out.exists()  # nothing written for a refused run
+
+
+def test_subprocess_unknown_dataset(tmp_path: Path) -> None:
+    result = _subprocess(EXE, "distill", "nosuchmnist", "--method", "random", "--out", tmp_path / "o", "--no-progress")
+    _assert_one_line_error(result.returncode, result.stderr, "unknown dataset 'nosuchmnist'", "breastmnist")
+
+
+def test_subprocess_corrupt_data_file(tmp_path: Path, medmnist_root: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    bad = root / "breastmnist.npz"
+    shutil.copyfile(medmnist_root / "breastmnist.npz", bad)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 32] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 32])
+    bad.write_bytes(bytes(data))
+    result = _subprocess(EXE, "distill", "breastmnist", "--method", "random", "--out", tmp_path / "o",
+                         "--data-root", root, "--no-progress")
+    _assert_one_line_error(result.returncode, result.stderr, "MD5", str(bad))
+    assert bad.read_bytes() == bytes(data)  # reported, not replaced
+
+
+def test_python_dash_m_help() -> None:
+    result = _subprocess(sys.executable, "-m", "medistill", "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("datasets", "distill", "evaluate", "demo"):
+        assert command in result.stdout
+
+
+def test_demo_runs_end_to_end(breast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(medistill.demo, "DEMO_EVALUATION", EvalSettings(num_models=1, epochs=2))
+    records = medistill.demo.run_demo(breast, out=tmp_path / "demo")
+    best = medistill.demo.best_distillation_method()
+    expected = ["random", *([best] if best else []), "full"]
+    assert [r["method"] for r in records] == expected
+    for record in records:
+        assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == 2 and record["eval_models"] == 1
+        assert 0.0 <= record["test_acc_mean"] <= 1.0
+        assert (tmp_path / "demo" / record["method"] / "result.json").is_file()
+    assert records[0]["num_images"] == 20 and records[-1]["num_images"] == 546
