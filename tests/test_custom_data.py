@@ -135,3 +135,23 @@ def test_write_npz_dataset_round_trip(tmp_path: Path) -> None:
     np.savez(plain, **{f"{s}_{k}": v for s in SPLITS for k, v in zip(("images", "labels"), arrays[s])})
     inferred = load_dataset(plain)
     assert inferred.task == "multi-class" and inferred.label_names == ["0", "1", "2"]
+
+
+def test_image_folder_of_16_bit_pngs_keeps_the_full_range(tmp_path: Path) -> None:
+    """16-bit grayscale PNGs (common for medical images) are scaled to 8 bits, not clipped."""
+    root = tmp_path / "sixteen"
+    rng = np.random.default_rng(2)
+    written = {}
+    for label, name in enumerate(("dark", "bright")):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            image = rng.integers(0, 30000, (8, 8)) + 30000 * label
+            Image.fromarray(image.astype(np.uint16)).save(root / name / f"{i}.png")
+            written[(name, i)] = image
+    with Image.open(root / "dark" / "0.png") as probe:
+        assert probe.mode.startswith("I")
+    data = load_image_folder(root)
+    assert data.channels == 1
+    pixels = np.concatenate([_pixels(data, s) for s in SPLITS]).astype(int)
+    expected = sorted(np.round(img * 255 / 65535).astype(int).tobytes() for img in written.values())
+    assert sorted(row.tobytes() for row in pixels) == expected

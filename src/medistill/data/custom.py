@@ -168,6 +168,8 @@ def _read_images(paths: list[Path], mode: str, size: int) -> np.ndarray:
     out = np.empty((len(paths), size, size) if mode == "L" else (len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         with Image.open(p) as image:
+            if image.mode.startswith("I"):  # 16/32-bit gray: PIL's convert clips at 255, so scale the 16-bit range
+                image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0), 0, 255).round().astype(np.uint8))
             image = image.convert(mode)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
