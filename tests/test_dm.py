@@ -1,0 +1,105 @@
+"""DM (distribution matching): tiny runs, the batched loss against the per-class reference, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medistill.augment import DiffAugment
+from medistill.data.dataset import MULTI_LABEL, ORDINAL, DataSource, build_dataset
+from medistill.errors import ConfigError
+from medistill.methods import RunContext, distill, pixel_loop
+from medistill.methods.dm import DistributionMatching, DMConfig
+
+
+def tiny_dataset(task: str = ORDINAL, classes: int = 3, per_class: int = 8, size: int = 16):
+    """A small dataset whose classes differ in brightness, from random uint8 arrays."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int):
+        labels = np.repeat(np.arange(classes), n)
+        images = (rng.integers(0, 120, size=(len(labels), size, size)) + labels[:, None, None] * 60).astype(np.uint8)
+        if task == MULTI_LABEL:
+            labels = np.stack([labels % 2, labels // 2], 1)
+        return images, labels
+
+    names = ["a", "b"] if task == MULTI_LABEL else [f"c{i}" for i in range(classes)]
+    arrays = {"train": split(per_class), "val": split(2), "test": split(4)}
+    return build_dataset(name="tiny", task=task, label_names=names, arrays=arrays, source=DataSource(kind="npz", name="tiny", path="-"))
+
+
+def test_runs_on_tiny_tensors() -> None:
+    result = distill("dm", tiny_dataset(), 2, {"iterations": 3, "batch_real": 5}, context=RunContext(seed=0))
+    assert result.images.shape == (6, 1, 16, 16)
+    assert result.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.isfinite(result.images).all()
+    assert len(result.metrics["loss_curve"]) == 3
+
+
+def test_batched_loss_equals_the_per_class_reference() -> None:
+    data = tiny_dataset()
+    config = DMConfig(iterations=1, batch_real=5)
+    dm = DistributionMatching(data, 2, config)
+    images = torch.randn(6, 1, 16, 16, requires_grad=True)
+    optimizer = torch.optim.SGD([images], lr=0.0)
+    loss = dm.step(images, optimizer, pixel_loop.IterationRandom.for_iteration(4, 0, data.device))
+    # The same draws, class by class, as the reference computes it.
+    rng = pixel_loop.IterationRandom.for_iteration(4, 0, data.device)
+    net = dm.network.reset(rng.net_seed)
+    picks = dm.sampler.draw(rng.device)
+    augment = DiffAugment(config.dsa_strategy)
+    expected = 0.0
+    for c, idx in enumerate(picks):
+        real, syn = augment.siamese_pair(data.train.images[idx], images[2 * c : 2 * c + 2], rng.siamese_seed())
+        expected += ((net.embed(real).mean(0) - net.embed(syn).mean(0)) ** 2).sum().item()
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-4)
+
+
+def test_matching_loss_goes_down() -> None:
+    result = distill("dm", tiny_dataset(), 2, {"iterations": 20, "init": "noise", "batch_real": 8}, context=RunContext(seed=0))
+    losses = [loss for _, loss in result.metrics["loss_curve"]]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, monkeypatch) -> None:
+    data = tiny_dataset()
+    settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 6}
+    whole = distill("dm", data, 2, settings, context=RunContext(seed=5))
+
+    original = pixel_loop.IterationRandom.for_iteration.__func__
+    state = {"kill": True}
+
+    def killed_at_5(cls, seed, iteration, device):
+        if iteration == 5 and state["kill"]:
+            raise KeyboardInterrupt
+        return original(cls, seed, iteration, device)
+
+    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed_at_5))
+    with pytest.raises(KeyboardInterrupt):
+        distill("dm", data, 2, settings, context=RunContext(seed=5, checkpoint_dir=tmp_path))
+    state["kill"] = False
+    # The last checkpoint is after iteration 4: iteration 5 is lost and redone, nothing finished is lost.
+    resumed = distill("dm", data, 2, settings, context=RunContext(seed=5, checkpoint_dir=tmp_path, resume=True))
+    assert torch.equal(resumed.images, whole.images)
+
+
+def test_bf16_autocast_runs() -> None:
+    result = distill("dm", tiny_dataset(), 1, {"iterations": 2, "bf16": True}, context=RunContext(seed=0))
+    assert torch.isfinite(result.images).all()
+
+
+def test_multilabel_is_refused() -> None:
+    with pytest.raises(ConfigError, match="does not support"):
+        distill("dm", tiny_dataset(task=MULTI_LABEL, classes=4), 1, {"iterations": 1})
+
+
+def test_unknown_augmentation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        distill("dm", tiny_dataset(), 1, {"dsa_strategy": "color_warp"})
+
+
+def test_runs_on_breastmnist(breast) -> None:
+    result = distill("dm", breast, 10, {"iterations": 2, "batch_real": 16}, context=RunContext(seed=0))
+    assert result.images.shape == (20, 1, 28, 28)
+    assert torch.isfinite(result.images).all()
