@@ -55,6 +55,9 @@ def distill(
     eval_model: str = typer.Option("convnet", "--eval-model", help="Architecture used for scoring."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings."),
     settings: list[str] = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference)."),
+    lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
@@ -63,7 +66,8 @@ def distill(
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model)
-    result = run_job(data, method, ipc, config=parse_settings(config, settings), evaluation=evaluation, seed=seed,
+    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init}.items() if v is not None}
+    result = run_job(data, method, ipc, config={**parse_settings(config, settings), **overrides}, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume)
     r = result.record
     console.print(
