@@ -3,24 +3,35 @@
 This is the only place networks are trained for scoring. Protocol (ALGORITHMS.md): SGD lr 0.01,
 momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 at the half-way epoch, optional DSA
 augmentation (non-Siamese, a fresh draw per sample).
+
+The K networks are trained one after the other (`train_model`) or in lockstep (`stacked.train_stacked`);
+both give the same networks for the same seeds. On CUDA the stacked path is the default for models
+without buffers; on the CPU the sequential path is (measured faster there: docs/RESULTS.md, issue 6).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from medistill.augment import DiffAugment
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
-from medistill.models import create_model
 from medistill.progress import progress_bar
 from medistill.train.metrics import Scores, predict_scores, score
+from medistill.train.stacked import (
+    ModelStream,
+    init_model,
+    make_augment,
+    protocol_can_stack,
+    stack_group_size,
+    stacked_test_scores,
+    train_stacked,
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,10 @@ class TrainProtocol:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def lr_at(self, epoch: int, base_lr: float) -> float:
+        """The learning rate of an epoch: `base_lr`, x0.1 from the half-way epoch on (when epochs > 1)."""
+        return base_lr * 0.1 if self.epochs > 1 and epoch >= self.epochs // 2 else base_lr
 
 
 def model_seeds(seed: int, count: int) -> list[int]:
@@ -67,26 +82,20 @@ def train_model(
 ) -> nn.Module:
     """Train one freshly initialised network on `images`/`labels` (already on the target device)."""
     device = images.device
-    torch.manual_seed(seed)
-    model = create_model(protocol.model, dataset.channels, dataset.num_classes, dataset.image_size).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    augment = DiffAugment(protocol.augment) if protocol.augment else None
+    model = init_model(protocol, dataset, seed, device)
+    stream = ModelStream(seed, make_augment(protocol))
     base_lr = protocol.lr if lr is None else float(lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
     criterion = loss_function(dataset.task)
     model.train()
     n = images.shape[0]
     for epoch in range(protocol.epochs):
-        if epoch == protocol.epochs // 2 and protocol.epochs > 1:
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr * 0.1
-        order = torch.randperm(n, generator=generator).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = protocol.lr_at(epoch, base_lr)
+        order = stream.epoch_order(n).to(device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
-            x = images[idx]
-            if augment is not None:
-                x = augment(x, generator=generator)
-            loss = criterion(model(x), labels[idx])
+            loss = criterion(model(stream.augment_batch(images[idx])), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,10 +123,13 @@ def evaluate(
     seed: int = 0,
     lr: float | None = None,
     progress: bool = False,
+    stacked: bool | None = None,
 ) -> Scores:
     """Train `num_models` fresh networks on the given set and score each on the dataset's test split.
 
-    The same seed gives the same numbers on the same device.
+    `stacked`: train the networks in lockstep (True), one after the other (False), or None for the
+    device's faster way (stacked on CUDA, sequential on the CPU). Models with buffers (batch norm)
+    are always trained one after the other. Either way the same seed gives the same networks.
     """
     protocol = protocol or TrainProtocol()
     if num_models < 1:
@@ -128,12 +140,25 @@ def evaluate(
     labels = labels.to(dataset.device)
     if dataset.is_multilabel:
         labels = labels.float()
+    if stacked is None:
+        stacked = dataset.device.type == "cuda"
+    seeds = model_seeds(seed, num_models)
     scores = Scores()
     with progress_bar(num_models * protocol.epochs, f"evaluate {protocol.model} x{num_models}", progress) as bar:
-        for model_seed in model_seeds(seed, num_models):
-            model = train_model(images, labels, dataset, protocol, seed=model_seed, lr=lr, on_epoch=bar.advance)
-            acc, auc = test_scores(model, dataset)
-            scores.acc.append(acc)
-            scores.auc.append(auc)
-            bar.set(acc=scores.acc_mean)
+        if stacked and protocol_can_stack(protocol, dataset):
+            size = stack_group_size(num_models, min(protocol.batch_size, images.shape[0]), dataset.image_size)
+            for start in range(0, num_models, size):
+                group = seeds[start : start + size]
+                stack = train_stacked(images, labels, dataset, protocol, seeds=group, lr=lr, on_epoch=partial(bar.advance, len(group)))
+                for acc, auc in stacked_test_scores(stack, dataset):
+                    scores.acc.append(acc)
+                    scores.auc.append(auc)
+                bar.set(acc=scores.acc_mean)
+        else:
+            for model_seed in seeds:
+                model = train_model(images, labels, dataset, protocol, seed=model_seed, lr=lr, on_epoch=bar.advance)
+                acc, auc = test_scores(model, dataset)
+                scores.acc.append(acc)
+                scores.auc.append(auc)
+                bar.set(acc=scores.acc_mean)
     return scores
