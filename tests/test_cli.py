@@ -119,6 +119,9 @@ def test_methods_lists_the_baselines() -> None:
     ("unknown_model", ("nosuchnet",)),
     ("missing_artifact", ("no synthetic set", "does-not-exist")),
     ("cuda_without_gpu", ("cuda", "no CUDA GPU")),
+    ("eval_epochs_zero", ("epochs must be at least 1",)),
+    ("eval_models_zero", ("at least 1", "0")),
+    ("unknown_eval_model", ("nosuchnet",)),
 ])
 def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, tmp_path, monkeypatch, capsys) -> None:
     if case == "cuda_without_gpu" and torch.cuda.is_available():
@@ -132,6 +135,9 @@ def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, 
         "unknown_model": ["evaluate", random_run, "--models", "convnet,nosuchnet", *common],
         "missing_artifact": ["evaluate", tmp_path / "does-not-exist", *common],
         "cuda_without_gpu": ["distill", "breastmnist", "--method", "random", "--out", out, "--device", "cuda", *common],
+        "eval_epochs_zero": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-epochs", "0"],
+        "eval_models_zero": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-models", "0"],
+        "unknown_eval_model": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-model", "nosuchnet"],
     }[case]
     code, err = _run_main(argv, monkeypatch, capsys)
     _assert_one_line_error(code, err, *needles)

@@ -182,3 +182,14 @@ def test_random_ipc10_learns_breastmnist(breast, breast_ipc10) -> None:
     assert scores.acc_std == pytest.approx(float(np.std(scores.acc)))
     summary = scores.summary()
     assert summary["test_acc"] == scores.acc and summary["test_auc_mean"] == pytest.approx(np.mean(scores.auc))
+
+
+def test_eval_settings_are_checked_before_any_work() -> None:
+    """Bad evaluation settings fail when they are made, not after a (possibly hours-long) distillation."""
+    from medistill.pipeline import EvalSettings
+
+    for bad in ({"num_models": 0}, {"epochs": 0}, {"epochs": -5}, {"model": "nosuchnet"}):
+        with pytest.raises(ConfigError):
+            EvalSettings(**bad)
+    assert EvalSettings(epochs=None).protocol_for("random").epochs == 300
+    assert EvalSettings(epochs=7, model="mlp").protocol_for("random").to_dict()["model"] == "mlp"

@@ -22,6 +22,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill, get_method
 from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
+from medistill.models import list_models
 from medistill.train import Scores, TrainProtocol, evaluate
 
 RESULT_NAME = "result.json"
@@ -37,6 +38,14 @@ class EvalSettings:
     model: str = "convnet"
     augment: bool | None = None  # None = the method's reference (DSA for DSA/DM/MTT)
 
+    def __post_init__(self) -> None:
+        if self.num_models < 1:
+            raise ConfigError(f"the number of evaluation models must be at least 1, got {self.num_models}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"evaluation epochs must be at least 1, got {self.epochs}")
+        if self.model.lower() not in list_models():
+            raise ConfigError(f"unknown model '{self.model}'; available: {', '.join(list_models())}")
+
     def protocol_for(self, method: str) -> TrainProtocol:
         """The method's reference protocol with these settings applied."""
         base = get_method(method).default_protocol(self.model)
@@ -44,7 +53,7 @@ class EvalSettings:
             augment = base.augment
         else:
             augment = (base.augment or DEFAULT_STRATEGY) if self.augment else None
-        epochs = self.epochs or (DSA_EVAL_EPOCHS if augment else PLAIN_EVAL_EPOCHS)
+        epochs = self.epochs if self.epochs is not None else (DSA_EVAL_EPOCHS if augment else PLAIN_EVAL_EPOCHS)
         return replace(base, epochs=epochs, augment=augment)
 
 
