@@ -1,0 +1,10 @@
+"""Is a synthetic set safe to share? Near-copy screening against the real training set and membership inference."""
+
+from medistill.privacy.audit import AuditConfig, audit, audit_markdown, run_audit, summarize
+from medistill.privacy.membership import membership_audit, roc_summary
+from medistill.privacy.neighbours import CopyThresholds, find_neighbours, ssim_matrix
+
+__all__ = [
+    "AuditConfig", "CopyThresholds", "audit", "audit_markdown", "find_neighbours", "membership_audit", "roc_summary",
+    "run_audit", "ssim_matrix", "summarize",
+]
