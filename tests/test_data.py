@@ -164,3 +164,25 @@ def test_missing_file_without_download_names_file_url_and_folder(tmp_path: Path)
     with pytest.raises(DataError, match="breastmnist_64.npz"):
         load_dataset("breastmnist", root=root, size=64, download=False)
     assert not root.exists() or not any(root.iterdir())
+
+
+def test_damaged_compressed_npz_is_always_a_data_error(tmp_path: Path) -> None:
+    """Byte damage inside a compressed member raises zlib errors, bad CRCs or bad headers: all become DataError."""
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 60, (20, 12, 12), dtype=np.uint8), np.arange(20).reshape(-1, 1) % 2) for s in ("train", "val", "test")}
+    good = write_npz_dataset(tmp_path / "good.npz", arrays, task="binary-class", label_names=["a", "b"])
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as archive:
+        member = archive.getinfo("train_images.npy")
+    header = member.header_offset  # local file header: 30 bytes, then name and extra field, then the deflate stream
+    name_len, extra_len = (int.from_bytes(data[header + i : header + i + 2], "little") for i in (26, 28))
+    start = header + 30 + name_len + extra_len
+    bad = tmp_path / "bad.npz"
+    for offset in range(start, start + min(member.compress_size, 120)):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0xFF
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(DataError, match="not a readable npz"):
+            load_dataset(bad)
