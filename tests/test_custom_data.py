@@ -155,3 +155,15 @@ def test_image_folder_of_16_bit_pngs_keeps_the_full_range(tmp_path: Path) -> Non
     pixels = np.concatenate([_pixels(data, s) for s in SPLITS]).astype(int)
     expected = sorted(np.round(img * 255 / 65535).astype(int).tobytes() for img in written.values())
     assert sorted(row.tobytes() for row in pixels) == expected
+
+
+def test_split_folders_with_a_class_missing_from_train(tmp_path: Path) -> None:
+    """A class that only val/test hold cannot be learned: refused, not silently dropped."""
+    root = tmp_path / "splits"
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "b", "c"))):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8), i * 30, dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    with pytest.raises(DataError, match="'c'"):
+        load_image_folder(root)

@@ -101,9 +101,12 @@ def load_image_folder(
     if all((root / s).is_dir() for s in ("train", "test")):
         listed = {s: _list_class_files(root / s) for s in SPLITS if (root / s).is_dir()}
         class_names = sorted(listed["train"])
+        unseen = sorted({c for s in listed for c in listed[s]} - set(class_names))
+        if unseen:
+            raise DataError(f"image folder {root}: class(es) {', '.join(repr(c) for c in unseen)} have no images in train/")
         if "val" not in listed:
             listed["val"] = {}
-        files = {s: [(f, class_names.index(c)) for c in sorted(listed[s]) for f in listed[s][c] if c in class_names] for s in SPLITS}
+        files = {s: [(f, class_names.index(c)) for c in sorted(listed[s]) for f in listed[s][c]] for s in SPLITS}
         if not files["val"]:
             files["train"], files["val"] = _split_off(files["train"], 0.1, seed)
     else:
