@@ -167,3 +167,12 @@ def test_split_folders_with_a_class_missing_from_train(tmp_path: Path) -> None:
                 Image.fromarray(np.full((8, 8), i * 30, dtype=np.uint8)).save(root / split / name / f"{i}.png")
     with pytest.raises(DataError, match="'c'"):
         load_image_folder(root)
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[1, 2]"])
+def test_npz_with_broken_metadata(tmp_path: Path, meta: str) -> None:
+    images, labels = np.zeros((4, 8, 8), np.uint8), np.array([[0], [1], [0], [1]])
+    path = tmp_path / "meta.npz"
+    np.savez(path, **{f"{s}_{k}": v for s in SPLITS for k, v in (("images", images), ("labels", labels))}, medistill_meta=np.array(meta))
+    with pytest.raises(DataError, match="medistill_meta"):
+        load_dataset(path)

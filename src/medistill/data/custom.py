@@ -33,7 +33,12 @@ def load_npz_dataset(
         raise DataError(f"dataset file {path} does not exist")
     arrays = read_npz(path)
     splits = split_arrays(arrays, path)
-    meta = json.loads(str(arrays[META_KEY])) if META_KEY in arrays else {}
+    try:
+        meta = json.loads(str(arrays[META_KEY])) if META_KEY in arrays else {}
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: the '{META_KEY}' array is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: the '{META_KEY}' array must hold a JSON object (task, label_names, provenance)")
     task = meta.get("task") or _infer_task(splits)
     label_names = meta.get("label_names") or _default_label_names(splits, task)
     source = DataSource(
