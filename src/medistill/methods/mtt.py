@@ -1,0 +1,318 @@
+"""`mtt`: matching training trajectories (Cazenavette et al., CVPR 2022), with a bounded-memory unroll.
+
+Each iteration picks an expert and a start epoch s, runs `syn_steps` SGD steps of a functional
+student from the expert's parameters at s on minibatches of the (DSA-augmented) synthetic set with
+the learnable lr `syn_lr`, and pulls the student's end point towards the expert's parameters at
+s + expert_epochs: loss = |theta_N - theta_target|^2 / |theta_start - theta_target|^2. Pixels and
+`syn_lr` are updated by SGD with momentum.
+
+Two ways to get the gradient (`unroll`): `plain` keeps the whole unrolled graph (memory grows with
+syn_steps); `bounded` runs the student forward without a graph, keeps only the parameter vector
+after each step (in host memory on a GPU), then walks the steps backwards, recomputing one step's
+graph at a time and carrying the adjoint lambda_k = dL/dtheta_k (lambda_k = lambda_{k+1} - lr *
+H_k lambda_{k+1}). Both give the same gradients; the second needs the memory of one step.
+
+Guards: a non-finite loss or gradient stops the run with a clear error (the last checkpoint is kept,
+no result is written); `syn_lr` is clamped to a positive floor, so it can never turn negative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medistill.artifact import SyntheticSet
+from medistill.augment import DEFAULT_STRATEGY, DiffAugment
+from medistill.data.dataset import Dataset
+from medistill.errors import ConfigError, MedistillError
+from medistill.methods.checkpoint import Checkpoint, fingerprint
+from medistill.methods.eval_points import EvalTracker
+from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
+from medistill.methods.random import random_subset_indices
+from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
+from medistill.progress import progress_bar
+from medistill.train.engine import TrainProtocol
+from medistill.zca import ZCA
+
+
+class DivergenceError(MedistillError):
+    """The distillation produced a non-finite loss or gradient."""
+
+
+@dataclass
+class MTTConfig:
+    """MTT settings; the defaults are the stable BreastMNIST-tested ones of configs/mtt-28-ipc10.yaml."""
+
+    iterations: int = 1000
+    syn_steps: int = 20  # student steps per iteration
+    expert_epochs: int = 2  # the target is this many expert epochs after the start
+    max_start_epoch: int = 10  # start epoch uniform in [0, max_start_epoch)
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01  # experts' lr and syn_lr's initial value
+    momentum: float = 0.5
+    min_syn_lr: float = 1e-4  # syn_lr is clamped to at least this
+    batch_syn: int | None = None  # synthetic minibatch per student step (None: the whole set)
+    augment: str | None = DEFAULT_STRATEGY  # DSA for the student and the experts
+    zca: bool = False  # RGB only; ignored with a warning on 1-channel data
+    unroll: str = "plain"  # "plain" or "bounded" (memory independent of syn_steps)
+    eval_every: int = 0  # evaluation points (best/last) every N iterations; 0 = none
+    eval_models: int = 1
+    eval_epochs: int = 300
+    checkpoint_every: int = 10
+    num_experts: int = 10
+    buffer_epochs: int = 30
+    expert_batch: int = 256
+    expert_seed: int = 0
+    expert_fp16: bool = False
+    experts_parallel: int = 10  # experts trained at once when the buffer has to be built
+    buffer_root: str | None = None  # default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts
+    model: str = "convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = {"iterations": self.iterations, "syn_steps": self.syn_steps, "expert_epochs": self.expert_epochs,
+                    "max_start_epoch": self.max_start_epoch, "checkpoint_every": self.checkpoint_every,
+                    "eval_models": self.eval_models, "eval_epochs": self.eval_epochs}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"mtt setting {name} must be at least 1, got {value}")
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
+        for name in ("lr_img", "lr_teacher", "min_syn_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"mtt setting {name} must be a positive number, got {value}")
+        if not (math.isfinite(self.lr_lr) and self.lr_lr >= 0):
+            raise ConfigError(f"mtt setting lr_lr must be a number >= 0, got {self.lr_lr}")
+        if self.unroll not in UNROLLS:
+            raise ConfigError(f"unknown unroll '{self.unroll}'; choose one of {', '.join(UNROLLS)}")
+        last = self.max_start_epoch - 1 + self.expert_epochs
+        if last > self.buffer_epochs:
+            raise ConfigError(f"max_start_epoch {self.max_start_epoch} + expert_epochs {self.expert_epochs} needs expert "
+                              f"snapshots up to epoch {last}, but buffer_epochs is {self.buffer_epochs}")
+
+    def expert_settings(self, zca: bool) -> ExpertSettings:
+        return ExpertSettings(epochs=self.buffer_epochs, lr_teacher=self.lr_teacher, batch_size=self.expert_batch,
+                              augment=self.augment, model=self.model, model_kwargs=dict(self.model_kwargs), zca=zca,
+                              seed=self.expert_seed, fp16=self.expert_fp16)
+
+
+@dataclass
+class Unroll:
+    """One iteration's student problem: where it starts and ends, and its minibatches and augmentation seeds."""
+
+    student: FlatModel
+    start: torch.Tensor  # (P,)
+    target: torch.Tensor  # (P,)
+    images: torch.Tensor  # (N, C, H, W), a leaf that requires grad
+    labels: torch.Tensor
+    syn_lr: torch.Tensor  # scalar leaf that requires grad
+    batches: list[torch.Tensor]  # syn_steps index tensors
+    seeds: list[int]  # one augmentation seed per step
+    augment: DiffAugment | None
+
+    def step_loss(self, theta: torch.Tensor, batch: torch.Tensor, k: int) -> torch.Tensor:
+        """Cross-entropy of the student `theta` on step k's batch of images (augmented here)."""
+        x = batch
+        if self.augment is not None:
+            x = self.augment(x, generator=torch.Generator().manual_seed(self.seeds[k]))
+        return F.cross_entropy(self.student(theta, x), self.labels[self.batches[k]])
+
+    def distance(self, theta_end: torch.Tensor) -> torch.Tensor:
+        """The normalised parameter distance to the target."""
+        return (theta_end - self.target).square().sum() / (self.start - self.target).square().sum().clamp_min(1e-12)
+
+
+UnrollResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # loss, d loss / d images, d loss / d syn_lr
+
+
+def plain_unroll(problem: Unroll) -> UnrollResult:
+    """Keep the whole unrolled graph and backpropagate through it once."""
+    theta = problem.start.detach().requires_grad_(True)
+    for k in range(len(problem.batches)):
+        batch = problem.images[problem.batches[k]]
+        g = torch.autograd.grad(problem.step_loss(theta, batch, k), theta, create_graph=True)[0]
+        theta = theta - problem.syn_lr * g
+    loss = problem.distance(theta)
+    grad_images, grad_lr = torch.autograd.grad(loss, (problem.images, problem.syn_lr))
+    return loss.detach(), grad_images, grad_lr
+
+
+def bounded_unroll(problem: Unroll) -> UnrollResult:
+    """The same gradients with one step's graph at a time: forward without a graph, then the adjoint backwards."""
+    lr = problem.syn_lr.detach()
+    images = problem.images.detach()
+    offload = images.device.type != "cpu"
+    thetas = []
+    theta = problem.start.detach()
+    for k in range(len(problem.batches)):
+        thetas.append(theta.cpu() if offload else theta)
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            g = torch.autograd.grad(problem.step_loss(leaf, images[problem.batches[k]], k), leaf)[0]
+        theta = (leaf - lr * g).detach()
+    loss = problem.distance(theta)
+    adjoint = 2 * (theta - problem.target) / (problem.start - problem.target).square().sum().clamp_min(1e-12)
+    grad_images = torch.zeros_like(images)
+    grad_lr = torch.zeros_like(lr)
+    for k in reversed(range(len(problem.batches))):
+        leaf = thetas.pop().to(images.device).requires_grad_(True)
+        batch = images[problem.batches[k]].requires_grad_(True)
+        g = torch.autograd.grad(problem.step_loss(leaf, batch, k), leaf, create_graph=True)[0]
+        hvp, grad_batch = torch.autograd.grad(g, (leaf, batch), grad_outputs=adjoint)
+        grad_lr = grad_lr - (g.detach() * adjoint).sum()
+        grad_images.index_add_(0, problem.batches[k], grad_batch, alpha=-float(lr))
+        adjoint = adjoint - lr * hvp
+    return loss.detach(), grad_images, grad_lr
+
+
+UNROLLS: dict[str, Callable[[Unroll], UnrollResult]] = {"plain": plain_unroll, "bounded": bounded_unroll}
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The seed of one iteration's draws: a resumed run draws exactly what an uninterrupted one does."""
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+
+
+def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> list[torch.Tensor]:
+    """Minibatches of the synthetic set for each student step: chunks of fresh permutations."""
+    size = count if batch_syn is None else min(batch_syn, count)
+    chunks: list[torch.Tensor] = []
+    while len(chunks) < syn_steps:
+        chunks.extend(torch.randperm(count, generator=generator).split(size))
+    return chunks[:syn_steps]
+
+
+class MTTDistiller:
+    """The MTT loop's state and one-iteration update; `run()` drives it with checkpoints and eval points."""
+
+    def __init__(self, dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> None:
+        check_ipc(dataset, ipc, "mtt")
+        self.dataset, self.ipc, self.config, self.context = dataset, ipc, config, context
+        device = dataset.device
+        use_zca = config.zca and dataset.channels == 3
+        if config.zca and not use_zca:
+            context.log(f"warning: ZCA ignored: '{dataset.name}' has {dataset.channels} channel(s); ZCA is for RGB "
+                        "(MTT with ZCA diverged on grayscale BreastMNIST in the feasibility study)")
+        self.zca = ZCA.fit(dataset.train.images) if use_zca else None
+        self.buffer: ExpertBuffer = build_buffer(
+            dataset, config.expert_settings(use_zca), config.num_experts, root=config.buffer_root,
+            parallel=config.experts_parallel, progress=context.progress, log=context.log)
+        self.student = FlatModel(new_network(dataset, config.expert_settings(use_zca)))
+        idx = random_subset_indices(dataset, ipc, context.seed).to(device)  # the random baseline's subset
+        real = dataset.train.images[idx]
+        self.images = (real if self.zca is None else self.zca.whiten(real)).detach().clone().requires_grad_(True)
+        self.labels = dataset.train.labels[idx].clone()
+        self.syn_lr = torch.tensor(config.lr_teacher, device=device, dtype=self.images.dtype, requires_grad=True)
+        self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)
+        self.augment = DiffAugment(config.augment) if config.augment else None
+        self.iteration = 0
+        self.losses: list[float] = []
+        self.lr_clamps = 0
+
+    def problem(self, iteration: int) -> Unroll:
+        """Draw iteration `iteration`'s expert, start epoch, minibatches and augmentation seeds."""
+        c = self.config
+        generator = torch.Generator().manual_seed(iteration_seed(self.context.seed, iteration))
+        expert = int(torch.randint(min(c.num_experts, self.buffer.num_experts), (1,), generator=generator))
+        start_epoch = int(torch.randint(c.max_start_epoch, (1,), generator=generator))
+        batches = [b.to(self.images.device) for b in plan_steps(len(self.labels), c.syn_steps, c.batch_syn, generator)]
+        seeds = torch.randint(2**31 - 1, (c.syn_steps,), generator=generator).tolist()
+        to = dict(device=self.images.device, dtype=self.images.dtype)
+        return Unroll(self.student, self.buffer.snapshot(expert, start_epoch).to(**to),
+                      self.buffer.snapshot(expert, start_epoch + c.expert_epochs).to(**to), self.images, self.labels,
+                      self.syn_lr, batches, seeds, self.augment)
+
+    def step(self) -> float:
+        """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""
+        iteration = self.iteration + 1
+        loss, grad_images, grad_lr = UNROLLS[self.config.unroll](self.problem(iteration))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_images).all() and torch.isfinite(grad_lr)):
+            raise DivergenceError(
+                f"MTT diverged at iteration {iteration} (loss {float(loss):.4g}, syn_lr {self.syn_lr.item():.4g}); "
+                "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps")
+        self.images.grad, self.syn_lr.grad = grad_images, grad_lr
+        self.opt_img.step()
+        self.opt_lr.step()
+        with torch.no_grad():
+            if self.syn_lr < self.config.min_syn_lr:
+                self.syn_lr.fill_(self.config.min_syn_lr)
+                self.lr_clamps += 1
+        self.images.grad = self.syn_lr.grad = None
+        self.iteration = iteration
+        self.losses.append(float(loss))
+        return float(loss)
+
+    def output_images(self) -> torch.Tensor:
+        """The synthetic images in the dataset's normalised space."""
+        images = self.images.detach()
+        return images if self.zca is None else self.zca.unwhiten(images)
+
+    def state(self, tracker: EvalTracker | None) -> dict[str, Any]:
+        return {"iteration": self.iteration, "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.item(),
+                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(), "losses": list(self.losses),
+                "lr_clamps": self.lr_clamps, "eval_history": list(tracker.history) if tracker else []}
+
+    def load_state(self, state: dict[str, Any], tracker: EvalTracker | None) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.syn_lr.fill_(state["syn_lr"])
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.iteration, self.losses, self.lr_clamps = state["iteration"], list(state["losses"]), state["lr_clamps"]
+        if tracker is not None:
+            tracker.history = list(state["eval_history"])
+
+
+def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> SyntheticSet:
+    """Distil `dataset` to `ipc` images per class by trajectory matching."""
+    distiller = MTTDistiller(dataset, ipc, config, context)
+    checkpoint = Checkpoint(context, fingerprint("mtt", dataset.source.md5, dataset.name, ipc, config, context.seed))
+    tracker = None
+    if config.eval_every > 0:
+        protocol = TrainProtocol(epochs=config.eval_epochs, augment=config.augment or DEFAULT_STRATEGY)
+        tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+    saved = checkpoint.restore()
+    if saved is not None:
+        distiller.load_state(saved, tracker)
+        context.log(f"resuming MTT at iteration {distiller.iteration} of {config.iterations}")
+    with progress_bar(config.iterations, f"mtt {dataset.name} ipc={ipc}", context.progress) as bar:
+        bar.advance(distiller.iteration)
+        while distiller.iteration < config.iterations:
+            loss = distiller.step()  # a DivergenceError leaves the last checkpoint as it was
+            it = distiller.iteration
+            if tracker is not None and tracker.due(it, config.iterations):
+                tracker.run(it, distiller.output_images(), distiller.labels, lr=distiller.syn_lr.item())
+            if it % config.checkpoint_every == 0 or it == config.iterations:
+                checkpoint.save(distiller.state(tracker))
+            bar.advance(1, loss=loss, lr=distiller.syn_lr.item())
+    images = distiller.output_images()
+    if not torch.isfinite(images).all():
+        raise DivergenceError("MTT produced non-finite images; the set is not usable")
+    result = new_set(dataset, images, distiller.labels, method="mtt", ipc=ipc, seed=context.seed,
+                     learned_lr=distiller.syn_lr.item())
+    result.metrics = tracker.summary() if tracker is not None else {}
+    result.extra = {"loss": distiller.losses, "syn_lr_clamps": distiller.lr_clamps, "zca": distiller.zca is not None,
+                    "buffer": distiller.buffer.summary()}
+    return result
+
+
+SPEC = register_method(
+    MethodSpec(
+        name="mtt",
+        run=run_mtt,
+        config_class=MTTConfig,
+        summary="matching training trajectories (learned lr; builds an expert buffer first if needed)",
+        eval_augment=DEFAULT_STRATEGY,
+        supports_multilabel=False,
+    )
+)
+
+__all__ = ["DivergenceError", "MTTConfig", "MTTDistiller", "UNROLLS", "Unroll", "bounded_unroll", "plain_unroll", "run_mtt"]

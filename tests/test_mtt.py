@@ -1,0 +1,147 @@
+"""MTT: bounded and plain unrolls agree, the loss falls, a killed run resumes exactly, guards hold."""
+
+from __future__ import annotations
+
+import json
+import re
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medistill.errors import ConfigError, MedistillError
+from medistill.methods import RunContext, distill
+from medistill.methods import mtt as mtt_module
+from medistill.methods.mtt import MTTConfig, MTTDistiller, Unroll, bounded_unroll, plain_unroll
+from medistill.zca import ZCA
+
+
+@pytest.fixture(scope="module")
+def buffer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experts")
+
+
+def tiny(buffer_root: Path, **overrides) -> MTTConfig:
+    """A small, fast MTT setup on BreastMNIST: width-16 ConvNet, 2 experts x 3 epochs."""
+    settings = dict(iterations=6, syn_steps=4, expert_epochs=1, max_start_epoch=2, num_experts=2, buffer_epochs=3,
+                    lr_img=10.0, lr_lr=1e-6, model_kwargs={"width": 16}, buffer_root=str(buffer_root), checkpoint_every=2)
+    settings.update(overrides)
+    return MTTConfig(**settings)
+
+
+def test_distill_builds_the_buffer_first_then_reuses_it(breast, buffer_root: Path) -> None:
+    messages: list[str] = []
+    config = tiny(buffer_root, iterations=2)
+    first = distill("mtt", breast, 1, config, context=RunContext(log=messages.append))
+    distill("mtt", breast, 2, config, context=RunContext(log=messages.append))
+    assert "training 2 expert(s) x 3 epochs" in messages[0]
+    assert "reusing the expert buffer" in messages[1]
+    assert first.learned_lr is not None and first.learned_lr > 0
+    assert first.images.shape == (2, 1, 28, 28) and torch.isfinite(first.images).all()
+    assert first.extra["buffer"]["num_experts"] == 2
+
+
+@pytest.mark.parametrize("augment", [None, "color_crop_cutout_flip_scale_rotate"])
+def test_bounded_unroll_gradients_equal_plain(breast, buffer_root: Path, augment) -> None:
+    config = tiny(buffer_root, syn_steps=7, batch_syn=3, augment=augment)
+    distiller = MTTDistiller(breast, 2, config, RunContext())
+    p = distiller.problem(1)
+    images = p.images.detach().double().requires_grad_(True)
+    syn_lr = p.syn_lr.detach().double().requires_grad_(True)
+    problem = Unroll(p.student, p.start.double(), p.target.double(), images, p.labels, syn_lr, p.batches, p.seeds, p.augment)
+    assert {len(b) for b in p.batches} == {3, 1}  # chunking of 4 images into minibatches of 3
+    plain, bounded = plain_unroll(problem), bounded_unroll(problem)
+    assert float(plain[0]) > 0 and plain[1].abs().sum() > 0 and plain[2] != 0
+    for a, b in zip(plain, bounded):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_loss_decreases_on_a_fixed_problem(breast, buffer_root: Path) -> None:
+    config = tiny(buffer_root, iterations=12, num_experts=1, max_start_epoch=1, augment=None, lr_img=1.0, lr_lr=0.0)
+    result = distill("mtt", breast, 1, config, context=RunContext())
+    losses = result.extra["loss"]
+    assert len(losses) == 12
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_path: Path, monkeypatch) -> None:
+    config = tiny(buffer_root, iterations=7, unroll="bounded", eval_every=3, eval_epochs=2)
+    whole = distill("mtt", breast, 1, config, context=RunContext(seed=3))
+
+    calls = {"n": 0}
+    original = mtt_module.UNROLLS["bounded"]
+
+    def dies_at_five(problem):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(problem)
+
+    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", dies_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
+    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", original)
+    with pytest.raises(ConfigError, match="--resume"):
+        distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
+    messages: list[str] = []
+    resumed = distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path, resume=True, log=messages.append))
+    assert any("resuming MTT at iteration 4" in m for m in messages)
+    assert torch.equal(resumed.images, whole.images)
+    assert resumed.learned_lr == whole.learned_lr
+    assert resumed.extra["loss"] == whole.extra["loss"]
+    assert resumed.metrics["eval_points"] == whole.metrics["eval_points"]
+    assert [p["iteration"] for p in whole.metrics["eval_points"]] == [3, 6, 7]
+    assert {"best", "last"} <= set(whole.metrics)
+
+
+def test_syn_lr_never_goes_negative_or_nan(breast, buffer_root: Path) -> None:
+    config = tiny(buffer_root, iterations=5, lr_lr=1e3, min_syn_lr=1e-4)
+    result = distill("mtt", breast, 1, config, context=RunContext())
+    assert result.extra["syn_lr_clamps"] > 0
+    assert result.learned_lr == pytest.approx(1e-4) or result.learned_lr > 1e-4  # floor, in float32
+    assert math.isfinite(result.learned_lr)
+    assert torch.isfinite(result.images).all()
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_state(breast, buffer_root: Path, tmp_path: Path) -> None:
+    config = tiny(buffer_root, iterations=5, lr_img=1e30, checkpoint_every=1)
+    with pytest.raises(MedistillError, match=r"diverged at iteration (\d)") as caught:
+        distill("mtt", breast, 1, config, context=RunContext(checkpoint_dir=tmp_path))
+    diverged = int(re.search(r"iteration (\d)", str(caught.value)).group(1))
+    state = torch.load(tmp_path / "state.pt", weights_only=False)["state"]
+    assert state["iteration"] == diverged - 1
+    assert torch.isfinite(state["images"]).all()
+
+
+def test_pipeline_evaluates_with_the_learned_lr(breast, buffer_root: Path, tmp_path: Path) -> None:
+    from medistill.pipeline import EvalSettings, run_job
+
+    config = tiny(buffer_root, iterations=2)
+    job = run_job(breast, "mtt", 1, config=config, evaluation=EvalSettings(num_models=1, epochs=2), out_dir=tmp_path)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["learned_lr"] == job.synthetic.learned_lr != 0.01
+    assert record["eval_protocol"]["augment"] == "color_crop_cutout_flip_scale_rotate"
+
+
+def test_zca_is_ignored_on_grayscale_and_round_trips_on_rgb(breast, medmnist_root: Path, buffer_root: Path) -> None:
+    messages: list[str] = []
+    gray = distill("mtt", breast, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext(log=messages.append))
+    assert gray.extra["zca"] is False and any("ZCA ignored" in m for m in messages)
+
+    from medistill.data import load_dataset
+
+    rgb = load_dataset("breastmnist", root=medmnist_root, channels=3, image_size=16, progress=False)  # small covariance
+    zca = ZCA.fit(rgb.train.images)
+    torch.testing.assert_close(zca.unwhiten(zca.whiten(rgb.test.images)), rgb.test.images, atol=1e-3, rtol=1e-3)
+    result = distill("mtt", rgb, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext())
+    assert result.extra["zca"] is True and torch.isfinite(result.images).all()
+
+
+def test_bad_settings_are_refused(breast, buffer_root: Path) -> None:
+    with pytest.raises(ConfigError, match="buffer_epochs"):
+        distill("mtt", breast, 1, {"max_start_epoch": 30, "buffer_epochs": 30})
+    with pytest.raises(ConfigError, match="unroll"):
+        distill("mtt", breast, 1, {"unroll": "magic"})
+    with pytest.raises(ConfigError, match="IPC"):
+        distill("mtt", breast, 1000, tiny(buffer_root))
