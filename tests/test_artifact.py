@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,15 @@ def test_loading_something_else_is_a_data_error(tmp_path: Path) -> None:
     np.savez(npz, a=np.zeros(3))
     with pytest.raises(DataError):
         SyntheticSet.load(npz)
+
+
+@pytest.mark.parametrize("meta", ["{bad json", "[]", '{"mean": [0.1]}', '{"future_field": 1}'])
+def test_artifact_with_unusable_metadata_is_a_data_error(tmp_path: Path, meta: str, random_set: SyntheticSet) -> None:
+    """Damaged or foreign-version metadata is reported in one line, not as a KeyError/TypeError traceback."""
+    path = tmp_path / "odd.safetensors"
+    if meta.startswith('{"future'):  # a complete header with one field this version does not know
+        header = json.loads(json.dumps(random_set.metadata(), default=list))
+        meta = json.dumps({**header, "future_field": 1})
+    save_file({"images": torch.zeros(1, 1, 4, 4), "labels": torch.zeros(1)}, str(path), metadata={"medistill": meta})
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        SyntheticSet.load(path)

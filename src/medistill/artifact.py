@@ -89,9 +89,13 @@ class SyntheticSet:
             raise DataError(f"{path} is not a readable medistill artifact ({exc})") from None
         if META_KEY not in header or "images" not in tensors or "labels" not in tensors:
             raise DataError(f"{path} is a safetensors file but not a medistill synthetic set")
-        meta = json.loads(header[META_KEY])
-        meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
-        return cls(images=tensors["images"], labels=tensors["labels"], **meta)
+        try:
+            meta = json.loads(header[META_KEY])
+            meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
+            return cls(images=tensors["images"], labels=tensors["labels"], **meta)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {exc}); "
+                            f"it may be damaged or come from another medistill version") from None
 
     def to_npz(self, path: str | Path) -> Path:
         """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""
