@@ -179,7 +179,7 @@ class GradientMatching:
         """`inner` epochs of SGD on the (detached) synthetic set, shuffled, DSA per sample when augmenting."""
         n, batch = images.shape[0], self.config.batch_train
         for _ in range(self.inner):
-            order = torch.randperm(n, generator=rng.cpu).to(self.device)
+            order = torch.randperm(n, generator=rng.device, device=self.device)
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
                 x = images[idx]

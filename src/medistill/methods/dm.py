@@ -60,6 +60,9 @@ class DistributionMatching:
         self.network.module.requires_grad_(False)
         self.embed = maybe_compile(self.network.module.embed, config.compile)
         self.augment = DiffAugment(config.dsa_strategy)
+        sizes = torch.tensor(self.sampler.take, device=self.device)
+        self.segment = torch.arange(self.num_classes, device=self.device).repeat_interleave(sizes)
+        self.sizes = sizes.unsqueeze(1)
 
     def step(self, images: Tensor, optimizer: torch.optim.Optimizer, rng: IterationRandom) -> Tensor:
         """One image step on the summed per-class squared distance of mean embeddings."""
@@ -70,14 +73,12 @@ class DistributionMatching:
             real, syn = self.augment.siamese_pair(self.real[idx], images[c * self.ipc : (c + 1) * self.ipc], rng.siamese_seed())
             reals.append(real)
             syns.append(syn)
-        sizes = torch.tensor([len(idx) for idx in picks], device=self.device)
         with autocast(self.device, self.config.bf16):
             with torch.no_grad():
                 real_features = self.embed(torch.cat(reals)).float()
             syn_features = self.embed(torch.cat(syns)).float()
-        segment = torch.arange(self.num_classes, device=self.device).repeat_interleave(sizes)
-        real_mean = torch.zeros(self.num_classes, real_features.shape[1], device=self.device).index_add_(0, segment, real_features)
-        real_mean = real_mean / sizes.unsqueeze(1)
+        real_mean = torch.zeros(self.num_classes, real_features.shape[1], device=self.device).index_add_(0, self.segment, real_features)
+        real_mean = real_mean / self.sizes
         syn_mean = syn_features.view(self.num_classes, self.ipc, -1).mean(1)
         loss = ((real_mean - syn_mean) ** 2).sum()
         optimizer.zero_grad(set_to_none=True)

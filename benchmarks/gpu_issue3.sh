@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Issue 3 "Must show" on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+#
+#   A. speed, alone on the GPU: s/iteration and peak memory of DC, DSA, DM at IPC 1, 10, 50
+#      (BreastMNIST): default (per-class loop), class_batching=vmap, bf16; DC also at 32x32 (the
+#      study's code resized 28->32; ANCHORS.md: DC IPC 1 0.035 s/it, IPC 10 1.77 s/it on an H200).
+#   B. accuracy, every run at once as its own process (the runs are launch-bound, so they share
+#      the GPU well): BreastMNIST and the unofficial PneumoniaMNIST subset; DC, DSA, DM at IPC 1,
+#      10, 50, 5 evaluation networks, 300 epochs (DC) / 1000 epochs with DSA (DSA, DM); random
+#      subsets at the same IPCs scored both ways; the full training set. Iterations: 1000 (the
+#      reference), cut per run where phase A's s/iteration says it would not fit DISTILL_BUDGET
+#      seconds under SLOWDOWN-fold sharing; the iterations used are in grid.json.
+#   C. torch.compile speed (DC and DM at IPC 10), if time is left.
+#
+# The device machine gets the repo only: copy the data and the medmnist wheel into ignored
+# folders and carry them, e.g. here:
+#   echo /.gpu_carry/ >> .git/info/exclude; mkdir -p .gpu_carry/data && cp -r ../shared/data/* .gpu_carry/data/
+#   .venv/bin/pip download --no-deps -d .gpu_carry/whl medmnist==3.0.2
+# then run (carry [".gpu_carry"]): bash benchmarks/gpu_issue3.sh
+set -u
+OUT=${OUT:-runs/gpu_issue3}
+DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}
+PY=${PY:-python3}
+DISTILL_BUDGET=${DISTILL_BUDGET:-200}
+DEADLINE=${DEADLINE:-570}  # seconds: nothing is started that could run past this
+SLOWDOWN=${SLOWDOWN:-4}
+RUNS=${RUNS:-/tmp/issue3_runs}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu IPCS=1 EVAL_ARGS="--eval-models 1 --eval-epochs 2" SPEED_ITERS=1 COMPILE_IPC=1: a smoke test of this script
+IPCS=${IPCS:-1 10 50}
+EVAL_ARGS=${EVAL_ARGS:---eval-models 5}
+SPEED_ITERS=${SPEED_ITERS:-5}
+SPEED_IPCS=$(echo $IPCS | tr ' ' ,)
+mkdir -p "$OUT" "$RUNS"
+if [ -d .gpu_carry/whl ] && ! $PY -c "import medmnist" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MEDISTILL_DATA="$DATA_DIR/medmnist"
+PNEUMONIA="$DATA_DIR/unofficial/pneumoniamnist_balanced.npz"
+LOG="$OUT/logs.txt"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+
+left() { echo $(( DEADLINE - SECONDS )); }
+speed() {  # name, timeout, extra args
+  local name=$1 limit=$2; shift 2
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  [ "$limit" -lt 20 ] && { echo "speed $name: skipped, no time left" >> "$LOG"; return; }
+  timeout "$limit" $PY benchmarks/distill_speed.py --device "$DEVICE" --dataset breastmnist "$@" > "$OUT/$name.json" 2>> "$LOG" \
+    || echo "speed $name: exit $?" >> "$LOG"
+}
+# A. speed, alone
+speed speed 90 --iterations "$SPEED_ITERS" --ipcs "$SPEED_IPCS"
+speed speed_variants 60 --iterations "$SPEED_ITERS" --ipcs "$SPEED_IPCS" --methods dc,dsa --set class_batching=vmap
+cp "$OUT/speed_variants.json" "$RUNS/vmap.json"
+speed speed_variants 60 --iterations "$SPEED_ITERS" --ipcs "$SPEED_IPCS" --bf16
+cp "$OUT/speed_variants.json" "$RUNS/bf16.json"
+speed speed_variants 40 --iterations "$SPEED_ITERS" --ipcs "$SPEED_IPCS" --methods dc --image-size 32
+cp "$OUT/speed_variants.json" "$RUNS/size32.json"
+
+# B. accuracy grid, all runs at once
+$PY - "$OUT/speed.json" "$DISTILL_BUDGET" "$SLOWDOWN" > "$RUNS/plan.txt" <<'EOF'
+import json, sys
+budget, slowdown = float(sys.argv[2]), float(sys.argv[3])
+try:
+    measured = {(c["method"], c["ipc"]): c["seconds_per_iteration"] for c in json.load(open(sys.argv[1]))["cases"] if "error" not in c}
+except (OSError, ValueError, KeyError):
+    measured = {}
+guess = {1: 0.02, 10: 0.5, 50: 1.0}  # s/iteration when phase A gave nothing
+for method in ("dc", "dsa", "dm"):
+    for ipc in (1, 10, 50):
+        s = measured.get((method, ipc)) or (0.01 if method == "dm" else guess[ipc])
+        print(method, ipc, max(10, min(1000, int(budget / (s * slowdown)))))
+EOF
+cat "$RUNS/plan.txt" >> "$LOG"
+job() {  # dataset tag method ipc iterations
+  local dir="$RUNS/$2_$3_$4"
+  local its=""; [ -n "$5" ] && its="--iterations $5"
+  timeout $(( DISTILL_BUDGET + 120 )) $PY -m medistill distill "$1" -m "$3" --ipc "$4" $its --out "$dir" --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress > "$dir.log" 2>&1
+  if [ "$3" = random ]; then
+    timeout 100 $PY -m medistill evaluate "$dir" --augment --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress --out "$dir/dsa_eval.json" >> "$dir.log" 2>&1
+  fi
+}
+for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
+  ds=${pair%%:*}; tag=${pair##*:}
+  job "$ds" "$tag" full 1 "" &
+  for ipc in $IPCS; do
+    job "$ds" "$tag" random "$ipc" "" &
+    while read -r method pipc its; do
+      [ "$pipc" = "$ipc" ] && job "$ds" "$tag" "$method" "$ipc" "$its" &
+    done < "$RUNS/plan.txt"
+  done
+done
+wait
+$PY - "$RUNS" > "$OUT/grid.json" <<'EOF'
+import json, pathlib, sys
+rows = []
+for result in sorted(pathlib.Path(sys.argv[1]).glob("*/result.json")):
+    r = json.loads(result.read_text())
+    row = {k: r.get(k) for k in ("dataset", "method", "ipc", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std",
+                                 "test_acc", "distill_seconds", "eval_seconds", "eval_protocol")}
+    h = r.get("hyperparameters", {})
+    row["iterations"], row["outer_loop"], row["inner_loop"], row["init"] = h.get("iterations"), h.get("outer_loop"), h.get("inner_loop"), h.get("init")
+    dsa = result.parent / "dsa_eval.json"
+    if dsa.exists():
+        row["dsa_eval"] = json.loads(dsa.read_text())
+    rows.append(row)
+print(json.dumps({"runs": rows, "note": "iterations < 1000 were cut to fit the GPU session (see the plan in logs.txt)"}, indent=1))
+EOF
+for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -5; done >> "$LOG"
+$PY - "$RUNS" "$OUT/speed_variants.json" <<'EOF'
+import json, pathlib, sys
+runs = pathlib.Path(sys.argv[1])
+merged = {name: json.loads((runs / f"{name}.json").read_text()) for name in ("vmap", "bf16", "size32") if (runs / f"{name}.json").exists() and (runs / f"{name}.json").stat().st_size}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
+EOF
+# C. torch.compile, with what is left
+speed speed_compile 100 --iterations "$SPEED_ITERS" --ipcs "${COMPILE_IPC:-10}" --methods dc,dm --compile
+echo done >> "$LOG"
