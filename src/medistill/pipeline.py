@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,6 +110,7 @@ def run_job(
     out_dir: str | Path | None = None,
     progress: bool = False,
     resume: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Distil (or draw a baseline), evaluate, and write `synthetic.safetensors`, `grid.png`, `result.json` to `out_dir`."""
     evaluation = evaluation or EvalSettings()
@@ -117,7 +119,7 @@ def run_job(
     out = Path(out_dir) if out_dir is not None else None
     checkpoint_dir = out / "checkpoints" if out is not None else None
     start = time.perf_counter()
-    context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume)
+    context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
     synthetic = distill(spec.name, dataset, ipc, config, context=context)
     distill_seconds = time.perf_counter() - start
     scores = score_set(synthetic, dataset, protocol, num_models=evaluation.num_models, seed=seed, progress=progress)
@@ -157,3 +159,8 @@ def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *,
     synthetic.to_png_grid(out / GRID_NAME)
     record["grid"] = GRID_NAME
     (out / RESULT_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _log_to_stderr(message: str) -> None:
+    """Default sink of a method's messages (e.g. MTT building its expert buffer first)."""
+    print(f"medistill: {message}", file=sys.stderr, flush=True)
