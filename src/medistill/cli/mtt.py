@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def experts(
     zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (RGB only)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store trajectories in fp16 (half the disk)."),
     parallel: int = typer.Option(10, "--parallel", help="Experts trained at once (stacked)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     seed: int = Seed,
@@ -48,10 +50,13 @@ def experts(
                               model_kwargs=parse_settings(None, model_args), zca=zca, seed=seed, fp16=fp16)
     start = time.perf_counter()
     buffer = build_buffer(data, settings, num_experts, root=out, parallel=parallel, progress=progress, log=err.print)
-    summary = buffer.summary()
+    summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
     acc = summary["expert_test_acc_mean"]
     console.print(
         f"{data.name}: {summary['num_experts']} experts x {summary['epochs']} epochs, "
         f"{summary['size_bytes'] / 2**20:.1f} MiB on disk, mean expert test ACC {acc:.3f}, "
-        f"{time.perf_counter() - start:.1f} s -> {buffer.directory}"
+        f"{summary['wall_seconds']:.1f} s -> {buffer.directory}"
     )
