@@ -173,14 +173,27 @@ def test_python_dash_m_help() -> None:
         assert command in result.stdout
 
 
-def test_demo_runs_end_to_end(breast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medistill demo` with a tiny evaluation budget; run_demo's own return value is checked through a spy."""
+    import medistill.cli.core
+
     monkeypatch.setattr(medistill.demo, "DEMO_EVALUATION", EvalSettings(num_models=1, epochs=2))
-    records = medistill.demo.run_demo(breast, out=tmp_path / "demo")
+    returned: list[list[dict]] = []
+
+    def spy(*args, **kwargs):
+        returned.append(medistill.demo.run_demo(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(medistill.cli.core, "run_demo", spy)
+    out = tmp_path / "demo"
+    output = _invoke("demo", "--data-root", medmnist_root, "--device", "cpu", "--out", out, "--no-progress").output
     best = medistill.demo.best_distillation_method()
     expected = ["random", *([best] if best else []), "full"]
+    (records,) = returned
     assert [r["method"] for r in records] == expected
     for record in records:
         assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == 2 and record["eval_models"] == 1
         assert 0.0 <= record["test_acc_mean"] <= 1.0
-        assert (tmp_path / "demo" / record["method"] / "result.json").is_file()
+        assert (out / record["method"] / "result.json").is_file()
+        assert f"{record['test_acc_mean']:.3f}" in output  # the printed table shows each row's score
     assert records[0]["num_images"] == 20 and records[-1]["num_images"] == 546
