@@ -125,6 +125,7 @@ def test_methods_lists_the_baselines() -> None:
     ("eval_epochs_zero", ("epochs must be at least 1",)),
     ("eval_models_zero", ("at least 1", "0")),
     ("unknown_eval_model", ("nosuchnet",)),
+    ("out_is_a_file", ("not a folder",)),
 ])
 def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, tmp_path, monkeypatch, capsys) -> None:
     if case == "cuda_without_gpu" and torch.cuda.is_available():
@@ -141,7 +142,9 @@ def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, 
         "eval_epochs_zero": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-epochs", "0"],
         "eval_models_zero": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-models", "0"],
         "unknown_eval_model": ["distill", "breastmnist", "--method", "random", "--out", out, *common, "--eval-model", "nosuchnet"],
+        "out_is_a_file": ["distill", "breastmnist", "--method", "random", "--out", tmp_path / "taken", *common],
     }[case]
+    (tmp_path / "taken").write_text("a file where the output folder should go")
     code, err = _run_main(argv, monkeypatch, capsys)
     _assert_one_line_error(code, err, *needles)
     assert not out.exists()  # nothing written for a refused run

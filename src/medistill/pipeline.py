@@ -117,6 +117,8 @@ def run_job(
     spec = get_method(method)
     protocol = evaluation.protocol_for(spec.name)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
     checkpoint_dir = out / "checkpoints" if out is not None else None
     start = time.perf_counter()
     context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
