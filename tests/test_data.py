@@ -186,3 +186,12 @@ def test_damaged_compressed_npz_is_always_a_data_error(tmp_path: Path) -> None:
         bad.write_bytes(bytes(damaged))
         with pytest.raises(DataError, match="not a readable npz"):
             load_dataset(bad)
+
+
+def test_data_root_that_cannot_be_created(tmp_path: Path) -> None:
+    """A data root that is a file (or otherwise not creatable) is a one-line DataError, before any download."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match="cannot create the data folder") as info:
+        load_dataset("breastmnist", root=blocker / "medmnist", progress=False)
+    assert str(blocker / "medmnist") in str(info.value) and "\n" not in str(info.value)

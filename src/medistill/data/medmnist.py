@@ -80,6 +80,10 @@ def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, do
         return path
     if not download:
         raise DataError(f"{path.name} is not in {path.parent}; download {url} and put it there")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the data folder {path.parent} ({exc.strerror}); give a writable --data-root or set {DATA_ENV}") from None
     return download_file(url, path, md5, progress=progress)
 
 
