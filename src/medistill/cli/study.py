@@ -1,0 +1,92 @@
+"""Study commands: study (grid runner), simulate (datasets-as-classes set), predict, report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medistill.cli import app
+from medistill.cli.options import DataRoot, Seed
+from medistill.errors import ConfigError
+from medistill.study.executors import list_executors
+from medistill.study.predict import predict as predict_accuracy
+from medistill.study.report import write_report
+from medistill.study.runner import run_study
+from medistill.study.simulation import SimulationRecipe, build_simulation
+from medistill.study.spec import load_study, resolve_path_ref
+
+DEFAULT_STUDY_DIR = Path("runs/study")
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., help="Study config (YAML); relative paths inside it resolve against its folder."),
+    out: Path = typer.Option(DEFAULT_STUDY_DIR, "--out", help="Study folder: results, artifacts, report."),
+    executor: str = typer.Option("local", "--executor", help=f"How runs are executed: {', '.join(list_executors())}."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local Ray instance)."),
+    data_root: Optional[Path] = DataRoot,
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the config's `device`, else auto)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again (finished runs are always skipped)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.md, index.html, tables and plots afterwards."),
+) -> None:
+    """Run a study grid (datasets x methods x IPCs x seeds); finished runs are skipped, so a rerun resumes."""
+    spec = load_study(config)
+    if ray_address and executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    options = {"address": ray_address} if executor == "ray" else {}
+    summary = run_study(spec, out, executor=executor, executor_options=options, data_root=data_root, device=device,
+                        retry_failed=retry_failed, log=typer.echo)
+    if summary.failed or summary.previously_failed:
+        typer.echo(f"{len(summary.failed) + len(summary.previously_failed)} run(s) failed; see their JSON in {out / 'runs'}"
+                   + ("" if retry_failed else " (rerun with --retry-failed to try them again)"))
+    if report:
+        path = write_report(out)
+        typer.echo((path.parent / "tables" / "acc.md").read_text())
+        typer.echo(f"report: {path} and {path.parent / 'index.html'}")
+
+
+@app.command()
+def simulate(
+    datasets: str = typer.Option(..., "--datasets", help="Comma-separated MedMNIST flags and/or npz/folder paths (two or more)."),
+    out: Path = typer.Option(..., "--out", help="The .npz file to write."),
+    fraction: float = typer.Option(0.1, "--fraction", help="Share of each split of each dataset to take (stratified by class)."),
+    size: int = typer.Option(28, "--size", help="Image size of the set (every source is resized to it)."),
+    seed: int = Seed,
+    data_root: Optional[Path] = DataRoot,
+) -> None:
+    """Build the study's "distillation simulation" set: each source dataset becomes one class (3 channels, one size)."""
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    recipe = SimulationRecipe(datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed)
+    path = build_simulation(recipe, out, root=data_root, progress=True)
+    typer.echo(f"wrote {path}: {len(names)} classes ({', '.join(names)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
+
+
+@app.command()
+def predict(
+    dataset: str = typer.Argument(..., help="MedMNIST flag, npz/folder path, or a simulation set of the study."),
+    ipc: int = typer.Option(..., "--ipc", help="Images per class."),
+    study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted relation is used."),
+    data_root: Optional[Path] = DataRoot,
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
+) -> None:
+    """Evaluate a random subset (cheap) and predict each distillation method's accuracy from the study's relation."""
+    result = predict_accuracy(dataset, ipc, study_dir, data_root=data_root, device=device, log=typer.echo)
+    typer.echo(f"{result.dataset} IPC {ipc}: random subset test ACC {result.random_acc_mean:.3f} ± {result.random_acc_std:.3f} "
+               f"(seeds {', '.join(map(str, result.seeds))})")
+    for m in result.methods:
+        interval = "no interval (line fitted on 2 points)" if math.isnan(m.lower) else f"95% PI [{m.lower:.3f}, {m.upper:.3f}]"
+        lodo = "n/a" if math.isnan(m.lodo_mae) else f"{m.lodo_mae:.3f}"
+        typer.echo(f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {interval}; fitted on {m.n_points} points from "
+                   f"{m.n_datasets} datasets (IPCs {', '.join(map(str, m.ipcs_fitted))}), leave-one-dataset-out MAE {lodo}")
+    for note in result.notes:
+        typer.echo(f"  note: {note}")
+
+
+@app.command()
+def report(study_dir: Path = typer.Argument(..., help="Study folder.")) -> None:
+    """(Re)write a study folder's report.md, index.html, tables, analysis.json and plots."""
+    path = write_report(study_dir)
+    typer.echo(f"report: {path} and {path.parent / 'index.html'}")

@@ -1,0 +1,360 @@
+"""Tables and statistics over a study's runs.
+
+- Cells: one per (dataset, method, IPC), pooling the test scores of every evaluation network
+  of every seed (mean ± std over networks x seeds).
+- Tables per dataset x IPC with the methods side by side; `random` and `full` are the
+  reference rows. Markdown (each number linked to its runs' JSON), CSV (long form), LaTeX.
+- Correlation, per distillation method, between the random subset's accuracy and the method's
+  accuracy over the (dataset, IPC) points: Pearson r and Spearman rho with p-values, a
+  bootstrap CI that resamples whole datasets (points of one dataset are not independent), n,
+  and a least-squares line with prediction intervals (used by the predictor).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+from medistill.study.store import FAILED, OK
+
+RANDOM = "random"  # the cheap reference the predictor is built on
+FULL = "full"  # the upper reference
+METRICS = {"acc": "ACC", "auc": "AUC"}
+
+
+@dataclass
+class Cell:
+    """Scores of one (dataset, method, IPC) over its runs (seeds)."""
+
+    dataset: str
+    method: str
+    ipc: int | None
+    acc: list[float] = field(default_factory=list)  # one value per evaluation network, all seeds pooled
+    auc: list[float] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # finished runs
+    failed_keys: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def mean(self, metric: str) -> float:
+        """Mean over networks and seeds (NaN values, e.g. AUC on a one-class test split, left out)."""
+        values = self._finite(metric)
+        return float(np.mean(values)) if values else math.nan
+
+    def std(self, metric: str) -> float:
+        values = self._finite(metric)
+        return float(np.std(values)) if values else math.nan
+
+    def _finite(self, metric: str) -> list[float]:
+        return [v for v in getattr(self, metric) if v is not None and not math.isnan(v)]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass
+class Point:
+    """One (dataset, IPC) point of a method: the random subset's accuracy x, the method's y."""
+
+    dataset: str
+    ipc: int
+    x: float
+    y: float
+
+
+def cells_from_records(records: Iterable[dict[str, Any]]) -> list[Cell]:
+    """Group run records into cells (failed runs kept as failed keys)."""
+    cells: dict[tuple[str, str, int | None], Cell] = {}
+    for record in records:
+        spec = record["spec"]
+        key = (record["dataset_label"], spec["method"], spec["ipc"])
+        cell = cells.setdefault(key, Cell(*key))
+        if record["status"] == OK:
+            cell.acc.extend(record["result"]["test_acc"])
+            cell.auc.extend(record["result"]["test_auc"])
+            cell.keys.append(record["key"])
+            cell.seeds.append(spec["seed"])
+        elif record["status"] == FAILED:
+            cell.failed_keys.append(record["key"])
+    return list(cells.values())
+
+
+def method_order(cells: Sequence[Cell]) -> list[str]:
+    """random first, the distillation methods alphabetically, full last."""
+    names = {c.method for c in cells}
+    middle = sorted(names - {RANDOM, FULL})
+    return [m for m in [RANDOM] if m in names] + middle + [m for m in [FULL] if m in names]
+
+
+def dataset_order(cells: Sequence[Cell]) -> list[str]:
+    seen: dict[str, None] = {}
+    for c in cells:
+        seen.setdefault(c.dataset, None)
+    return list(seen)
+
+
+def ipc_order(cells: Sequence[Cell], dataset: str | None = None) -> list[int]:
+    return sorted({c.ipc for c in cells if c.ipc is not None and (dataset is None or c.dataset == dataset)})
+
+
+def format_score(cell: Cell | None, metric: str) -> str:
+    """"0.849 ± 0.009", "failed" or "–"."""
+    if cell is None:
+        return "–"
+    if not cell.ok:
+        return "failed" if cell.failed_keys else "–"
+    return f"{cell.mean(metric):.3f} ± {cell.std(metric):.3f}"
+
+
+def _lookup(cells: Sequence[Cell]) -> dict[tuple[str, str, int | None], Cell]:
+    return {(c.dataset, c.method, c.ipc): c for c in cells}
+
+
+def _cell_for(index: dict, dataset: str, method: str, ipc: int) -> Cell | None:
+    """The cell shown at (dataset, method, IPC): IPC-free methods (full) show in every IPC column."""
+    return index.get((dataset, method, ipc)) or index.get((dataset, method, None))
+
+
+def _md_link(cell: Cell | None, metric: str, link_prefix: str | None) -> str:
+    text = format_score(cell, metric)
+    keys = (cell.keys or cell.failed_keys) if cell is not None else []
+    if link_prefix is None or not keys:
+        return text
+    if len(keys) == 1:
+        return f"[{text}]({link_prefix}{keys[0]}.json)"
+    return text + " <sup>" + " ".join(f"[{i + 1}]({link_prefix}{k}.json)" for i, k in enumerate(keys)) + "</sup>"
+
+
+def dataset_table(cells: Sequence[Cell], dataset: str) -> tuple[list[int | None], list[tuple[str, list[Cell | None]]]]:
+    """The layout of one dataset's table: its IPC columns, and per method (random first, full last) a cell per column."""
+    index = _lookup(cells)
+    ipcs: list[int | None] = list(ipc_order(cells, dataset)) or [None]
+    methods = method_order([c for c in cells if c.dataset == dataset])
+    return ipcs, [(method, [_cell_for(index, dataset, method, i) for i in ipcs]) for method in methods]
+
+
+def method_label(method: str) -> str:
+    return f"{method} (reference)" if method in (RANDOM, FULL) else method
+
+
+def ipc_label(ipc: int | None) -> str:
+    return "all images" if ipc is None else f"IPC {ipc}"
+
+
+def markdown_tables(cells: Sequence[Cell], metric: str = "acc", link_prefix: str | None = "runs/") -> str:
+    """One table per dataset: methods as rows (random and full the reference rows), IPCs as columns."""
+    parts = []
+    for dataset in dataset_order(cells):
+        ipcs, rows = dataset_table(cells, dataset)
+        header = ["method"] + [ipc_label(i) for i in ipcs]
+        lines = [f"**{dataset}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method, row_cells in rows:
+            lines.append("| " + " | ".join([method_label(method)] + [_md_link(c, metric, link_prefix) for c in row_cells]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def csv_table(cells: Sequence[Cell]) -> str:
+    """Long form: one row per (dataset, method, IPC) with both metrics and the run keys."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["dataset", "method", "ipc", "acc_mean", "acc_std", "auc_mean", "auc_std", "networks", "seeds", "runs", "failed_runs"])
+    index = _lookup(cells)
+    for dataset in dataset_order(cells):
+        for method in method_order(cells):
+            for ipc in ipc_order(cells, dataset) + [None]:
+                cell = index.get((dataset, method, ipc))
+                if cell is None:
+                    continue
+                writer.writerow([dataset, method, "" if ipc is None else ipc,
+                                 *(f"{v:.6f}" for v in (cell.mean("acc"), cell.std("acc"), cell.mean("auc"), cell.std("auc"))),
+                                 len(cell.acc), " ".join(map(str, sorted(cell.seeds))), " ".join(cell.keys), " ".join(cell.failed_keys)])
+    return out.getvalue()
+
+
+def latex_table(cells: Sequence[Cell], metric: str = "acc") -> str:
+    """A booktabs table: methods as rows, the IPCs of each dataset as grouped columns."""
+    index = _lookup(cells)
+    datasets = dataset_order(cells)
+    groups = [(d, ipc_order(cells, d) or [None]) for d in datasets]
+    columns = sum(len(ipcs) for _, ipcs in groups)
+    lines = [r"\begin{tabular}{l" + "c" * columns + "}", r"\toprule",
+             " & " + " & ".join(rf"\multicolumn{{{len(ipcs)}}}{{c}}{{{_tex(d)}}}" for d, ipcs in groups) + r" \\",
+             "IPC & " + " & ".join("all" if i is None else str(i) for _, ipcs in groups for i in ipcs) + r" \\", r"\midrule"]
+    for method in method_order(cells):
+        values = [format_score(_cell_for(index, d, method, i), metric).replace("±", r"$\pm$").replace("–", "--")
+                  for d, ipcs in groups for i in ipcs]
+        lines.append(_tex(method) + " & " + " & ".join(values) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    caption = f"% test {METRICS[metric]}, mean $\\pm$ std over evaluation networks and seeds"
+    return caption + "\n" + "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+
+
+def correlation_points(cells: Sequence[Cell], metric: str = "acc") -> dict[str, list[Point]]:
+    """Per distillation method, the (dataset, IPC) points where both it and the random subset finished."""
+    index = _lookup(cells)
+    points: dict[str, list[Point]] = defaultdict(list)
+    for cell in cells:
+        if cell.method in (RANDOM, FULL) or cell.ipc is None or not cell.ok:
+            continue
+        reference = index.get((cell.dataset, RANDOM, cell.ipc))
+        if reference is not None and reference.ok:
+            points[cell.method].append(Point(cell.dataset, cell.ipc, reference.mean(metric), cell.mean(metric)))
+    return dict(points)
+
+
+@dataclass
+class LinearFit:
+    """Least-squares line y = intercept + slope * x, with what a prediction interval needs."""
+
+    slope: float
+    intercept: float
+    n: int
+    x_mean: float
+    sxx: float
+    residual_std: float  # NaN when n <= 2 (no degrees of freedom left)
+
+    @classmethod
+    def fit(cls, x: Sequence[float], y: Sequence[float]) -> "LinearFit":
+        xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        n = len(xs)
+        if n < 2 or np.ptp(xs) == 0:
+            raise ValueError("a line needs at least two points with different x")
+        x_mean = float(xs.mean())
+        sxx = float(((xs - x_mean) ** 2).sum())
+        slope = float(((xs - x_mean) * (ys - ys.mean())).sum() / sxx)
+        intercept = float(ys.mean() - slope * x_mean)
+        residuals = ys - (intercept + slope * xs)
+        residual_std = float(math.sqrt((residuals ** 2).sum() / (n - 2))) if n > 2 else math.nan
+        return cls(slope, intercept, n, x_mean, sxx, residual_std)
+
+    def predict(self, x: float, level: float = 0.95) -> tuple[float, float, float]:
+        """(prediction, lower, upper): the line at x and its prediction interval for a new point (NaN if n <= 2).
+
+        The bounds are clipped to [0, 1], the range of an accuracy.
+        """
+        y = self.intercept + self.slope * x
+        if self.n <= 2:
+            return y, math.nan, math.nan
+        t = stats.t.ppf(0.5 + level / 2, self.n - 2)
+        half = t * self.residual_std * math.sqrt(1 + 1 / self.n + (x - self.x_mean) ** 2 / self.sxx)
+        return y, max(0.0, y - half), min(1.0, y + half)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Correlation:
+    """Random-subset vs distilled accuracy for one method."""
+
+    method: str
+    n_points: int
+    n_datasets: int
+    pearson_r: float = math.nan
+    pearson_p: float = math.nan
+    spearman_rho: float = math.nan
+    spearman_p: float = math.nan
+    pearson_ci: tuple[float, float] = (math.nan, math.nan)
+    spearman_ci: tuple[float, float] = (math.nan, math.nan)
+    bootstrap_valid: int = 0  # resamples with two or more distinct x and y values
+    bootstrap_total: int = 0
+    fit: LinearFit | None = None
+    points: list[Point] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fit"] = self.fit.to_dict() if self.fit else None
+        return data
+
+
+def _rank_corr(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(Pearson r, Spearman rho) without p-values, NaN when a side is constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    pearson = float(np.corrcoef(x, y)[0, 1])
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    spearman = float(np.corrcoef(rx, ry)[0, 1]) if np.ptp(rx) and np.ptp(ry) else math.nan
+    return pearson, spearman
+
+
+def correlate(method: str, points: Sequence[Point], *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Correlation:
+    """Pearson and Spearman with p-values, a dataset-level bootstrap CI, and the fitted line."""
+    result = Correlation(method=method, n_points=len(points), n_datasets=len({p.dataset for p in points}), points=list(points))
+    if len(points) < 2:
+        return result
+    x = np.array([p.x for p in points])
+    y = np.array([p.y for p in points])
+    if np.ptp(x) > 0 and np.ptp(y) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pearson = stats.pearsonr(x, y)
+            spearman = stats.spearmanr(x, y)
+        result.pearson_r, result.pearson_p = float(pearson[0]), float(pearson[1])
+        result.spearman_rho, result.spearman_p = float(spearman[0]), float(spearman[1])
+    if np.ptp(x) > 0:
+        result.fit = LinearFit.fit(x, y)
+    datasets = sorted({p.dataset for p in points})
+    if len(datasets) >= 2:
+        members = {d: np.array([i for i, p in enumerate(points) if p.dataset == d]) for d in datasets}
+        rng = np.random.default_rng(seed)
+        pearsons, spearmans = [], []
+        for _ in range(resamples):
+            chosen = rng.choice(len(datasets), size=len(datasets), replace=True)
+            idx = np.concatenate([members[datasets[i]] for i in chosen])
+            r, rho = _rank_corr(x[idx], y[idx])
+            if not math.isnan(r):
+                pearsons.append(r)
+            if not math.isnan(rho):
+                spearmans.append(rho)
+        tail = (1 - level) / 2 * 100
+        if pearsons:
+            result.pearson_ci = tuple(float(v) for v in np.percentile(pearsons, [tail, 100 - tail]))
+        if spearmans:
+            result.spearman_ci = tuple(float(v) for v in np.percentile(spearmans, [tail, 100 - tail]))
+        result.bootstrap_valid, result.bootstrap_total = len(pearsons), resamples
+    return result
+
+
+def correlations(cells: Sequence[Cell], **options: Any) -> dict[str, Correlation]:
+    """`correlate` for every distillation method with points."""
+    return {method: correlate(method, points, **options) for method, points in sorted(correlation_points(cells).items())}
+
+
+def correlation_markdown(results: dict[str, Correlation]) -> str:
+    """A table of the correlations and fitted lines, with n stated."""
+    if not results:
+        return "No distillation method has finished runs next to random-subset runs: nothing to correlate.\n"
+    lines = ["| method | n points (datasets) | Pearson r [95% CI] | p | Spearman rho [95% CI] | p | fit: distilled ACC = |",
+             "|---|---|---|---|---|---|---|"]
+    for c in results.values():
+        fit = f"{c.fit.intercept:.3f} + {c.fit.slope:.3f} × random ACC" if c.fit else "–"
+        lines.append(f"| {c.method} | {c.n_points} ({c.n_datasets}) | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | {_num(c.pearson_p)} | "
+                     f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {_num(c.spearman_p)} | {fit} |")
+    lines.append("")
+    lines.append("CIs: percentile bootstrap resampling whole datasets (the points of one dataset share its data and are not "
+                 "independent); resamples with a constant side are left out. With few datasets these numbers are not "
+                 "meaningful: read n first.")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _ci(interval: Sequence[float]) -> str:
+    lo, hi = interval
+    return "" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"

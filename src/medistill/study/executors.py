@@ -1,0 +1,118 @@
+"""Executors map a run function over a study's tasks and yield each outcome as it finishes.
+
+They never write: the driver stores what they yield. Registered by name (`local`, `ray`);
+a new backend is one class with `map(function, tasks, env)` and `register_executor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from medistill.errors import ConfigError
+from medistill.study.spec import Task
+from medistill.study.store import new_outcome, record_failure
+
+RunFunction = Callable[[Any, Any], dict[str, Any]]
+
+
+class Executor(Protocol):
+    def map(self, function: RunFunction, tasks: Sequence[Task], env: Any) -> Iterator[dict[str, Any]]:
+        """Call `function(task.spec, env)` for every task; yield the outcomes as they complete."""
+        ...
+
+
+_EXECUTORS: dict[str, Callable[..., Executor]] = {}
+
+
+def register_executor(name: str) -> Callable[[Callable[..., Executor]], Callable[..., Executor]]:
+    """Class decorator: make an executor available under `name`."""
+    def add(factory: Callable[..., Executor]) -> Callable[..., Executor]:
+        if name in _EXECUTORS:
+            raise ValueError(f"executor '{name}' is registered twice")
+        _EXECUTORS[name] = factory
+        return factory
+    return add
+
+
+def list_executors() -> list[str]:
+    return sorted(_EXECUTORS)
+
+
+def create_executor(name: str, **options: Any) -> Executor:
+    """An executor by name, with its options (e.g. `address` for ray)."""
+    if name not in _EXECUTORS:
+        raise ConfigError(f"unknown executor '{name}'; available: {', '.join(list_executors())}")
+    return _EXECUTORS[name](**options)
+
+
+@register_executor("local")
+class LocalExecutor:
+    """One run after another in this process; Ctrl-C stops after the stored runs, which are kept."""
+
+    def map(self, function: RunFunction, tasks: Sequence[Task], env: Any) -> Iterator[dict[str, Any]]:
+        for task in tasks:
+            yield function(task.spec, env)
+
+
+@register_executor("ray")
+class RayExecutor:
+    """Each run a Ray task with the task's fractional `num_cpus`/`num_gpus`.
+
+    With no address a local Ray instance is started (and stopped afterwards); with an address
+    (`auto`, `ray://head:10001`, `head:6379`) the runs go to that cluster. A Ray session this
+    process already holds is used as it is. Workers need medistill installed and the data
+    (data root, npz paths, the study folder for simulation sets) at the same paths.
+    """
+
+    def __init__(self, address: str | None = None, **init_options: Any) -> None:
+        self.address = address
+        self.init_options = init_options
+
+    def map(self, function: RunFunction, tasks: Sequence[Task], env: Any) -> Iterator[dict[str, Any]]:
+        ray = _import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, include_dashboard=False, **self.init_options)
+        try:
+            _check_resources(ray.cluster_resources(), tasks)
+            remote = ray.remote(function)
+            submitted = {remote.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_retries=0).remote(t.spec, env): t for t in tasks}
+            pending = list(submitted)
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    for ref in done:
+                        yield _result(ray, ref, submitted[ref])
+            finally:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _result(ray: Any, ref: Any, task: Task) -> dict[str, Any]:
+    """The task's outcome; a Ray-level failure (worker died, out of memory) becomes a failed run."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        spec = task.spec
+        return record_failure(new_outcome(spec.key, spec.to_dict(), spec.dataset_label), exc)
+
+
+def _check_resources(available: dict[str, float], tasks: Sequence[Task]) -> None:
+    """Refuse tasks the cluster can never schedule (Ray would wait for them forever)."""
+    for resource, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = max(getattr(t, attr) for t in tasks)
+        have = available.get(resource, 0.0)
+        if need > have:
+            raise ConfigError(f"each run asks for {need:g} {resource} but the Ray cluster has {have:g}; "
+                              f"lower executor.resources.{attr} in the study config")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'medistill[ray]'") from None
+    return ray

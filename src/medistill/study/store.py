@@ -1,0 +1,109 @@
+"""The results store of a study folder: one JSON per run, artifacts beside it, written by the driver only.
+
+Layout::
+
+    DIR/study.json             the config, where it came from, the run keys
+    DIR/runs/<key>.json        one run: its spec, status ("ok" or "failed"), result or error
+    DIR/runs/<key>/            its files (grid.png, synthetic.safetensors)
+    DIR/simulations/           simulation sets built for the study
+
+Every file is written to a temporary name and renamed, and a run's JSON is written after its
+files: a run whose JSON exists is complete, whatever killed the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+from medistill.errors import DataError
+
+OK = "ok"
+FAILED = "failed"
+STUDY_FILE = "study.json"
+
+
+def new_outcome(key: str, spec: dict[str, Any], dataset_label: str) -> dict[str, Any]:
+    """The common part of a run's record, before it has a result or an error."""
+    return {"key": key, "spec": spec, "dataset_label": dataset_label, "host": socket.gethostname(), "started": time.time()}
+
+
+def record_failure(outcome: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """Mark an outcome failed with the exception's type, message and a short traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8))
+    outcome.update(status=FAILED, error={"type": type(exc).__name__, "message": str(exc), "traceback": tb})
+    return outcome
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+class ResultStore:
+    """One study folder's runs, keyed by `RunSpec.key`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+
+    def record_path(self, key: str) -> Path:
+        return self.runs_dir / f"{key}.json"
+
+    def artifact_dir(self, key: str) -> Path:
+        return self.runs_dir / key
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The stored record of a run, or None when it has not finished."""
+        path = self.record_path(key)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); delete it to run that run again") from None
+
+    def status(self, key: str) -> str | None:
+        """"ok", "failed", or None when the run has no record."""
+        record = self.load(key)
+        return record["status"] if record else None
+
+    def write(self, outcome: dict[str, Any]) -> Path:
+        """Store a run's outcome: its files first, then its JSON (without the file bytes)."""
+        key = outcome["key"]
+        files: dict[str, bytes] = outcome.get("files") or {}
+        for name, data in files.items():
+            atomic_write(self.artifact_dir(key) / name, data)
+        record = {k: v for k, v in outcome.items() if k != "files"}
+        record["files"] = sorted(files)
+        path = self.record_path(key)
+        atomic_write(path, (json.dumps(record, indent=2, default=str, allow_nan=True) + "\n").encode())
+        return path
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every stored run record, in key order."""
+        if not self.runs_dir.is_dir():
+            return
+        for path in sorted(self.runs_dir.glob("*.json")):
+            record = self.load(path.stem)
+            if record is not None:
+                yield record
+
+    def write_study(self, description: dict[str, Any]) -> Path:
+        path = self.root / STUDY_FILE
+        atomic_write(path, (json.dumps(description, indent=2, default=str) + "\n").encode())
+        return path
+
+    def read_study(self) -> dict[str, Any]:
+        path = self.root / STUDY_FILE
+        if not path.exists():
+            raise DataError(f"{self.root} is not a study folder (no {STUDY_FILE}); run `medistill study CONFIG --out {self.root}` first")
+        return json.loads(path.read_text())
