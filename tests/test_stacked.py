@@ -71,6 +71,15 @@ def test_vmap_backend_matches_sequential(model: str, backend: str | None) -> Non
     assert max_weight_difference(stacked, sequential) < WEIGHT_TOL
 
 
+def test_bf16_autocast_is_applied_the_same_way_in_both_paths() -> None:
+    dataset = tiny_dataset(MULTI_CLASS)
+    bf16 = TrainProtocol(epochs=3, batch_size=4, augment=DEFAULT_STRATEGY, bf16=True)
+    stacked, sequential = train_both(dataset, bf16, 2)
+    assert max_weight_difference(stacked, sequential) < WEIGHT_TOL
+    fp32, _ = train_both(dataset, TrainProtocol(epochs=3, batch_size=4, augment=DEFAULT_STRATEGY), 2)
+    assert max_weight_difference(stacked, fp32) > 1e-4  # bf16 rounding really happened
+
+
 def test_grouped_and_vmap_forward_agree_with_the_models() -> None:
     dataset = tiny_dataset(MULTI_CLASS)
     models = [train_model(dataset.train.images, dataset.train.labels, dataset, TrainProtocol(epochs=1), seed=s) for s in (1, 2)]

@@ -25,6 +25,7 @@ from medistill.progress import progress_bar
 from medistill.train.metrics import Scores, predict_scores, score
 from medistill.train.stacked import (
     ModelStream,
+    autocast,
     init_model,
     make_augment,
     protocol_can_stack,
@@ -45,6 +46,7 @@ class TrainProtocol:
     batch_size: int = 256
     augment: str | None = None  # a DSA strategy, e.g. "color_crop_cutout_flip_scale_rotate"
     model: str = "convnet"
+    bf16: bool = False  # bf16 autocast for forward and loss: opt-in speed-up, not the reference protocol
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -95,7 +97,9 @@ def train_model(
         order = stream.epoch_order(n).to(device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
-            loss = criterion(model(stream.augment_batch(images[idx])), labels[idx])
+            x = stream.augment_batch(images[idx])
+            with autocast(device, protocol):
+                loss = criterion(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -74,6 +74,11 @@ def init_model(protocol: TrainProtocol, dataset: Dataset, seed: int, device: tor
     return create_model(protocol.model, dataset.channels, dataset.num_classes, dataset.image_size).to(device)
 
 
+def autocast(device: torch.device, protocol: TrainProtocol) -> torch.autocast:
+    """bf16 autocast when the protocol asks for it (a no-op context otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=protocol.bf16)
+
+
 def can_stack(model: nn.Module) -> bool:
     """Whether K copies of the model can be trained stacked: no buffers (batch norm) and no dropout."""
     has_buffers = next(model.buffers(), None) is not None
@@ -251,7 +256,8 @@ def train_stacked(
             x = images[idx]
             if augment is not None:
                 x = torch.stack([stream.augment_batch(x[k]) for k, stream in enumerate(streams)])
-            loss = stacked_loss(stack(x), labels[idx], dataset.task)
+            with autocast(device, protocol):
+                loss = stacked_loss(stack(x), labels[idx], dataset.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,1 @@
+"""Speed benchmarks that write JSON (`python -m benchmarks.run --out bench.json`)."""
