@@ -183,12 +183,15 @@ def audit_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {name} | {_row(stats)} |" for name, stats in rows]
     ref = report.get("reference_held_out")
     if ref:
-        lines += ["", f"For scale, {ref['images']} held-out real test images (other patients) against the same training set: "
-                      f"median SSIM {ref['ssim']['median']:.3f}, median RMS distance {ref['l2_rms']['median']:.3f}; "
+        lines += ["", f"For scale, {ref['images']} held-out real test images (not in the training split) against the same "
+                      f"training set: median SSIM {ref['ssim']['median']:.3f}, median RMS distance {ref['l2_rms']['median']:.3f}; "
                       f"{ref['near_copies']} of them ({ref['near_copy_fraction']:.1%}) meet the near-copy rule."]
+        if ref["near_copies"]:
+            lines[-1] += (" The dataset's own splits share near-duplicate images, so the membership attacks' non-members "
+                          "include near-copies of members (which lowers every attack's AUC).")
     if n.get("worst_cases_png"):
         lines += ["", f"Worst cases: `{n['worst_cases_png']}` (rows by SSIM, highest first; columns: synthetic | "
-                      "nearest real by SSIM | nearest real by L2)."]
+                      "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site."]
     lines += ["", *_membership_markdown(report.get("membership"))]
     return "\n".join(lines).rstrip() + "\n"
 

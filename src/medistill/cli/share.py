@@ -1,0 +1,87 @@
+"""Share commands: audit a set before sending it, export it as a bundle, train on a bundle where it arrives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from medistill.artifact import SyntheticSet
+from medistill.bundle import export_bundle, train_on_bundle
+from medistill.cli import app
+from medistill.cli.options import DataRoot, Device, Progress, Seed
+from medistill.privacy.audit import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
+from medistill.runtime import resolve_device
+
+EXIT_AUDIT_FAILED = 1
+
+
+def _say(enabled: bool) -> Callable[[str], None]:
+    return (lambda message: typer.echo(message, err=True)) if enabled else (lambda message: None)
+
+
+@app.command()
+def audit(
+    artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json, audit.md, worst_cases.png (default: audit/ beside the artifact)."),
+    data_root: Optional[Path] = DataRoot,
+    device: str = Device,
+    ssim_threshold: float = typer.Option(AuditConfig.ssim_threshold, "--ssim-threshold", help="Flag a synthetic image whose most similar real image has at least this SSIM."),
+    l2_threshold: float = typer.Option(AuditConfig.l2_threshold, "--l2-threshold", help="Flag a synthetic image within this RMS pixel distance (L2 / sqrt(pixels), pixels in [0,1]) of a real one."),
+    mia: bool = typer.Option(True, "--mia/--no-mia", help="Run membership inference (trains target and shadow networks)."),
+    mia_epochs: Optional[int] = typer.Option(None, "--mia-epochs", help="Epochs for every attacked and shadow network (default: each one's reference protocol)."),
+    lira_shadows: int = typer.Option(AuditConfig.lira_shadows, "--lira-shadows", help="Shadow models of the offline LiRA attack (even; 0 skips it)."),
+    attack_model: str = typer.Option(AuditConfig.mia_model, "--attack-model", help="Architecture of the attacked and shadow networks."),
+    feature_epochs: int = typer.Option(AuditConfig.feature_epochs, "--feature-epochs", help="Epochs of the feature network for cosine similarity (0 skips it)."),
+    seed: int = Seed,
+    progress: bool = Progress,
+) -> None:
+    """Check a set before sharing: nearest real neighbours (L2, SSIM, features) and membership inference.
+
+    Exits 1 when near-copies of real images are found, so scripts can stop an export.
+    """
+    config = AuditConfig(ssim_threshold=ssim_threshold, l2_threshold=l2_threshold, mia=mia, mia_epochs=mia_epochs,
+                         lira_shadows=lira_shadows, mia_model=attack_model, feature_epochs=feature_epochs, seed=seed)
+    report, folder = run_audit(artifact, out, config, data_root=data_root, device=resolve_device(device), log=_say(progress))
+    typer.echo(audit_markdown(report))
+    typer.echo(f"written: {folder / AUDIT_JSON}, {folder / AUDIT_MD}; summary stored in the artifact")
+    if not report["passed"]:
+        raise typer.Exit(EXIT_AUDIT_FAILED)
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write (new, empty, or an earlier bundle)."),
+) -> None:
+    """Write a shareable bundle: the set (safetensors + MedMNIST-style npz), a dataset card and a PNG grid."""
+    synthetic = SyntheticSet.load(artifact)
+    folder = export_bundle(synthetic, out)
+    typer.echo(f"bundle of {len(synthetic)} synthetic images ({synthetic.method}) written to {folder}")
+    if "audit" not in synthetic.extra:
+        typer.echo("warning: this set has not been audited; run `medistill audit` on it before sharing the bundle", err=True)
+
+
+@app.command()
+def train(
+    bundle: Path = typer.Argument(..., help="A bundle folder written by `medistill export`."),
+    model: str = typer.Option("convnet", "--model", help="Architecture to train (see the model zoo)."),
+    out: Path = typer.Option(Path("model.pt"), "--out", help="Where to save the trained model (state_dict + metadata)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Your labelled data (npz with MedMNIST array names, MedMNIST flag or image folder); scored on its test split."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the bundle's recommended epochs."),
+    data_root: Optional[Path] = DataRoot,
+    device: str = Device,
+    seed: int = Seed,
+    progress: bool = Progress,
+) -> None:
+    """Train a model on a received bundle with its recommended protocol; score it on your own data if given."""
+    result = train_on_bundle(bundle, model, out, eval_data, epochs=epochs, seed=seed, device=resolve_device(device),
+                             data_root=data_root, progress=progress)
+    protocol = result["protocol"]
+    typer.echo(f"{result['model_path']}: {model} trained on {result['train_images']} synthetic images "
+               f"({protocol['epochs']} epochs, lr {protocol['lr']:g}, augmentation {protocol['augment'] or 'none'})")
+    evaluation = result["eval"]
+    if evaluation is not None:
+        typer.echo(f"test ACC {evaluation['test_acc']:.4f} AUC {evaluation['test_auc']:.4f} on {evaluation['data']} "
+                   f"({evaluation['images']} test images)")
