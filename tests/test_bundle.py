@@ -112,3 +112,13 @@ def test_a_tampered_or_foreign_bundle_is_refused(dc_set, tmp_path) -> None:
         load_bundle(bundle)
     with pytest.raises(DataError, match="not a medistill bundle"):
         load_bundle(tmp_path)
+
+
+def test_eval_data_of_another_task_is_refused(dc_set, tmp_path) -> None:
+    from medistill.data import write_npz_dataset
+
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), np.array([0, 1, 2, 0, 1, 2]).reshape(-1, 1)) for s in ("train", "val", "test")}
+    other = write_npz_dataset(tmp_path / "three_classes.npz", arrays, task="multi-class", label_names=["a", "b", "c"])
+    with pytest.raises(DataError, match="3 classes"):
+        receiving_test_split(dc_set, other, None, "cpu")

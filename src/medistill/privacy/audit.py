@@ -54,6 +54,8 @@ class AuditConfig:
         for name in ("feature_epochs", "reference_images", "worst", "lira_shadows"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
+        if self.lira_shadows % 2:
+            raise ConfigError(f"LiRA shadow models come in pairs on complementary halves: give an even number, got {self.lira_shadows}")
         if self.mia_epochs is not None and self.mia_epochs < 1:
             raise ConfigError(f"membership-inference epochs must be at least 1, got {self.mia_epochs}")
         if self.batch_elements < 1:
