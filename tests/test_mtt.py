@@ -145,3 +145,11 @@ def test_bad_settings_are_refused(breast, buffer_root: Path) -> None:
         distill("mtt", breast, 1, {"unroll": "magic"})
     with pytest.raises(ConfigError, match="IPC"):
         distill("mtt", breast, 1000, tiny(buffer_root))
+
+
+def test_badly_scaled_setups_are_reported(breast, buffer_root: Path) -> None:
+    messages: list[str] = []
+    config = tiny(buffer_root, iterations=20, syn_steps=8, syn_lr_init=0.05, lr_lr=1e-3, augment=None)
+    result = distill("mtt", breast, 1, config, context=RunContext(log=messages.append))
+    assert sum(result.extra["loss"][:20]) / 20 > 2 or result.extra["syn_lr_clamps"] > 10
+    assert any(m.startswith("warning: ") and ("student moves much further" in m or "clamped" in m) for m in messages)

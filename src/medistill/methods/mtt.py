@@ -54,7 +54,8 @@ class MTTConfig:
     max_start_epoch: int = 10  # start epoch uniform in [0, max_start_epoch)
     lr_img: float = 100.0
     lr_lr: float = 1e-5
-    lr_teacher: float = 0.01  # experts' lr and syn_lr's initial value
+    lr_teacher: float = 0.01  # the experts' lr
+    syn_lr_init: float | None = None  # syn_lr's initial value (None: lr_teacher, as the reference)
     momentum: float = 0.5
     min_syn_lr: float = 1e-4  # syn_lr is clamped to at least this
     batch_syn: int | None = None  # synthetic minibatch per student step (None: the whole set)
@@ -84,6 +85,8 @@ class MTTConfig:
                 raise ConfigError(f"mtt setting {name} must be at least 1, got {value}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
+        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init >= self.min_syn_lr):
+            raise ConfigError(f"mtt setting syn_lr_init must be a number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
         for name in ("lr_img", "lr_teacher", "min_syn_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -209,7 +212,8 @@ class MTTDistiller:
         real = dataset.train.images[idx]
         self.images = (real if self.zca is None else self.zca.whiten(real)).detach().clone().requires_grad_(True)
         self.labels = dataset.train.labels[idx].clone()
-        self.syn_lr = torch.tensor(config.lr_teacher, device=device, dtype=self.images.dtype, requires_grad=True)
+        syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
+        self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)
         self.augment = DiffAugment(config.augment) if config.augment else None
@@ -271,6 +275,22 @@ class MTTDistiller:
             tracker.history = list(state["eval_history"])
 
 
+HEALTH_CHECK_AT = 20
+
+
+def health_warnings(distiller: MTTDistiller) -> list[str]:
+    """Signs of a badly scaled setup in the first iterations: the student overshoots, or syn_lr sits on its floor."""
+    warnings = []
+    losses = distiller.losses
+    if losses and sum(losses) / len(losses) > 2:
+        warnings.append(f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
+                        "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs")
+    if distiller.lr_clamps > len(losses) // 2:
+        warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {distiller.lr_clamps} of {len(losses)} iterations; "
+                        "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
+    return warnings
+
+
 def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> SyntheticSet:
     """Distil `dataset` to `ipc` images per class by trajectory matching."""
     distiller = MTTDistiller(dataset, ipc, config, context)
@@ -293,6 +313,9 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
             if it % config.checkpoint_every == 0 or it == config.iterations:
                 checkpoint.save(distiller.state(tracker))
             bar.advance(1, loss=loss, lr=distiller.syn_lr.item())
+            if it == HEALTH_CHECK_AT:
+                for warning in health_warnings(distiller):
+                    context.log(warning)
     images = distiller.output_images()
     if not torch.isfinite(images).all():
         raise DivergenceError("MTT produced non-finite images; the set is not usable")

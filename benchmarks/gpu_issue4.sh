@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Issue 4 (MTT) "Must show" on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+#
+#   A. expert buffers, alone on the GPU: BreastMNIST and the unofficial PneumoniaMNIST subset, with the
+#      settings of configs/mtt-28-ipc*.yaml (so the MTT runs reuse them): time and size on disk
+#      (buffer_breast.json, buffer_pneumonia.json).
+#   B. memory benchmark, alone: s/iteration and peak CUDA memory vs syn_steps 10,20,40,80, plain unroll
+#      vs bounded memory, IPC 10 and 50 (mtt_memory.json).
+#   C. accuracy, every run at once as its own process (launch-bound runs share the GPU well): MTT at
+#      IPC 1 and 10 with the presets, the random subset at the same IPCs, and DC when it is registered,
+#      on both datasets; 5 evaluation networks, 1000 epochs with DSA (MTT; random also gets its own
+#      reference, 300 epochs without augmentation, in test_acc_*, and MTT's protocol in dsa_eval) /
+#      DC's reference.
+#      MTT iterations are cut where phase B's s/iteration says the preset's would not fit
+#      DISTILL_BUDGET seconds under SLOWDOWN-fold sharing (the iterations used are in grid.json).
+#
+# The device machine gets the repo only: copy the data and the medmnist wheel into ignored folders
+# and carry them, e.g. here:
+#   echo /.gpu_carry/ >> .git/info/exclude; mkdir -p .gpu_carry/data && cp -r ../shared/data/* .gpu_carry/data/
+#   .venv/bin/pip download --no-deps -d .gpu_carry/whl medmnist==3.0.2
+# then run (carry [".gpu_carry"]): bash benchmarks/gpu_issue4.sh
+# Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_issue4.sh
+set -u
+OUT=${OUT:-runs/gpu_issue4}
+DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+DEADLINE=${DEADLINE:-570}  # seconds: nothing is started that could run past this
+DISTILL_BUDGET=${DISTILL_BUDGET:-240}
+SLOWDOWN=${SLOWDOWN:-4}
+RUNS=${RUNS:-/tmp/issue4_runs}
+EXPERTS=${EXPERTS:-/tmp/issue4_experts}
+EVAL_ARGS=${EVAL_ARGS:---eval-models 5}
+BENCH_ARGS=${BENCH_ARGS:-}
+if [ -n "${QUICK:-}" ]; then  # CPU smoke test: tiny everything
+  EVAL_ARGS="--eval-models 1 --eval-epochs 2"; BENCH_ARGS="--syn-steps 2 --ipcs 1 --iterations 1 --width 16"
+  QUICK_SET="--set iterations=2 --set num_experts=2 --set eval_every=0 --set model_kwargs={width:16}"; DISTILL_BUDGET=60
+fi
+mkdir -p "$OUT" "$RUNS" "$EXPERTS"
+if [ -d .gpu_carry/whl ] && ! $PY -c "import medmnist" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MEDISTILL_DATA="$DATA_DIR/medmnist"
+PNEUMONIA="$DATA_DIR/unofficial/pneumoniamnist_balanced.npz"
+LOG="$OUT/logs.txt"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+left() { echo $(( DEADLINE - SECONDS )); }
+setting() { $PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
+
+# A. expert buffers (the presets share one buffer setting; read it from the IPC 1 preset)
+PRESET=configs/mtt-28-ipc1.yaml
+E=$(setting $PRESET num_experts); T=$(setting $PRESET buffer_epochs); B=$(setting $PRESET expert_batch)
+[ -n "${QUICK:-}" ] && E=2
+for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
+  ds=${pair%%:*}; tag=${pair##*:}
+  extra=""; [ -n "${QUICK:-}" ] && extra="--model-arg width=16"
+  timeout 120 $PY -m medistill experts "$ds" --num-experts "$E" --epochs "$T" --batch-size "$B" --out "$EXPERTS" \
+    --device "$DEVICE" --no-progress --json "$OUT/buffer_$tag.json" $extra >> "$LOG" 2>&1 || echo "experts $tag: exit $?" >> "$LOG"
+done
+
+# B. memory benchmark, alone on the GPU
+limit=$(( $(left) - DISTILL_BUDGET - 120 )); [ "$limit" -gt 200 ] && limit=200
+if [ "$limit" -ge 30 ]; then
+  timeout "$limit" $PY benchmarks/mtt_memory.py --device "$DEVICE" --out "$OUT/mtt_memory.json" --buffer-root "$EXPERTS/bench" $BENCH_ARGS \
+    > /dev/null 2>> "$LOG" || echo "mtt_memory: exit $?" >> "$LOG"
+else
+  echo "mtt_memory: skipped, no time left" >> "$LOG"
+fi
+
+# C. accuracy, all runs at once
+$PY - "$OUT/mtt_memory.json" "$DISTILL_BUDGET" "$SLOWDOWN" > "$RUNS/plan.txt" <<'EOF'
+import json, sys, yaml
+budget, slowdown = float(sys.argv[2]), float(sys.argv[3])
+try:
+    cases = json.load(open(sys.argv[1]))["results"]
+except (OSError, ValueError, KeyError):
+    cases = []
+for ipc in (1, 10):
+    preset = yaml.safe_load(open(f"configs/mtt-28-ipc{ipc}.yaml"))
+    steps, unroll = preset["syn_steps"], preset.get("unroll", "plain")
+    # s/iteration at IPC 10 (an upper bound for IPC 1), scaled linearly to the preset's syn_steps
+    known = [c["seconds_per_iteration"] * steps / c["syn_steps"] for c in cases
+             if c.get("seconds_per_iteration") and c["ipc"] == 10 and c["unroll"] == unroll]
+    per_it = min(known) if known else 0.5
+    print(ipc, max(20, min(preset["iterations"], int(budget / (per_it * slowdown)))))
+EOF
+cat "$RUNS/plan.txt" >> "$LOG"
+HAS_DC=$($PY -m medistill methods 2>/dev/null | grep -qw dc && echo 1 || echo "")
+job() {  # dataset tag method ipc [args...]
+  local ds=$1 tag=$2 method=$3 ipc=$4; shift 4
+  local dir="$RUNS/${tag}_${method}_${ipc}"
+  timeout $(( DISTILL_BUDGET + 150 )) $PY -m medistill distill "$ds" -m "$method" --ipc "$ipc" --out "$dir" --device "$DEVICE" \
+    $EVAL_ARGS --seed 0 --no-progress "$@" > "$dir.log" 2>&1
+  if [ "$method" = random ]; then  # also score it with MTT's protocol (DSA, 1000 epochs)
+    timeout 150 $PY -m medistill evaluate "$dir" --augment --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress \
+      --out "$dir/dsa_eval.json" >> "$dir.log" 2>&1
+  fi
+}
+for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
+  ds=${pair%%:*}; tag=${pair##*:}
+  while read -r ipc its; do
+    job "$ds" "$tag" mtt "$ipc" --config "configs/mtt-28-ipc$ipc.yaml" --set "buffer_root=$EXPERTS" --set "iterations=$its" ${QUICK_SET:-} &
+    job "$ds" "$tag" random "$ipc" &
+    if [ -n "$HAS_DC" ]; then
+      dc_its=200; [ "$ipc" = 10 ] && dc_its=20; [ -n "${QUICK:-}" ] && dc_its=1
+      job "$ds" "$tag" dc "$ipc" --config configs/dc.yaml --set "iterations=$dc_its" &
+    fi
+  done < "$RUNS/plan.txt"
+done
+wait
+$PY - "$RUNS" > "$OUT/grid.json" <<'EOF'
+import json, pathlib, sys
+rows = []
+for result in sorted(pathlib.Path(sys.argv[1]).glob("*/result.json")):
+    r = json.loads(result.read_text())
+    row = {k: r.get(k) for k in ("dataset", "method", "ipc", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std",
+                                 "test_acc", "learned_lr", "distill_seconds", "eval_seconds", "eval_protocol")}
+    h = r.get("hyperparameters", {})
+    row["iterations"] = h.get("iterations")
+    art = result.parent / "synthetic.safetensors"
+    if r.get("method") == "mtt" and art.exists():
+        from medistill.artifact import SyntheticSet
+        s = SyntheticSet.load(art)
+        loss = s.extra.get("loss", [])
+        k = max(1, len(loss) // 10)
+        row.update(syn_lr_clamps=s.extra.get("syn_lr_clamps"), loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
+                   eval_points=s.metrics.get("eval_points"), best=s.metrics.get("best"), last=s.metrics.get("last"))
+    dsa = result.parent / "dsa_eval.json"
+    if dsa.exists():
+        row["dsa_eval"] = json.loads(dsa.read_text())
+    rows.append(row)
+print(json.dumps({"runs": rows}, indent=1))
+EOF
+for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -4; done >> "$LOG"
+echo "done in $SECONDS s" >> "$LOG"
