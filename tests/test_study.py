@@ -257,3 +257,11 @@ def test_simulation_sets_are_built_first_and_run_like_any_dataset(tiny_data, tmp
     (record,) = ResultStore(tmp_path).records()
     assert record["dataset_label"] == "mix" and record["result"]["source"]["path"] == str(built)
     assert [s["name"] for s in record["result"]["source"]["provenance"]["sources"]] == ["breast_small", "pneumonia_small"]
+
+
+@pytest.mark.parametrize("name", ["quick", "paper-per-dataset", "paper-simulation"])
+def test_presets_parse_against_the_registered_methods(name):
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert study.runs and {r.method for r in study.runs} >= {"random", "full"}
+    if name == "quick":
+        assert study.data_root.is_dir() and all(Path(r.dataset).is_file() for r in study.runs if r.dataset.endswith(".npz"))

@@ -13,7 +13,7 @@ from medistill.cli.options import DataRoot, Seed
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
 from medistill.study.predict import predict as predict_accuracy
-from medistill.study.report import write_report
+from medistill.study.report import console_summary, write_report
 from medistill.study.runner import run_study
 from medistill.study.simulation import SimulationRecipe, build_simulation
 from medistill.study.spec import load_study, resolve_path_ref
@@ -44,7 +44,7 @@ def study(
                    + ("" if retry_failed else " (rerun with --retry-failed to try them again)"))
     if report:
         path = write_report(out)
-        typer.echo((path.parent / "tables" / "acc.md").read_text())
+        typer.echo(console_summary(out))
         typer.echo(f"report: {path} and {path.parent / 'index.html'}")
 
 

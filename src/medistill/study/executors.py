@@ -72,7 +72,11 @@ class RayExecutor:
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.address, include_dashboard=False, **self.init_options)
+            try:
+                ray.init(address=self.address, include_dashboard=False, **self.init_options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                raise ConfigError(f"cannot start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         try:
             _check_resources(ray.cluster_resources(), tasks)
             remote = ray.remote(function)

@@ -116,7 +116,7 @@ def fit_predictor(study_dir: str | Path) -> Predictor:
     """Fit one line per distillation method from a study folder's finished runs."""
     store = ResultStore(study_dir)
     study = store.read_study()
-    records = list(store.records())
+    records = store.study_records()
     cells = cells_from_records(records)
     points = correlation_points(cells)
     fits = {m: LinearFit.fit([p.x for p in pts], [p.y for p in pts]) for m, pts in points.items() if len({p.x for p in pts}) >= 2}
@@ -172,5 +172,5 @@ def predict(dataset: str, ipc: int, study_dir: str | Path, *, data_root: str | P
         notes.append(f"{label} is one of the study's datasets: the prediction is in-sample")
     fitted_ipcs = sorted({p.ipc for pts in predictor.points.values() for p in pts})
     if ipc not in fitted_ipcs:
-        notes.append(f"IPC {ipc} is not among the study's IPCs ({', '.join(map(str, fitted_ipcs))}): the line is extrapolated")
+        notes.append(f"the relation was fitted at IPC {', '.join(map(str, fitted_ipcs))}, not at IPC {ipc}")
     return Prediction(label, ipc, x, float(np.std(accs)), run_seeds, methods, in_study, notes)

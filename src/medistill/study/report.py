@@ -38,8 +38,7 @@ def write_report(study_dir: str | Path) -> Path:
     root = Path(study_dir)
     store = ResultStore(root)
     study = store.read_study()
-    order = {key: i for i, key in enumerate(study.get("runs", []))}
-    records = sorted((r for r in store.records() if not order or r["key"] in order), key=lambda r: order.get(r["key"], 0))
+    records = store.study_records()
     cells = cells_from_records(records)
     corr = correlations(cells)
     lodo = {m: leave_one_dataset_out(m, c.points) for m, c in corr.items()}
@@ -61,6 +60,16 @@ def write_report(study_dir: str | Path) -> Path:
     _write(root / "report.md", report_markdown(study, records, cells, corr, lodo, plots, grids))
     _write(root / "index.html", report_html(study, records, cells, corr, lodo, plots, grids))
     return root / "report.md"
+
+
+def console_summary(study_dir: str | Path) -> str:
+    """The ACC tables, the correlation and the predictor's error as plain text (no links), for the terminal."""
+    store = ResultStore(study_dir)
+    cells = cells_from_records(store.study_records())
+    corr = correlations(cells)
+    lodo = {m: leave_one_dataset_out(m, c.points) for m, c in corr.items()}
+    return "\n".join([markdown_tables(cells, "acc", None), "Random subset vs distilled ACC:", "", correlation_markdown(corr),
+                      "Predictor, leave-one-dataset-out error:", "", lodo_markdown(lodo)])
 
 
 def lodo_markdown(lodo: dict[str, LodoError]) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from medistill.data import load_dataset
 from medistill.data.dataset import Dataset
+from medistill.errors import MedistillError
 from medistill.pipeline import RESULT_NAME, run_job
 from medistill.runtime import resolve_device, seed_everything
 from medistill.study.executors import create_executor
@@ -91,12 +92,18 @@ def execute(spec: RunSpec, env: RunEnv) -> dict[str, Any]:
 
 
 def build_simulations(study: StudySpec, study_dir: Path, data_root: str | Path | None, log: Callable[[str], None]) -> None:
-    """Build the study's simulation sets that are not in the study folder yet."""
+    """Build the study's simulation sets that are not in the study folder yet.
+
+    A set that cannot be built is reported and skipped: its runs then fail (recorded), the others go on.
+    """
     for name, recipe in study.simulations.items():
         path = simulation_file(simulation_ref(name, recipe), study_dir)
         if not path.exists():
             log(f"building simulation set '{name}' -> {path}")
-            build_simulation(recipe, path, root=data_root)
+            try:
+                build_simulation(recipe, path, root=data_root)
+            except MedistillError as exc:
+                log(f"could not build simulation set '{name}': {exc}")
 
 
 def run_study(

@@ -97,6 +97,11 @@ class ResultStore:
             if record is not None:
                 yield record
 
+    def study_records(self) -> list[dict[str, Any]]:
+        """The records of the runs `study.json` lists, in its order (runs of an earlier config left out)."""
+        order = {key: i for i, key in enumerate(self.read_study().get("runs", []))}
+        return sorted((r for r in self.records() if r["key"] in order), key=lambda r: order[r["key"]])
+
     def write_study(self, description: dict[str, Any]) -> Path:
         path = self.root / STUDY_FILE
         atomic_write(path, (json.dumps(description, indent=2, default=str) + "\n").encode())
