@@ -103,3 +103,24 @@ def test_runs_on_breastmnist(breast) -> None:
     result = distill("dm", breast, 10, {"iterations": 2, "batch_real": 16}, context=RunContext(seed=0))
     assert result.images.shape == (20, 1, 28, 28)
     assert torch.isfinite(result.images).all()
+
+
+def test_tensorboard_logs_or_says_what_is_missing(tmp_path) -> None:
+    settings = {"iterations": 2, "checkpoint_every": 1, "batch_real": 4, "tensorboard": str(tmp_path / "tb")}
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            distill("dm", tiny_dataset(), 1, settings)
+        return
+    distill("dm", tiny_dataset(), 1, settings)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_demo_settings_are_valid_settings() -> None:
+    from medistill.methods import get_method, make_config
+
+    for name in ("dm", "dc"):
+        spec = get_method(name)
+        assert spec.demo_rank is not None
+        make_config(spec, spec.demo_settings)

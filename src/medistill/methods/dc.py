@@ -103,7 +103,7 @@ class GradientMatching:
     """One DC/DSA run's state: data on the device, the network, the sampler and the distance."""
 
     def __init__(self, dataset: Dataset, ipc: int, config: DCConfig, outer: int, inner: int) -> None:
-        self.dataset, self.ipc, self.config = dataset, ipc, config
+        self.ipc, self.config = ipc, config
         self.outer, self.inner = outer, inner
         self.device = dataset.device
         self.num_classes = dataset.num_classes
@@ -214,6 +214,9 @@ DC_SPEC = register_method(
         summary="gradient matching (DC, Zhao et al. 2021)",
         eval_augment=None,
         supports_multilabel=False,
+        # same demo measurement: 0.747 / 0.775 in 126 s, behind DM
+        demo_rank=20,
+        demo_settings={"iterations": 20, "batch_real": 64, "outer_loop": 5, "inner_loop": 10},
     )
 )
 

@@ -50,6 +50,7 @@ class PixelConfig:
     checkpoint_every: int = 10
     bf16: bool = False  # bf16 autocast for the network passes
     compile: bool = False  # torch.compile the first-order network passes
+    tensorboard: str | None = None  # a log folder for loss, evaluation points and image grids (needs tensorboard)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -160,6 +161,17 @@ def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     return torch.compile(fn) if enabled else fn
 
 
+def open_tensorboard(directory: str | None) -> Any:
+    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing."""
+    if directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("TensorBoard logging needs the 'tensorboard' package: pip install tensorboard") from None
+    return SummaryWriter(str(directory))
+
+
 Step = Callable[[Tensor, torch.optim.Optimizer, IterationRandom], Tensor]
 
 
@@ -197,33 +209,45 @@ def run_pixel_loop(
         if tracker is not None:
             tracker.history = list(state["eval_history"])
         context.log(f"{method}: resuming after iteration {start} of {config.iterations}")
+    board = open_tensorboard(config.tensorboard)
     pending: list[Tensor] = []
     seconds: list[float] = []  # per iteration run by this call (exact on an accelerator only when each one syncs)
     total = config.iterations
-    with progress_bar(total, f"{method} ipc={ipc}", context.progress) as bar:
-        bar.advance(start)
-        for iteration in range(start, total):
-            tick = time.perf_counter()
-            pending.append(step(images, optimizer, IterationRandom.for_iteration(context.seed, iteration, device)).detach())
-            done = iteration + 1
-            save = done % config.checkpoint_every == 0 or done == total
-            status: dict[str, Any] = {}
-            if save or (tracker is not None and tracker.due(done, total)):
-                losses.extend(torch.stack(pending).float().cpu().tolist())
-                pending.clear()
-                status["loss"] = losses[-1]
-            seconds.append(time.perf_counter() - tick)
-            if tracker is not None and tracker.due(done, total):
-                status["acc"] = tracker.run(done, images, labels)["acc_mean"]
-            if save:
-                checkpoint.save({
-                    "images": images.detach().cpu(),
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": done,
-                    "losses": losses,
-                    "eval_history": tracker.history if tracker is not None else [],
-                })
-            bar.advance(**status)
+    try:
+        with progress_bar(total, f"{method} ipc={ipc}", context.progress) as bar:
+            bar.advance(start)
+            for iteration in range(start, total):
+                tick = time.perf_counter()
+                pending.append(step(images, optimizer, IterationRandom.for_iteration(context.seed, iteration, device)).detach())
+                done = iteration + 1
+                save = done % config.checkpoint_every == 0 or done == total
+                status: dict[str, Any] = {}
+                if save or (tracker is not None and tracker.due(done, total)):
+                    losses.extend(torch.stack(pending).float().cpu().tolist())
+                    if board is not None:
+                        for index in range(done - len(pending), done):
+                            board.add_scalar("loss", losses[index], index + 1)
+                    pending.clear()
+                    status["loss"] = losses[-1]
+                seconds.append(time.perf_counter() - tick)
+                if tracker is not None and tracker.due(done, total):
+                    status["acc"] = tracker.run(done, images, labels)["acc_mean"]
+                    if board is not None:
+                        board.add_scalar("eval/acc", status["acc"], done)
+                if save:
+                    checkpoint.save({
+                        "images": images.detach().cpu(),
+                        "optimizer": optimizer.state_dict(),
+                        "iteration": done,
+                        "losses": losses,
+                        "eval_history": tracker.history if tracker is not None else [],
+                    })
+                    if board is not None:
+                        board.add_images("synthetic", dataset.denormalize(images.detach()), done)
+                bar.advance(**status)
+    finally:
+        if board is not None:
+            board.close()
     metrics: dict[str, Any] = {
         "loss_curve": loss_curve(losses),
         "first_iteration_seconds": seconds[0] if seconds else None,  # includes warm-up and compilation
