@@ -141,6 +141,10 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
             ax.errorbar([c.ipc for c in mine], [c.mean("acc") for c in mine], yerr=[c.std("acc") for c in mine],
                         marker="o", capsize=3, label=method, ls=":" if method == RANDOM else "-")
         ax.set_xscale("log")
+        ticks = ipc_order(cells, dataset)
+        if ticks:
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
         ax.set(title=dataset, xlabel="images per class", ylabel="test ACC")
         ax.legend(fontsize=7)
     return _save(fig, path)
