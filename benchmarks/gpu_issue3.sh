@@ -23,7 +23,7 @@ DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo .
 PY=${PY:-python3}
 DISTILL_BUDGET=${DISTILL_BUDGET:-200}
 DEADLINE=${DEADLINE:-570}  # seconds: nothing is started that could run past this
-SLOWDOWN=${SLOWDOWN:-4}
+SLOWDOWN=${SLOWDOWN:-8}  # ~26 launch-bound processes share one GPU and 16 cores
 RUNS=${RUNS:-/tmp/issue3_runs}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu IPCS=1 EVAL_ARGS="--eval-models 1 --eval-epochs 2" SPEED_ITERS=1 COMPILE_IPC=1: a smoke test of this script
 IPCS=${IPCS:-1 10 50}
@@ -74,7 +74,9 @@ cat "$RUNS/plan.txt" >> "$LOG"
 job() {  # dataset tag method ipc iterations
   local dir="$RUNS/$2_$3_$4"
   local its=""; [ -n "$5" ] && its="--iterations $5"
-  timeout $(( DISTILL_BUDGET + 120 )) $PY -m medistill distill "$1" -m "$3" --ipc "$4" $its --out "$dir" --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress > "$dir.log" 2>&1
+  local limit=$(( DISTILL_BUDGET + 150 )); [ "$limit" -gt "$(left)" ] && limit=$(left)
+  timeout "$limit" $PY -m medistill distill "$1" -m "$3" --ipc "$4" $its --out "$dir" --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress > "$dir.log" 2>&1 \
+    || { echo "exit $? after ${limit}s limit" >> "$dir.log"; return; }
   if [ "$3" = random ]; then
     timeout 100 $PY -m medistill evaluate "$dir" --augment --device "$DEVICE" $EVAL_ARGS --seed 0 --no-progress --out "$dir/dsa_eval.json" >> "$dir.log" 2>&1
   fi
