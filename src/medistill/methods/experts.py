@@ -126,7 +126,12 @@ def expert_seed(seed: int, index: int) -> int:
 
 def new_network(dataset: Dataset, settings: ExpertSettings) -> nn.Module:
     """An untrained network of the experts' architecture, on the dataset's device."""
-    model = create_model(settings.model, dataset.channels, dataset.num_classes, dataset.image_size, **settings.model_kwargs)
+    if not isinstance(settings.model_kwargs, dict):
+        raise ConfigError(f"model_kwargs must be a mapping such as {{width: 64}}, got {settings.model_kwargs!r}")
+    try:
+        model = create_model(settings.model, dataset.channels, dataset.num_classes, dataset.image_size, **settings.model_kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model '{settings.model}' does not take the settings {settings.model_kwargs}: {exc}") from None
     return model.to(dataset.device)
 
 

@@ -180,7 +180,7 @@ UNROLLS: dict[str, Callable[[Unroll], UnrollResult]] = {"plain": plain_unroll, "
 
 def iteration_seed(seed: int, iteration: int) -> int:
     """The seed of one iteration's draws: a resumed run draws exactly what an uninterrupted one does."""
-    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed % 2**64, iteration]).generate_state(1)[0])
 
 
 def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> list[torch.Tensor]:
@@ -193,7 +193,7 @@ def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: tor
 
 
 class MTTDistiller:
-    """The MTT loop's state and one-iteration update; `run()` drives it with checkpoints and eval points."""
+    """The MTT loop's state and one-iteration update; `run_mtt` drives it with checkpoints and eval points."""
 
     def __init__(self, dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> None:
         check_ipc(dataset, ipc, "mtt")
