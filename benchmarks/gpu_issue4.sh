@@ -34,7 +34,8 @@ EVAL_ARGS=${EVAL_ARGS:---eval-models 5}
 BENCH_ARGS=${BENCH_ARGS:-}
 if [ -n "${QUICK:-}" ]; then  # CPU smoke test: tiny everything
   EVAL_ARGS="--eval-models 1 --eval-epochs 2"; BENCH_ARGS="--syn-steps 2 --ipcs 1 --iterations 1 --width 16"
-  QUICK_SET="--set iterations=2 --set num_experts=2 --set eval_every=0 --set model_kwargs={width:16}"; DISTILL_BUDGET=60
+  QUICK_SET="--set iterations=2 --set num_experts=2 --set buffer_epochs=3 --set max_start_epoch=1 --set eval_every=0 --set model_kwargs={\"width\":16}"
+  DISTILL_BUDGET=60
 fi
 mkdir -p "$OUT" "$RUNS" "$EXPERTS"
 if [ -d .gpu_carry/whl ] && ! $PY -c "import medmnist" 2>/dev/null; then
@@ -50,7 +51,7 @@ setting() { $PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))[sys
 # A. expert buffers (the presets share one buffer setting; read it from the IPC 1 preset)
 PRESET=configs/mtt-28-ipc1.yaml
 E=$(setting $PRESET num_experts); T=$(setting $PRESET buffer_epochs); B=$(setting $PRESET expert_batch)
-[ -n "${QUICK:-}" ] && E=2
+[ -n "${QUICK:-}" ] && E=2 T=3
 for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   ds=${pair%%:*}; tag=${pair##*:}
   extra=""; [ -n "${QUICK:-}" ] && extra="--model-arg width=16"
@@ -96,14 +97,15 @@ job() {  # dataset tag method ipc [args...]
       --out "$dir/dsa_eval.json" >> "$dir.log" 2>&1
   fi
 }
+bg() { if [ -n "${QUICK:-}" ]; then "$@"; else "$@" & fi; }  # one at a time in the CPU smoke test
 for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   ds=${pair%%:*}; tag=${pair##*:}
   while read -r ipc its; do
-    job "$ds" "$tag" mtt "$ipc" --config "configs/mtt-28-ipc$ipc.yaml" --set "buffer_root=$EXPERTS" --set "iterations=$its" ${QUICK_SET:-} &
-    job "$ds" "$tag" random "$ipc" &
+    bg job "$ds" "$tag" mtt "$ipc" --config "configs/mtt-28-ipc$ipc.yaml" --set "buffer_root=$EXPERTS" --set "iterations=$its" ${QUICK_SET:-}
+    bg job "$ds" "$tag" random "$ipc"
     if [ -n "$HAS_DC" ]; then
       dc_its=200; [ "$ipc" = 10 ] && dc_its=20; [ -n "${QUICK:-}" ] && dc_its=1
-      job "$ds" "$tag" dc "$ipc" --config configs/dc.yaml --set "iterations=$dc_its" &
+      bg job "$ds" "$tag" dc "$ipc" --config configs/dc.yaml --set "iterations=$dc_its"
     fi
   done < "$RUNS/plan.txt"
 done

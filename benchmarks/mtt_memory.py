@@ -118,7 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     MTTDistiller(dataset, 1, config_for(args, 1, "plain"), RunContext())  # builds the one-expert buffer if missing
     cases = [(int(i), int(s), u) for i in args.ipcs.split(",") for u in args.unrolls.split(",") for s in args.syn_steps.split(",")]
-    results = []
+    report = {
+        "benchmark": "mtt_memory",
+        "dataset": args.dataset,
+        "device": str(device),
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "model": f"convnet width {args.width}",
+        "timed_iterations": args.iterations,
+        "memory_measure": "torch.cuda.max_memory_allocated per case" if device.type == "cuda"
+        else "VmHWM of a fresh subprocess per case, reset before the iterations (peak_mb - setup_mb = added by the iterations)",
+        "results": [],
+    }
     for ipc, steps, unroll in cases:
         if device.type == "cuda":
             record = run_case(args, ipc, steps, unroll)
@@ -130,26 +141,13 @@ def main(argv: list[str] | None = None) -> None:
             else:  # killed for memory (or failed): keep the evidence
                 record = {"ipc": ipc, "syn_steps": steps, "unroll": unroll, "oom": True, "returncode": done.returncode,
                           "stderr_tail": done.stderr[-400:]}
-        results.append(record)
+        report["results"].append(record)
+        report["total_seconds"] = time.perf_counter() - began
         print(json.dumps(record), file=sys.stderr)
-    report = {
-        "benchmark": "mtt_memory",
-        "dataset": args.dataset,
-        "device": str(device),
-        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "model": f"convnet width {args.width}",
-        "timed_iterations": args.iterations,
-        "memory_measure": "torch.cuda.max_memory_allocated per case" if device.type == "cuda"
-        else "VmHWM of a fresh subprocess per case, reset before the iterations (peak_mb - setup_mb = added by the iterations)",
-        "total_seconds": time.perf_counter() - began,
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+        if args.out is not None:  # after every case, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
