@@ -135,3 +135,27 @@ def test_runs_on_breastmnist(method: str, breast) -> None:
     assert result.images.shape == (4, 1, 28, 28)
     assert torch.isfinite(result.images).all()
     assert result.source["name"] == "breastmnist"
+
+
+def test_cli_options_and_yaml_config_reach_the_method(tmp_path, medmnist_root) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medistill.cli import app
+
+    config = tmp_path / "dc.yaml"
+    config.write_text("batch_real: 8\nouter_loop: 1\ninner_loop: 1\nlr_img: 0.5\n")
+    out = tmp_path / "run"
+    args = ["distill", "breastmnist", "-m", "dc", "--ipc", "1", "--out", str(out), "--data-root", str(medmnist_root), "--device", "cpu",
+            "--config", str(config), "--iterations", "2", "--lr-img", "0.2", "--init", "real", "--eval-models", "1", "--eval-epochs", "1",
+            "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    hyper = json.loads((out / "result.json").read_text())["hyperparameters"]
+    assert (hyper["iterations"], hyper["lr_img"], hyper["init"], hyper["batch_real"]) == (2, 0.2, "real", 8)
+    again = CliRunner().invoke(app, args + ["--resume"])  # finished run: resumes at its end, nothing redone
+    assert again.exit_code == 0, again.output
+    bad = CliRunner().invoke(app, ["distill", "breastmnist", "-m", "dc", "--init", "zeros", "--out", str(tmp_path / "bad"),
+                                   "--data-root", str(medmnist_root), "--device", "cpu", "--no-progress"])
+    assert isinstance(bad.exception, ConfigError) and "unknown init" in str(bad.exception)  # `main` turns it into exit 2
