@@ -12,12 +12,16 @@
 #      seconds under SLOWDOWN-fold sharing; the iterations used are in grid.json.
 #   C. torch.compile speed (DC and DM at IPC 10), if time is left.
 #
-# The device machine gets the repo only: copy the data and the medmnist wheel into ignored
-# folders and carry them, e.g. here:
-#   echo /.gpu_carry/ >> .git/info/exclude; mkdir -p .gpu_carry/data && cp -r ../shared/data/* .gpu_carry/data/
-#   .venv/bin/pip download --no-deps -d .gpu_carry/whl medmnist==3.0.2
-# then run (carry [".gpu_carry"]): bash benchmarks/gpu_issue3.sh
+# The device machine gets the repo only (no ../shared, no medmnist package, no internet). Here:
+#     bash benchmarks/gpu_issue3.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
+# then the device call: command "bash benchmarks/gpu_issue3.sh", carry [".gpu_carry"], timeout_s 600.
 set -u
+if [ "${1:-}" = "prepare" ]; then
+  grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
+  mkdir -p .gpu_carry/data && cp -r ../shared/data/medmnist ../shared/data/unofficial .gpu_carry/data/
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu_carry/whl medmnist==3.0.2
+  exit 0
+fi
 OUT=${OUT:-runs/gpu_issue3}
 DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}
 PY=${PY:-python3}
