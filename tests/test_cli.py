@@ -184,7 +184,7 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     returned: list[list[dict]] = []
 
     def spy(*args, **kwargs):
-        returned.append(medistill.demo.run_demo(*args, **kwargs))
+        returned.append(medistill.demo.run_demo(*args, **kwargs, method_settings={"iterations": 2}))
         return returned[-1]
 
     monkeypatch.setattr(medistill.cli.core, "run_demo", spy)
@@ -197,6 +197,6 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     for record in records:
         assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == 2 and record["eval_models"] == 1
         assert 0.0 <= record["test_acc_mean"] <= 1.0
-        assert (out / record["method"] / "result.json").is_file()
+        assert (out / f"{record['method']}-seed0" / "result.json").is_file()
         assert f"{record['test_acc_mean']:.3f}" in output  # the printed table shows each row's score
     assert records[0]["num_images"] == 20 and records[-1]["num_images"] == 546

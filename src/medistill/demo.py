@@ -24,17 +24,22 @@ def best_distillation_method() -> str | None:
     return min(ranked)[1] if ranked else None
 
 
-def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
-    """Run random, the best distillation method (if any) and full; return their result records."""
+def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool = False,
+             method_settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run random, the best distillation method (if any) and full; return their result records.
+
+    `method_settings` override the distillation method's demo settings (e.g. a smaller budget).
+    Runs go to `out/<method>-seed<seed>`; running the demo again continues or re-scores them.
+    """
     out = Path(out)
     plan = [("random", {})]
     best = best_distillation_method()
     if best is not None:
-        plan.append((best, get_method(best).demo_settings))
+        plan.append((best, {**get_method(best).demo_settings, **(method_settings or {})}))
     plan.append(("full", {}))
     records = []
     for method, settings in plan:
         result = run_job(dataset, method, DEMO_IPC, config=settings, evaluation=DEMO_EVALUATION, seed=seed,
-                         out_dir=out / method, progress=progress)
+                         out_dir=out / f"{method}-seed{seed}", progress=progress, resume=True)
         records.append(result.record)
     return records

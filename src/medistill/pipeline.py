@@ -119,6 +119,8 @@ def run_job(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a folder")
+    if out is not None and (out / RESULT_NAME).exists() and not resume:
+        raise ConfigError(f"{out} already holds a finished run ({RESULT_NAME}); choose another --out (or --resume to redo its evaluation)")
     checkpoint_dir = out / "checkpoints" if out is not None else None
     start = time.perf_counter()
     context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
