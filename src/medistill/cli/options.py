@@ -9,6 +9,7 @@ import typer
 import yaml
 
 from medistill.data import Dataset, load_dataset
+from medistill.configfile import read_yaml
 from medistill.errors import ConfigError
 from medistill.runtime import resolve_device
 
@@ -31,12 +32,7 @@ def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, A
     """Method settings from a YAML file, then `KEY=VALUE` pairs (values parsed as YAML scalars)."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist")
-        try:
-            loaded = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        loaded = read_yaml(config_file) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
         settings.update(loaded)

@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from medistill.data import FLAGS
+from medistill.configfile import read_yaml
 from medistill.errors import ConfigError
 from medistill.methods import get_method, list_methods, make_config
 from medistill.pipeline import EvalSettings
@@ -186,12 +186,7 @@ def resolve_path_ref(entry: str, base: Path) -> str:
 def load_study(path: str | Path) -> StudySpec:
     """Read a study config file and expand its grid."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config {path} does not exist")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"study config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    config = read_yaml(path, "study config")
     return parse_study(config, base=path.resolve().parent, name=path.stem, config_path=path.resolve())
 
 
