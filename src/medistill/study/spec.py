@@ -35,9 +35,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-from medistill.data import FLAGS
 from medistill.configfile import read_yaml
+from medistill.data import FLAGS
 from medistill.errors import ConfigError
 from medistill.methods import get_method, list_methods, make_config
 from medistill.pipeline import EvalSettings
