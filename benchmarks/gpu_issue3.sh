@@ -16,34 +16,18 @@
 #     bash benchmarks/gpu_issue3.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
 # then the device call: command "bash benchmarks/gpu_issue3.sh", carry [".gpu_carry"], timeout_s 600.
 set -u
-if [ "${1:-}" = "prepare" ]; then
-  grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
-  mkdir -p .gpu_carry/data && cp -r ../shared/data/medmnist ../shared/data/unofficial .gpu_carry/data/
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu_carry/whl medmnist==3.0.2
-  exit 0
-fi
 OUT=${OUT:-runs/gpu_issue3}
-DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh" "$@"
 DISTILL_BUDGET=${DISTILL_BUDGET:-200}
-DEADLINE=${DEADLINE:-570}  # seconds: nothing is started that could run past this
 SLOWDOWN=${SLOWDOWN:-8}  # ~26 launch-bound processes share one GPU and 16 cores
 RUNS=${RUNS:-/tmp/issue3_runs}
-DEVICE=${DEVICE:-cuda}  # DEVICE=cpu IPCS=1 EVAL_ARGS="--eval-models 1 --eval-epochs 2" SPEED_ITERS=1 COMPILE_IPC=1: a smoke test of this script
+# smoke test of this script on a CPU: DEVICE=cpu IPCS=1 EVAL_ARGS="--eval-models 1 --eval-epochs 2" SPEED_ITERS=1 COMPILE_IPC=1
 IPCS=${IPCS:-1 10 50}
 EVAL_ARGS=${EVAL_ARGS:---eval-models 5}
 SPEED_ITERS=${SPEED_ITERS:-5}
 SPEED_IPCS=$(echo $IPCS | tr ' ' ,)
-mkdir -p "$OUT" "$RUNS"
-if [ -d .gpu_carry/whl ] && ! $PY -c "import medmnist" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MEDISTILL_DATA="$DATA_DIR/medmnist"
-PNEUMONIA="$DATA_DIR/unofficial/pneumoniamnist_balanced.npz"
-LOG="$OUT/logs.txt"
-[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+mkdir -p "$RUNS"
 
-left() { echo $(( DEADLINE - SECONDS )); }
 speed() {  # name, timeout, extra args
   local name=$1 limit=$2; shift 2
   [ "$limit" -gt "$(left)" ] && limit=$(left)

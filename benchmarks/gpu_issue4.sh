@@ -14,18 +14,13 @@
 #      MTT iterations are cut where phase B's s/iteration says the preset's would not fit
 #      DISTILL_BUDGET seconds under SLOWDOWN-fold sharing (the iterations used are in grid.json).
 #
-# The device machine gets the repo only: copy the data and the medmnist wheel into ignored folders
-# and carry them, e.g. here:
-#   echo /.gpu_carry/ >> .git/info/exclude; mkdir -p .gpu_carry/data && cp -r ../shared/data/* .gpu_carry/data/
-#   .venv/bin/pip download --no-deps -d .gpu_carry/whl medmnist==3.0.2
-# then run (carry [".gpu_carry"]): bash benchmarks/gpu_issue4.sh
+# The device machine gets the repo only (no ../shared, no medmnist package, no internet). Here:
+#     bash benchmarks/gpu_issue4.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
+# then the device call: command "bash benchmarks/gpu_issue4.sh", carry [".gpu_carry"], timeout_s 600.
 # Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_issue4.sh
 set -u
 OUT=${OUT:-runs/gpu_issue4}
-DATA_DIR=${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}
-PY=${PY:-python3}
-DEVICE=${DEVICE:-cuda}
-DEADLINE=${DEADLINE:-570}  # seconds: nothing is started that could run past this
+source "$(dirname "$0")/gpu_env.sh" "$@"
 DISTILL_BUDGET=${DISTILL_BUDGET:-240}
 SLOWDOWN=${SLOWDOWN:-4}
 RUNS=${RUNS:-/tmp/issue4_runs}
@@ -37,15 +32,7 @@ if [ -n "${QUICK:-}" ]; then  # CPU smoke test: tiny everything
   QUICK_SET="--set iterations=2 --set num_experts=2 --set buffer_epochs=3 --set max_start_epoch=1 --set eval_every=0 --set model_kwargs={\"width\":16}"
   DISTILL_BUDGET=60
 fi
-mkdir -p "$OUT" "$RUNS" "$EXPERTS"
-if [ -d .gpu_carry/whl ] && ! $PY -c "import medmnist" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MEDISTILL_DATA="$DATA_DIR/medmnist"
-PNEUMONIA="$DATA_DIR/unofficial/pneumoniamnist_balanced.npz"
-LOG="$OUT/logs.txt"
-[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-left() { echo $(( DEADLINE - SECONDS )); }
+mkdir -p "$RUNS" "$EXPERTS"
 setting() { $PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 
 # A. expert buffers (the presets share one buffer setting; read it from the IPC 1 preset)
