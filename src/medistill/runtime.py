@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
 
 from medistill.errors import ConfigError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+_CUDA_NAME = re.compile(r"cuda(?::(\d+))?")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -21,8 +23,16 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
+        match = _CUDA_NAME.fullmatch(name)
+        if match is None:
+            raise ConfigError(f"malformed device '{name}'; write cuda or cuda:N with N a GPU index (cuda:0, cuda:1, ...)")
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{name}' was asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        if match.group(1) is not None:
+            index, count = int(match.group(1)), torch.cuda.device_count()
+            if index >= count:
+                raise ConfigError(f"device '{name}' does not exist: this machine has {count} CUDA GPU(s), "
+                                  f"cuda:0 to cuda:{count - 1}")
         return torch.device(name)
     raise ConfigError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
 
