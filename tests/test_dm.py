@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,32 @@ def tiny_dataset(task: str = ORDINAL, classes: int = 3, per_class: int = 8, size
     names = ["a", "b"] if task == MULTI_LABEL else [f"c{i}" for i in range(classes)]
     arrays = {"train": split(per_class), "val": split(2), "test": split(4)}
     return build_dataset(name="tiny", task=task, label_names=names, arrays=arrays, source=DataSource(kind="npz", name="tiny", path="-"))
+
+
+def read_tensorboard(directory):
+    """Scalars as {tag: [(step, value)]} and images as {tag: [(step, width, height)]} from a log folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    images = {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in tags["images"]}
+    return scalars, images
+
+
+def kill_at(monkeypatch, iteration: int) -> dict:
+    """Make DM runs raise KeyboardInterrupt when they reach `iteration` until the returned state's "kill" is False."""
+    original = pixel_loop.IterationRandom.for_iteration.__func__
+    state = {"kill": True}
+
+    def killed(cls, seed, i, device):
+        if i == iteration and state["kill"]:
+            raise KeyboardInterrupt
+        return original(cls, seed, i, device)
+
+    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed))
+    return state
 
 
 def test_runs_on_tiny_tensors() -> None:
@@ -67,15 +95,7 @@ def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, monkeypatch)
     settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 6}
     whole = distill("dm", data, 2, settings, context=RunContext(seed=5))
 
-    original = pixel_loop.IterationRandom.for_iteration.__func__
-    state = {"kill": True}
-
-    def killed_at_5(cls, seed, iteration, device):
-        if iteration == 5 and state["kill"]:
-            raise KeyboardInterrupt
-        return original(cls, seed, iteration, device)
-
-    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed_at_5))
+    state = kill_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         distill("dm", data, 2, settings, context=RunContext(seed=5, checkpoint_dir=tmp_path))
     state["kill"] = False
@@ -105,16 +125,60 @@ def test_runs_on_breastmnist(breast) -> None:
     assert torch.isfinite(result.images).all()
 
 
-def test_tensorboard_logs_or_says_what_is_missing(tmp_path) -> None:
-    settings = {"iterations": 2, "checkpoint_every": 1, "batch_real": 4, "tensorboard": str(tmp_path / "tb")}
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install tensorboard"):
-            distill("dm", tiny_dataset(), 1, settings)
-        return
-    distill("dm", tiny_dataset(), 1, settings)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path) -> None:
+    settings = {"iterations": 5, "checkpoint_every": 2, "batch_real": 4, "eval_every": 2, "eval_epochs": 1,
+                "tensorboard": str(tmp_path / "tb")}
+    result = distill("dm", tiny_dataset(), 2, settings, context=RunContext(seed=0))
+    scalars, images = read_tensorboard(tmp_path / "tb")
+    # Every iteration's loss, the same values the artifact's loss curve holds (5 points: one per iteration).
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5]
+    assert [value for _, value in scalars["loss"]] == pytest.approx([loss for _, loss in result.metrics["loss_curve"]])
+    # Evaluation points every 2 iterations and at the end, as in the artifact's metrics.
+    assert [step for step, _ in scalars["eval/acc"]] == [2, 4, 5]
+    assert [value for _, value in scalars["eval/acc"]] == pytest.approx([p["acc_mean"] for p in result.metrics["eval_points"]])
+    # One grid per checkpoint: a row per class (3), IPC (2) images of 16 px per row, 1 px borders.
+    assert images["synthetic"] == [(step, 2 * 17 + 1, 3 * 17 + 1) for step in (2, 4, 5)]
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, monkeypatch) -> None:
+    data = tiny_dataset()
+    settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 4, "eval_every": 1, "eval_epochs": 1,
+                "tensorboard": str(tmp_path / "tb")}
+    state = kill_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        distill("dm", data, 1, settings, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run"))
+    # The killed run logged iteration 3 (an evaluation point) after its last checkpoint (iteration 2).
+    assert [step for step, _ in read_tensorboard(tmp_path / "tb")[0]["loss"]] == [1, 2, 3]
+    state["kill"] = False
+    distill("dm", data, 1, settings, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run", resume=True))
+    scalars, images = read_tensorboard(tmp_path / "tb")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in scalars["eval/acc"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _, _ in images["synthetic"]] == [2, 4, 6]
+
+
+def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, monkeypatch) -> None:
+    data = tiny_dataset()
+    settings = {"iterations": 4, "checkpoint_every": 2, "batch_real": 4}
+    state = kill_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        distill("dm", data, 1, settings, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run"))
+    state["kill"] = False
+    watched = {**settings, "tensorboard": str(tmp_path / "tb")}
+    distill("dm", data, 1, watched, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run", resume=True))
+    assert [step for step, _ in read_tensorboard(tmp_path / "tb")[0]["loss"]] == [3, 4]
+
+
+def test_tensorboard_missing_says_what_to_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
+    settings = {"iterations": 2, "batch_real": 4, "tensorboard": str(tmp_path / "tb")}
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        distill("dm", tiny_dataset(), 1, settings)
+
+
+def test_mtt_has_no_tensorboard_setting() -> None:
+    with pytest.raises(ConfigError, match="no setting.*tensorboard"):
+        distill("mtt", tiny_dataset(), 1, {"tensorboard": "tb"})
 
 
 def test_demo_settings_are_valid_settings() -> None:

@@ -161,15 +161,26 @@ def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     return torch.compile(fn) if enabled else fn
 
 
-def open_tensorboard(directory: str | None) -> Any:
-    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing."""
+def open_tensorboard(directory: str | None, resumed_after: int = 0) -> Any:
+    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing.
+
+    A run resumed after iteration k purges what the killed run logged past k (evaluation points
+    after the last checkpoint), so TensorBoard shows each step once.
+    """
     if directory is None:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("TensorBoard logging needs the 'tensorboard' package: pip install tensorboard") from None
-    return SummaryWriter(str(directory))
+    return SummaryWriter(str(directory), purge_step=resumed_after + 1 if resumed_after else None)
+
+
+def tensorboard_grid(images: Tensor, ipc: int) -> Tensor:
+    """The synthetic set as one image, one row per class (CHW, pixels in [0, 1])."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.detach().float().cpu(), nrow=ipc, padding=1, pad_value=1.0)
 
 
 Step = Callable[[Tensor, torch.optim.Optimizer, IterationRandom], Tensor]
@@ -188,7 +199,9 @@ def run_pixel_loop(
     """Learn IPC images per class with `step` for `config.iterations` iterations; checkpointed, resumable."""
     check_ipc(dataset, ipc, method, needs_real_images=config.init == "real")
     device = dataset.device
-    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, config, context.seed))
+    # The log folder is not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
+    run_settings = replace(config, tensorboard=None)
+    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, run_settings, context.seed))
     images = INITS[config.init](dataset, ipc, context.seed).requires_grad_(True)
     labels = class_labels(dataset, ipc)
     optimizer = torch.optim.SGD([images], lr=config.lr_img, momentum=config.momentum)
@@ -209,7 +222,7 @@ def run_pixel_loop(
         if tracker is not None:
             tracker.history = list(state["eval_history"])
         context.log(f"{method}: resuming after iteration {start} of {config.iterations}")
-    board = open_tensorboard(config.tensorboard)
+    board = open_tensorboard(config.tensorboard, resumed_after=start)
     pending: list[Tensor] = []
     seconds: list[float] = []  # per iteration run by this call (exact on an accelerator only when each one syncs)
     total = config.iterations
@@ -243,7 +256,7 @@ def run_pixel_loop(
                         "eval_history": tracker.history if tracker is not None else [],
                     })
                     if board is not None:
-                        board.add_images("synthetic", dataset.denormalize(images.detach()), done)
+                        board.add_image("synthetic", tensorboard_grid(dataset.denormalize(images.detach()), ipc), done)
                 bar.advance(**status)
     finally:
         if board is not None:
