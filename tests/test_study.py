@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+from medistill.artifact import SyntheticSet
 from medistill.data import write_npz_dataset
 from medistill.errors import ConfigError
 from medistill.methods import list_methods
 from medistill.study import (
-    ResultStore, RunSpec, fit_predictor, load_study, parse_study, predict, run_study, write_report,
+    ResultStore, RunEnv, RunSpec, execute, fit_predictor, load_study, parse_study, predict, run_study, write_report,
 )
 from medistill.study.spec import canonical_json
 
@@ -47,7 +49,7 @@ def tiny_data(tmp_path_factory, medmnist_root, pneumonia_npz) -> Path:
     return folder
 
 
-def tiny_config(folder: Path, **changes) -> Path:
+def tiny_config(folder: Path, file: str = "tiny.yaml", **changes) -> Path:
     """A study over a small real dataset: random at IPC 1 and 2, full, and a method that is not registered."""
     config = {
         "name": "tiny",
@@ -59,7 +61,7 @@ def tiny_config(folder: Path, **changes) -> Path:
         "executor": {"threads": 1},
         **changes,
     }
-    path = folder / "tiny.yaml"
+    path = folder / file
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -212,6 +214,78 @@ def test_killed_study_resumes_and_gives_the_same_table(finished_study, tiny_data
     assert f"{done_before} already done, {10 - done_before} to run" in finish.stdout
     assert (resumed / "tables" / "results.csv").read_text() == (out / "tables" / "results.csv").read_text()
     assert (resumed / "tables" / "acc.md").read_text() == (out / "tables" / "acc.md").read_text()
+
+
+DM_ITERATIONS = 60
+
+
+@pytest.fixture(scope="module")
+def dm_study(tiny_data, tmp_path_factory):
+    """One checkpointing run (DM, a checkpoint every iteration) and that study run to the end in one go."""
+    if "dm" not in list_methods():
+        pytest.skip("needs the dm method")
+    config = tiny_config(tiny_data, file="dm.yaml", ipcs=[2], seeds=[0],
+                         methods={"dm": {"settings": {"iterations": DM_ITERATIONS, "batch_real": 8, "checkpoint_every": 1}}})
+    out = tmp_path_factory.mktemp("dm-study")
+    summary = run_study(load_study(config), out, log=lambda m: None)
+    assert summary.ran == 1 and not summary.failed
+    return config, out
+
+
+def same_run(folder: Path, reference: Path) -> None:
+    """The one run stored in `folder` has the images and scores of the one in `reference`."""
+    (record,), (expected,) = ResultStore(folder).records(), ResultStore(reference).records()
+    assert record["key"] == expected["key"] and record["status"] == expected["status"] == "ok"
+    for name in ("test_acc", "test_auc", "val_acc"):
+        assert record["result"].get(name) == expected["result"].get(name)
+    images = SyntheticSet.load(folder / "runs" / record["key"]).images
+    assert torch.equal(images, SyntheticSet.load(reference / "runs" / expected["key"]).images)
+    assert not (folder / "work").exists(), "the run's scratch folder is removed once it is stored"
+
+
+def test_killed_study_continues_its_run_from_the_checkpoint(dm_study, tmp_path):
+    """SIGKILL the study mid-distillation; the rerun continues the run and ends with the uninterrupted result."""
+    config, reference = dm_study
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "medistill", "study", str(config), "--out", str(out), "--no-report"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("work/*/checkpoints/state.pt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoints = list(out.glob("work/*/checkpoints/state.pt"))
+    assert len(checkpoints) == 1, f"the run should checkpoint into the study's work/ folder (exit code {process.returncode})"
+    checkpoint = checkpoints[0]
+    done = torch.load(checkpoint, weights_only=False)["state"]["iteration"]
+    assert 0 < done < DM_ITERATIONS, "the kill should land mid-distillation"
+    assert not list((out / "runs").glob("*.json"))
+    finish = cli("study", str(config), "--out", str(out), "--no-report")
+    assert finish.returncode == 0, finish.stderr
+    assert "resuming breast_small dm ipc=2 seed=0 from its checkpoint" in finish.stdout
+    resumed_at = int(finish.stderr.split("dm: resuming after iteration ")[1].split()[0])
+    assert done <= resumed_at < DM_ITERATIONS  # the kill may have let one more checkpoint land after the check
+    same_run(out, reference)
+
+
+def test_run_finished_but_not_stored_redoes_only_its_evaluation(dm_study, tmp_path, capfd):
+    """A worker that wrote result.json into its scratch, with the driver killed before storing it."""
+    config, reference = dm_study
+    study = load_study(config)
+    (task,) = study.tasks
+    out = tmp_path / "unstored"
+    ResultStore(out).write_study(study.to_dict())
+    env = RunEnv(study_dir=str(out.resolve()), threads=study.threads)
+    assert execute(task.spec, env)["status"] == "ok"  # the outcome is lost: the driver "died"
+    assert (out / "work" / task.spec.key / "result.json").exists()
+    capfd.readouterr()
+    messages: list[str] = []
+    summary = run_study(study, out, log=messages.append)
+    assert summary.ran == 1 and not summary.failed
+    assert any(m.startswith("resuming breast_small dm") for m in messages)
+    assert f"dm: resuming after iteration {DM_ITERATIONS} of {DM_ITERATIONS}" in capfd.readouterr().err
+    same_run(out, reference)
 
 
 def test_cli_refuses_a_bad_config_in_one_line(tmp_path):

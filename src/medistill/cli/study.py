@@ -32,7 +32,7 @@ def study(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again (finished runs are always skipped)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md, index.html, tables and plots afterwards."),
 ) -> None:
-    """Run a study grid (datasets x methods x IPCs x seeds); finished runs are skipped, so a rerun resumes."""
+    """Run a study grid (datasets x methods x IPCs x seeds); a rerun skips finished runs and continues a killed one from its checkpoint."""
     spec = load_study(config)
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")

@@ -1,7 +1,8 @@
 """Executors map a run function over a study's tasks and yield each outcome as it finishes.
 
-They never write: the driver stores what they yield. Registered by name (`local`, `ray`);
-a new backend is one class with `map(function, tasks, env)` and `register_executor`.
+They never write results: the driver stores what they yield (the run function itself writes
+only its run's scratch folder, `DIR/work/<key>/`, see `study.runner`). Registered by name
+(`local`, `ray`); a new backend is one class with `map(function, tasks, env)` and `register_executor`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def create_executor(name: str, **options: Any) -> Executor:
 
 @register_executor("local")
 class LocalExecutor:
-    """One run after another in this process; Ctrl-C stops after the stored runs, which are kept."""
+    """One run after another in this process; Ctrl-C keeps the stored runs, and the run in flight continues
+    from its last checkpoint on the next call."""
 
     def map(self, function: RunFunction, tasks: Sequence[Task], env: Any) -> Iterator[dict[str, Any]]:
         for task in tasks:
@@ -61,7 +63,11 @@ class RayExecutor:
     With no address a local Ray instance is started (and stopped afterwards); with an address
     (`auto`, `ray://head:10001`, `head:6379`) the runs go to that cluster. A Ray session this
     process already holds is used as it is. Workers need medistill installed and the data
-    (data root, npz paths, the study folder for simulation sets) at the same paths.
+    (data root, npz paths, the study folder for simulation sets) at the same paths. The study
+    folder must be the same (shared) folder on every node for a second reason: a worker writes
+    its run's checkpoints to `DIR/work/<key>/` there, which a rerun on any node resumes and the
+    driver removes once the run is stored. Without a shared folder runs still finish, but a
+    killed run starts over and its scratch is left behind on the worker's node.
     """
 
     def __init__(self, address: str | None = None, **init_options: Any) -> None:

@@ -1,13 +1,15 @@
-"""Running a study: one run is a pure function of its `RunSpec`; the driver builds simulations,
+"""Running a study: one run is a function of its `RunSpec`; the driver builds simulations,
 skips finished runs, hands the rest to an executor and writes what comes back.
 
-`execute(spec, env)` never writes to the study folder: it returns the run's record and its
-files as bytes, so it can run on any Ray worker; only `run_study` (the driver) writes.
+`execute(spec, env)` returns the run's record and its files as bytes, so it can run on any Ray
+worker; only `run_study` (the driver) writes results. The one thing a worker writes is its run's
+scratch folder `DIR/work/<key>/` (`run_job`'s out_dir, with its checkpoints), resumed if it
+exists: a study killed mid-run continues that run from its last checkpoint. The driver removes
+the scratch folder once it has stored the run.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,6 +21,7 @@ import torch
 from medistill.data import load_dataset
 from medistill.data.dataset import Dataset
 from medistill.errors import MedistillError
+from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.pipeline import RESULT_NAME, run_job
 from medistill.runtime import resolve_device, seed_everything
 from medistill.study.executors import create_executor
@@ -61,8 +64,11 @@ def _cached_dataset(name: str, root: str | None, size: int, image_size: int | No
     return load_dataset(name, root=root, size=size, image_size=image_size, channels=channels, device=device, progress=False)
 
 
-def run_record(spec: RunSpec, env: RunEnv, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Load the run's dataset, distil (or draw the baseline), evaluate; return `run_job`'s record."""
+def run_record(spec: RunSpec, env: RunEnv, out_dir: str | Path | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Load the run's dataset, distil (or draw the baseline), evaluate; return `run_job`'s record.
+
+    With `resume`, a checkpoint in `out_dir` is continued (and a `result.json` there does not stop the run).
+    """
     device = resolve_device(env.device)
     data = _cached_dataset(dataset_path(spec, env.study_dir), env.data_root, spec.size, spec.image_size, spec.channels, str(device))
     previous_threads = torch.get_num_threads()
@@ -71,24 +77,38 @@ def run_record(spec: RunSpec, env: RunEnv, out_dir: str | Path | None = None) ->
     try:
         seed_everything(spec.seed)
         result = run_job(data, spec.method, spec.ipc or 1, config=spec.method_settings, evaluation=spec.eval_settings,
-                         seed=spec.seed, out_dir=out_dir)
+                         seed=spec.seed, out_dir=out_dir, resume=resume)
     finally:
         torch.set_num_threads(previous_threads)
     return result.record
 
 
 def execute(spec: RunSpec, env: RunEnv) -> dict[str, Any]:
-    """Run one spec and return its outcome: record or error, plus its files as bytes. Writes nothing that lasts."""
+    """Run one spec and return its outcome: record or error, plus its files as bytes.
+
+    It writes only the run's scratch folder (`DIR/work/<key>/`), continuing what a killed attempt
+    left there; the driver stores the outcome and then removes that folder.
+    """
     outcome = new_outcome(spec.key, spec.to_dict(), spec.dataset_label)
     try:
-        with tempfile.TemporaryDirectory(prefix="medistill-run-") as tmp:
-            record = run_record(spec, env, out_dir=tmp)
-            files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file() and p.name != RESULT_NAME}
+        work = ResultStore(env.study_dir).work_dir(spec.key)
+        record = run_record(spec, env, out_dir=work, resume=True)
+        files = {p.name: p.read_bytes() for p in sorted(work.iterdir()) if p.is_file() and p.name != RESULT_NAME}
         outcome.update(status=OK, result=record, files=files)
     except Exception as exc:  # a failed run is recorded and the study goes on
         record_failure(outcome, exc)
     outcome["seconds"] = time.time() - outcome["started"]
     return outcome
+
+
+def run_label(spec: RunSpec) -> str:
+    """How the log names a run."""
+    return f"{spec.dataset_label} {spec.method} ipc={spec.ipc} seed={spec.seed}"
+
+
+def has_checkpoint(work: Path) -> bool:
+    """Whether a run's scratch folder holds a checkpoint of its method's loop (see `run_job`)."""
+    return (work / "checkpoints" / CHECKPOINT_NAME).is_file()
 
 
 def build_simulations(study: StudySpec, study_dir: Path, data_root: str | Path | None, log: Callable[[str], None]) -> None:
@@ -125,24 +145,34 @@ def run_study(
     env = RunEnv(study_dir=str(out.resolve()), data_root=str(root) if root is not None else None,
                  device=device or study.device, threads=study.threads)
     statuses = {task.spec.key: store.status(task.spec.key) for task in study.tasks}
+    for key, status in statuses.items():
+        if status is not None:  # stored, but the driver was killed before it removed the scratch
+            store.discard_work(key)
     pending = [t for t in study.tasks if statuses[t.spec.key] is None or (retry_failed and statuses[t.spec.key] == FAILED)]
     summary = StudySummary(total=len(study.tasks), skipped=len(study.tasks) - len(pending),
                            previously_failed=[k for k, s in statuses.items() if s == FAILED and not retry_failed])
     log(f"{summary.total} runs: {summary.skipped} already done, {len(pending)} to run ({executor} executor)")
     if not pending:
+        store.tidy_work()
         return summary
+    for task in pending:
+        work = store.work_dir(task.spec.key)
+        if has_checkpoint(work):
+            log(f"resuming {run_label(task.spec)} from its checkpoint in {work}")
     needed = {t.spec.dataset for t in pending}
     if any(ref.startswith(SIMULATION_PREFIX) for ref in needed):
         build_simulations(study, out, root, log)
+    specs = {t.spec.key: t.spec for t in pending}
     for outcome in create_executor(executor, **(executor_options or {})).map(execute, pending, env):
         store.write(outcome)
+        store.discard_work(outcome["key"])
         summary.ran += 1
-        spec = outcome["spec"]
-        what = f"[{summary.ran}/{len(pending)}] {outcome['dataset_label']} {spec['method']} ipc={spec['ipc']} seed={spec['seed']}"
+        what = f"[{summary.ran}/{len(pending)}] {run_label(specs[outcome['key']])}"
         if outcome["status"] == OK:
             result = outcome["result"]
             log(f"{what}: ACC {result['test_acc_mean']:.3f} AUC {result['test_auc_mean']:.3f} ({outcome['seconds']:.1f} s)")
         else:
             summary.failed.append(outcome["key"])
             log(f"{what}: FAILED {outcome['error']['type']}: {outcome['error']['message']}")
+    store.tidy_work()
     return summary

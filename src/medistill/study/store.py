@@ -6,15 +6,19 @@ Layout::
     DIR/runs/<key>.json        one run: its spec, status ("ok" or "failed"), result or error
     DIR/runs/<key>/            its files (grid.png, synthetic.safetensors)
     DIR/simulations/           simulation sets built for the study
+    DIR/work/<key>/            scratch of a run in flight: its checkpoints and unstored files
 
 Every file is written to a temporary name and renamed, and a run's JSON is written after its
-files: a run whose JSON exists is complete, whatever killed the driver.
+files: a run whose JSON exists is complete, whatever killed the driver. `DIR/work/<key>/` is the
+one folder a worker writes (`run_job` with `resume=True`, so a killed run continues from its last
+checkpoint); the driver removes it once it has stored the run, and it never holds results.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -26,6 +30,7 @@ from medistill.errors import DataError
 OK = "ok"
 FAILED = "failed"
 STUDY_FILE = "study.json"
+WORK_DIR = "work"
 
 
 def new_outcome(key: str, spec: dict[str, Any], dataset_label: str) -> dict[str, Any]:
@@ -60,6 +65,21 @@ class ResultStore:
 
     def artifact_dir(self, key: str) -> Path:
         return self.runs_dir / key
+
+    def work_dir(self, key: str) -> Path:
+        """The run's scratch folder while it is in flight (the `out_dir` its worker writes and resumes)."""
+        return self.root / WORK_DIR / key
+
+    def discard_work(self, key: str) -> None:
+        """Remove a run's scratch folder (once its outcome is stored)."""
+        shutil.rmtree(self.work_dir(key), ignore_errors=True)
+
+    def tidy_work(self) -> None:
+        """Remove `work/` if no run's scratch is left in it (call when no run is in flight)."""
+        try:
+            (self.root / WORK_DIR).rmdir()
+        except OSError:  # scratch of runs not finished (or of another config) is kept, or there is no work/
+            pass
 
     def load(self, key: str) -> dict[str, Any] | None:
         """The stored record of a run, or None when it has not finished."""
