@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medistill.errors import ConfigError
+from medistill.transfer import to_device
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 COLOR = "color"
@@ -39,7 +40,12 @@ class DSAParams:
 
 
 class _Draw:
-    """Draws op parameters on CPU: one shared draw (Siamese) or one per sample."""
+    """Draws op parameters on the CPU: one shared draw (Siamese) or one per sample.
+
+    Each call draws its values one after the other from the CPU generator (the same stream as
+    drawing them one call at a time) and moves them to the input's device in one copy; on CUDA
+    that copy is staged in pinned memory and queued without making the host wait for the GPU.
+    """
 
     def __init__(self, x: Tensor, generator: torch.Generator | None, shared: bool) -> None:
         self.generator = generator
@@ -48,24 +54,25 @@ class _Draw:
         self.device = x.device
         self.dtype = x.dtype
 
-    def rand(self) -> Tensor:
-        """Uniform [0, 1) per sample, shape (N,), on the input's device and dtype."""
-        r = torch.rand(self.k, generator=self.generator)
-        return r.expand(self.n).to(device=self.device, dtype=self.dtype)
+    def rand(self, count: int = 1) -> Tensor:
+        """`count` draws of uniform [0, 1) per sample, shape (count, N), on the input's device and dtype."""
+        r = torch.stack([torch.rand(self.k, generator=self.generator) for _ in range(count)])
+        return to_device(r, self.device).to(self.dtype).expand(count, self.n)
 
-    def randint(self, low: int, high: int) -> Tensor:
-        """Integers in [low, high) per sample, shape (N,), on the input's device."""
-        r = torch.randint(low, high, (self.k,), generator=self.generator)
-        return r.expand(self.n).to(self.device)
+    def randint(self, *ranges: tuple[int, int]) -> Tensor:
+        """One draw of integers in [low, high) per sample for each (low, high), shape (len(ranges), N), on the input's device."""
+        r = torch.stack([torch.randint(low, high, (self.k,), generator=self.generator) for low, high in ranges])
+        return to_device(r, self.device).expand(len(ranges), self.n)
 
 
 def _color(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Brightness, saturation and contrast jitter, in that order."""
-    x = x + ((draw.rand() - 0.5) * p.brightness).view(-1, 1, 1, 1)
+    brightness, saturation, contrast = draw.rand(3)
+    x = x + ((brightness - 0.5) * p.brightness).view(-1, 1, 1, 1)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (draw.rand() * p.saturation).view(-1, 1, 1, 1) + mean
+    x = (x - mean) * (saturation * p.saturation).view(-1, 1, 1, 1) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (draw.rand() + p.contrast).view(-1, 1, 1, 1) + mean
+    return (x - mean) * (contrast + p.contrast).view(-1, 1, 1, 1) + mean
 
 
 def _affine(x: Tensor, theta: Tensor) -> Tensor:
@@ -78,8 +85,8 @@ def _crop(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Translate by a whole number of pixels, up to ``crop * size`` each way, zero padded."""
     h, w = x.shape[2:]
     sh, sw = int(h * p.crop + 0.5), int(w * p.crop + 0.5)
-    ty = draw.randint(-sh, sh + 1).to(x.dtype) * (2.0 / h)
-    tx = draw.randint(-sw, sw + 1).to(x.dtype) * (2.0 / w)
+    dy, dx = draw.randint((-sh, sh + 1), (-sw, sw + 1)).to(x.dtype)
+    ty, tx = dy * (2.0 / h), dx * (2.0 / w)
     one, zero = torch.ones_like(tx), torch.zeros_like(tx)
     theta = torch.stack([torch.stack([one, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
     return _affine(x, theta)
@@ -89,8 +96,9 @@ def _cutout(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Zero a ``cutout * size`` square centred anywhere in the image (it may overhang)."""
     h, w = x.shape[2:]
     ch, cw = int(h * p.cutout + 0.5), int(w * p.cutout + 0.5)
-    top = (draw.randint(0, h) - ch // 2).view(-1, 1, 1)
-    left = (draw.randint(0, w) - cw // 2).view(-1, 1, 1)
+    top, left = draw.randint((0, h), (0, w))
+    top = (top - ch // 2).view(-1, 1, 1)
+    left = (left - cw // 2).view(-1, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, -1, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, -1)
     inside = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)
@@ -99,15 +107,14 @@ def _cutout(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
 
 def _flip(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Mirror horizontally with probability ``flip``."""
-    flip = (draw.rand() < p.flip).view(-1, 1, 1, 1)
+    flip = (draw.rand()[0] < p.flip).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
 
 
 def _scale(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Scale x and y independently by factors uniform in [1/scale, scale]."""
     lo = 1.0 / p.scale
-    sx = draw.rand() * (p.scale - lo) + lo
-    sy = draw.rand() * (p.scale - lo) + lo
+    sx, sy = draw.rand(2) * (p.scale - lo) + lo
     zero = torch.zeros_like(sx)
     theta = torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
     return _affine(x, theta)
@@ -115,7 +122,7 @@ def _scale(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
 
 def _rotate(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
     """Rotate about the centre by an angle uniform in [-rotate, rotate] degrees."""
-    angle = (draw.rand() - 0.5) * 2 * p.rotate * (math.pi / 180)
+    angle = (draw.rand()[0] - 0.5) * 2 * p.rotate * (math.pi / 180)
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
     return _affine(x, theta)
