@@ -35,6 +35,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, DataError
 from medistill.models import create_model
 from medistill.progress import progress_bar
+from medistill.transfer import HostCopy, to_device
 from medistill.zca import ZCA
 
 CACHE_ENV = "MEDISTILL_CACHE"
@@ -177,18 +178,22 @@ def train_experts(
     step_grads = vmap(grad(loss))
     count, n = len(indices), images.shape[0]
     trajectories = torch.empty(count, settings.epochs + 1, flat_model.num_params)
-    trajectories[:, 0] = flats.cpu()
+    # Each epoch's parameters go to the host without blocking and are stored one epoch later, when
+    # waiting for that copy no longer drains the work queued since (no per-epoch stall on a GPU).
+    snapshot = (0, HostCopy(flats))
     for epoch in range(settings.epochs):
-        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(images.device)
+        orders = to_device(torch.stack([torch.randperm(n, generator=g) for g in generators]), images.device)
         for start in range(0, n, settings.batch_size):
             idx = orders[:, start : start + settings.batch_size]
             x = images[idx]
             if augment is not None:
                 x = torch.stack([augment(x[e], generator=generators[e]) for e in range(count)])
             flats = flats - settings.lr_teacher * step_grads(flats, x, labels[idx])
-        trajectories[:, epoch + 1] = flats.cpu()
+        trajectories[:, snapshot[0]] = snapshot[1].wait()
+        snapshot = (epoch + 1, HostCopy(flats))
         if on_epoch is not None:
             on_epoch()
+    trajectories[:, snapshot[0]] = snapshot[1].wait()
     return trajectories, expert_accuracy(flat_model, flats, dataset, zca)
 
 

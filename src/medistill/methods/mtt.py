@@ -37,6 +37,7 @@ from medistill.methods.random import random_subset_indices
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
 from medistill.progress import progress_bar
 from medistill.train.engine import TrainProtocol
+from medistill.transfer import to_device, to_host_async
 from medistill.zca import ZCA
 
 
@@ -150,12 +151,13 @@ def plain_unroll(problem: Unroll) -> UnrollResult:
 def bounded_unroll(problem: Unroll) -> UnrollResult:
     """The same gradients with one step's graph at a time: forward without a graph, then the adjoint backwards."""
     lr = problem.syn_lr.detach()
+    neg_lr = -float(lr)  # read once, before this unroll's work is queued (the image update needs it as a number)
     images = problem.images.detach()
     offload = images.device.type != "cpu"
     thetas = []
     theta = problem.start.detach()
     for k in range(len(problem.batches)):
-        thetas.append(theta.cpu() if offload else theta)
+        thetas.append(to_host_async(theta) if offload else theta)  # read back on the same stream: no wait
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             g = torch.autograd.grad(problem.step_loss(leaf, images[problem.batches[k]], k), leaf)[0]
@@ -165,12 +167,12 @@ def bounded_unroll(problem: Unroll) -> UnrollResult:
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(lr)
     for k in reversed(range(len(problem.batches))):
-        leaf = thetas.pop().to(images.device).requires_grad_(True)
+        leaf = to_device(thetas.pop(), images.device).requires_grad_(True)
         batch = images[problem.batches[k]].requires_grad_(True)
         g = torch.autograd.grad(problem.step_loss(leaf, batch, k), leaf, create_graph=True)[0]
         hvp, grad_batch = torch.autograd.grad(g, (leaf, batch), grad_outputs=adjoint)
         grad_lr = grad_lr - (g.detach() * adjoint).sum()
-        grad_images.index_add_(0, problem.batches[k], grad_batch, alpha=-float(lr))
+        grad_images.index_add_(0, problem.batches[k], grad_batch, alpha=neg_lr)
         adjoint = adjoint - lr * hvp
     return loss.detach(), grad_images, grad_lr
 
@@ -227,32 +229,44 @@ class MTTDistiller:
         generator = torch.Generator().manual_seed(iteration_seed(self.context.seed, iteration))
         expert = int(torch.randint(min(c.num_experts, self.buffer.num_experts), (1,), generator=generator))
         start_epoch = int(torch.randint(c.max_start_epoch, (1,), generator=generator))
-        batches = [b.to(self.images.device) for b in plan_steps(len(self.labels), c.syn_steps, c.batch_syn, generator)]
+        batches = [to_device(b, self.images.device) for b in plan_steps(len(self.labels), c.syn_steps, c.batch_syn, generator)]
         seeds = torch.randint(2**31 - 1, (c.syn_steps,), generator=generator).tolist()
-        to = dict(device=self.images.device, dtype=self.images.dtype)
-        return Unroll(self.student, self.buffer.snapshot(expert, start_epoch).to(**to),
-                      self.buffer.snapshot(expert, start_epoch + c.expert_epochs).to(**to), self.images, self.labels,
-                      self.syn_lr, batches, seeds, self.augment)
+        device, dtype = self.images.device, self.images.dtype
+        start = to_device(self.buffer.snapshot(expert, start_epoch), device).to(dtype)
+        target = to_device(self.buffer.snapshot(expert, start_epoch + c.expert_epochs), device).to(dtype)
+        return Unroll(self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment)
 
     def step(self) -> float:
         """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""
         iteration = self.iteration + 1
         loss, grad_images, grad_lr = UNROLLS[self.config.unroll](self.problem(iteration))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_images).all() and torch.isfinite(grad_lr)):
+        # The guard must stop the run before the update, so it reads the device once per iteration:
+        # the loss and the gradients' finiteness in one copy.
+        grads_finite = torch.isfinite(grad_images).all() & torch.isfinite(grad_lr)
+        value, finite = torch.stack([loss, grads_finite.to(loss.dtype)]).tolist()
+        if not (math.isfinite(value) and finite):
             raise DivergenceError(
-                f"MTT diverged at iteration {iteration} (loss {float(loss):.4g}, syn_lr {self.syn_lr.item():.4g}); "
+                f"MTT diverged at iteration {iteration} (loss {value:.4g}, syn_lr {self.syn_lr.item():.4g}); "
                 "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps")
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
         self.opt_img.step()
         self.opt_lr.step()
-        with torch.no_grad():
-            if self.syn_lr < self.config.min_syn_lr:
-                self.syn_lr.fill_(self.config.min_syn_lr)
-                self.lr_clamps += 1
+        with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
+            self._lr_clamps += self.syn_lr < self.config.min_syn_lr
+            self.syn_lr.clamp_(min=self.config.min_syn_lr)
         self.images.grad = self.syn_lr.grad = None
         self.iteration = iteration
-        self.losses.append(float(loss))
-        return float(loss)
+        self.losses.append(value)
+        return value
+
+    @property
+    def lr_clamps(self) -> int:
+        """How many iterations ended with syn_lr clamped to min_syn_lr (a read from the device)."""
+        return int(self._lr_clamps)
+
+    @lr_clamps.setter
+    def lr_clamps(self, count: int) -> None:
+        self._lr_clamps = torch.tensor(count, device=self.syn_lr.device)
 
     def output_images(self) -> torch.Tensor:
         """The synthetic images in the dataset's normalised space."""
@@ -305,14 +319,18 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
         context.log(f"resuming MTT at iteration {distiller.iteration} of {config.iterations}")
     with progress_bar(config.iterations, f"mtt {dataset.name} ipc={ipc}", context.progress) as bar:
         bar.advance(distiller.iteration)
+        shown_lr = distiller.syn_lr.item()  # the bar's syn_lr: refreshed at evaluation points and checkpoints only
         while distiller.iteration < config.iterations:
             loss = distiller.step()  # a DivergenceError leaves the last checkpoint as it was
             it = distiller.iteration
             if tracker is not None and tracker.due(it, config.iterations):
-                tracker.run(it, distiller.output_images(), distiller.labels, lr=distiller.syn_lr.item())
+                shown_lr = distiller.syn_lr.item()
+                tracker.run(it, distiller.output_images(), distiller.labels, lr=shown_lr)
             if it % config.checkpoint_every == 0 or it == config.iterations:
-                checkpoint.save(distiller.state(tracker))
-            bar.advance(1, loss=loss, lr=distiller.syn_lr.item())
+                state = distiller.state(tracker)
+                checkpoint.save(state)
+                shown_lr = state["syn_lr"]
+            bar.advance(1, loss=loss, lr=shown_lr)
             if it == HEALTH_CHECK_AT:
                 for warning in health_warnings(distiller):
                     context.log(warning)

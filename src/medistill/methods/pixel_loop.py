@@ -30,6 +30,7 @@ from medistill.methods.random import random_subset_indices
 from medistill.methods.registry import RunContext, check_ipc, get_method, new_set
 from medistill.models import create_model
 from medistill.progress import progress_bar
+from medistill.transfer import pinned
 
 LOSS_CURVE_POINTS = 100
 
@@ -147,7 +148,7 @@ class FreshNetwork:
             fresh = self._build()
         with torch.no_grad():
             for target, source in zip(self.module.state_dict().values(), fresh.state_dict().values()):
-                target.copy_(source, non_blocking=True)
+                target.copy_(pinned(source, target.device), non_blocking=True)  # queued, the host does not wait
         return self.module
 
 

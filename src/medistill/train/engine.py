@@ -33,6 +33,7 @@ from medistill.train.stacked import (
     stacked_test_scores,
     train_stacked,
 )
+from medistill.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def train_model(
     for epoch in range(protocol.epochs):
         for group in optimizer.param_groups:
             group["lr"] = protocol.lr_at(epoch, base_lr)
-        order = stream.epoch_order(n).to(device)
+        order = to_device(stream.epoch_order(n), device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
             x = stream.augment_batch(images[idx])

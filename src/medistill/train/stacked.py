@@ -34,6 +34,7 @@ from medistill.errors import ConfigError
 from medistill.models import create_model
 from medistill.models.convnet import ConvNet
 from medistill.train.metrics import predict_scores, score
+from medistill.transfer import to_device
 
 if TYPE_CHECKING:
     from medistill.train.engine import TrainProtocol
@@ -250,7 +251,7 @@ def train_stacked(
     for epoch in range(protocol.epochs):
         for group in optimizer.param_groups:
             group["lr"] = protocol.lr_at(epoch, base_lr)
-        orders = torch.stack([stream.epoch_order(n) for stream in streams]).to(device)
+        orders = to_device(torch.stack([stream.epoch_order(n) for stream in streams]), device)
         for start in range(0, n, protocol.batch_size):
             idx = orders[:, start : start + protocol.batch_size]
             x = images[idx]
