@@ -138,6 +138,8 @@ def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path) -> None:
     assert [value for _, value in scalars["eval/acc"]] == pytest.approx([p["acc_mean"] for p in result.metrics["eval_points"]])
     # One grid per checkpoint: a row per class (3), IPC (2) images of 16 px per row, 1 px borders.
     assert images["synthetic"] == [(step, 2 * 17 + 1, 3 * 17 + 1) for step in (2, 4, 5)]
+    # The log folder is this machine's business: it stays out of the set's recorded settings.
+    assert "tensorboard" not in result.hyperparameters and result.hyperparameters["iterations"] == 5
 
 
 def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, monkeypatch) -> None:

@@ -103,6 +103,11 @@ def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: boo
             )
 
 
+# Settings that only say where this machine keeps logs or caches: they do not change the set, and a
+# local path has no business in result.json or a shared bundle's card.
+LOCAL_PATH_SETTINGS = ("tensorboard", "buffer_root")
+
+
 def distill(
     method: str,
     dataset: Dataset,
@@ -119,7 +124,8 @@ def distill(
         config = make_config(spec, config)
     context = context or RunContext()
     result = spec.run(dataset, ipc, config, context)
-    result.hyperparameters = {**dataclasses.asdict(config), **result.hyperparameters}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
+    result.hyperparameters = {**settings, **result.hyperparameters}
     return result
 
 
