@@ -80,21 +80,7 @@ for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   done
 done
 wait
-$PY - "$RUNS" > "$OUT/grid.json" <<'EOF'
-import json, pathlib, sys
-rows = []
-for result in sorted(pathlib.Path(sys.argv[1]).glob("*/result.json")):
-    r = json.loads(result.read_text())
-    row = {k: r.get(k) for k in ("dataset", "method", "ipc", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std",
-                                 "test_acc", "distill_seconds", "eval_seconds", "eval_protocol")}
-    h = r.get("hyperparameters", {})
-    row["iterations"], row["outer_loop"], row["inner_loop"], row["init"] = h.get("iterations"), h.get("outer_loop"), h.get("inner_loop"), h.get("init")
-    dsa = result.parent / "dsa_eval.json"
-    if dsa.exists():
-        row["dsa_eval"] = json.loads(dsa.read_text())
-    rows.append(row)
-print(json.dumps({"runs": rows, "note": "iterations < 1000 were cut to fit the GPU session (see the plan in logs.txt)"}, indent=1))
-EOF
+$PY benchmarks/collect_grid.py "$RUNS" --note "iterations < 1000 were cut to fit the GPU session (see the plan in logs.txt)" > "$OUT/grid.json"
 for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -5; done >> "$LOG"
 $PY - "$RUNS" "$OUT/speed_variants.json" <<'EOF'
 import json, pathlib, sys

@@ -97,28 +97,6 @@ for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   done < "$RUNS/plan.txt"
 done
 wait
-$PY - "$RUNS" > "$OUT/grid.json" <<'EOF'
-import json, pathlib, sys
-rows = []
-for result in sorted(pathlib.Path(sys.argv[1]).glob("*/result.json")):
-    r = json.loads(result.read_text())
-    row = {k: r.get(k) for k in ("dataset", "method", "ipc", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std",
-                                 "test_acc", "learned_lr", "distill_seconds", "eval_seconds", "eval_protocol")}
-    h = r.get("hyperparameters", {})
-    row["iterations"] = h.get("iterations")
-    art = result.parent / "synthetic.safetensors"
-    if r.get("method") == "mtt" and art.exists():
-        from medistill.artifact import SyntheticSet
-        s = SyntheticSet.load(art)
-        loss = s.extra.get("loss", [])
-        k = max(1, len(loss) // 10)
-        row.update(syn_lr_clamps=s.extra.get("syn_lr_clamps"), loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
-                   eval_points=s.metrics.get("eval_points"), best=s.metrics.get("best"), last=s.metrics.get("last"))
-    dsa = result.parent / "dsa_eval.json"
-    if dsa.exists():
-        row["dsa_eval"] = json.loads(dsa.read_text())
-    rows.append(row)
-print(json.dumps({"runs": rows}, indent=1))
-EOF
+$PY benchmarks/collect_grid.py "$RUNS" > "$OUT/grid.json"
 for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -4; done >> "$LOG"
 echo "done in $SECONDS s" >> "$LOG"
