@@ -340,8 +340,9 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
     result = new_set(dataset, images, distiller.labels, method="mtt", ipc=ipc, seed=context.seed,
                      learned_lr=distiller.syn_lr.item())
     result.metrics = tracker.summary() if tracker is not None else {}
+    # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
     result.extra = {"loss": distiller.losses, "syn_lr_clamps": distiller.lr_clamps, "zca": distiller.zca is not None,
-                    "buffer": distiller.buffer.summary()}
+                    "buffer": {k: v for k, v in distiller.buffer.summary().items() if k != "directory"}}
     return result
 
 
