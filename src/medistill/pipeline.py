@@ -22,12 +22,14 @@ from medistill.data import load_dataset
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill, get_method
+from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
 from medistill.models import list_models
 from medistill.train import Scores, TrainProtocol, evaluate
 
 RESULT_NAME = "result.json"
 GRID_NAME = "grid.png"
+CHECKPOINTS_NAME = "checkpoints"  # the job folder's sub-folder where the method checkpoints its loop
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run_job(
         raise ConfigError(f"output path {out} exists and is not a folder")
     if out is not None and (out / RESULT_NAME).exists() and not resume:
         raise ConfigError(f"{out} already holds a finished run ({RESULT_NAME}); choose another --out (or --resume to redo its evaluation)")
-    checkpoint_dir = out / "checkpoints" if out is not None else None
+    checkpoint_dir = out / CHECKPOINTS_NAME if out is not None else None
     start = time.perf_counter()
     context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
     synthetic = distill(spec.name, dataset, ipc, config, context=context)
@@ -152,6 +154,11 @@ def run_job(
     if out is not None:
         write_outputs(out, synthetic, record, save_artifact=spec.uses_ipc)
     return JobResult(synthetic=synthetic, scores=scores, record=record)
+
+
+def has_checkpoint(out_dir: str | Path) -> bool:
+    """Whether a job folder holds a checkpoint of its method's loop (what `run_job(..., resume=True)` continues)."""
+    return (Path(out_dir) / CHECKPOINTS_NAME / CHECKPOINT_NAME).is_file()
 
 
 def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *, save_artifact: bool = True) -> None:

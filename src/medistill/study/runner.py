@@ -21,8 +21,7 @@ import torch
 from medistill.data import load_dataset
 from medistill.data.dataset import Dataset
 from medistill.errors import MedistillError
-from medistill.methods.checkpoint import CHECKPOINT_NAME
-from medistill.pipeline import RESULT_NAME, run_job
+from medistill.pipeline import RESULT_NAME, has_checkpoint, run_job
 from medistill.runtime import resolve_device, seed_everything
 from medistill.study.executors import create_executor
 from medistill.study.simulation import build_simulation
@@ -104,11 +103,6 @@ def execute(spec: RunSpec, env: RunEnv) -> dict[str, Any]:
 def run_label(spec: RunSpec) -> str:
     """How the log names a run."""
     return f"{spec.dataset_label} {spec.method} ipc={spec.ipc} seed={spec.seed}"
-
-
-def has_checkpoint(work: Path) -> bool:
-    """Whether a run's scratch folder holds a checkpoint of its method's loop (see `run_job`)."""
-    return (work / "checkpoints" / CHECKPOINT_NAME).is_file()
 
 
 def build_simulations(study: StudySpec, study_dir: Path, data_root: str | Path | None, log: Callable[[str], None]) -> None:
