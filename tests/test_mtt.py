@@ -12,6 +12,7 @@ import torch
 
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill
+from medistill.methods.checkpoint import CHECKPOINT_NAME, read_state
 from medistill.methods import mtt as mtt_module
 from medistill.methods.mtt import MTTConfig, MTTDistiller, Unroll, bounded_unroll, plain_unroll
 from medistill.zca import ZCA
@@ -110,7 +111,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_state(breas
     with pytest.raises(MedistillError, match=r"diverged at iteration (\d)") as caught:
         distill("mtt", breast, 1, config, context=RunContext(checkpoint_dir=tmp_path))
     diverged = int(re.search(r"iteration (\d)", str(caught.value)).group(1))
-    state = torch.load(tmp_path / "state.pt", weights_only=False)["state"]
+    state = read_state(tmp_path / CHECKPOINT_NAME)["state"]
     assert state["iteration"] == diverged - 1
     assert torch.isfinite(state["images"]).all()
 

@@ -19,6 +19,7 @@ from medistill.artifact import SyntheticSet
 from medistill.data import write_npz_dataset
 from medistill.errors import ConfigError
 from medistill.methods import list_methods
+from medistill.methods.checkpoint import read_state
 from medistill.study import (
     ResultStore, RunEnv, RunSpec, execute, fit_predictor, load_study, parse_study, predict, run_study, write_report,
 )
@@ -250,15 +251,15 @@ def test_killed_study_continues_its_run_from_the_checkpoint(dm_study, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "medistill", "study", str(config), "--out", str(out), "--no-report"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(out.glob("work/*/checkpoints/state.pt")) and time.time() < deadline and process.poll() is None:
+    while not list(out.glob("work/*/checkpoints/state.safetensors")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    checkpoints = list(out.glob("work/*/checkpoints/state.pt"))
+    checkpoints = list(out.glob("work/*/checkpoints/state.safetensors"))
     assert len(checkpoints) == 1, f"the run should checkpoint into the study's work/ folder (exit code {process.returncode})"
     checkpoint = checkpoints[0]
-    done = torch.load(checkpoint, weights_only=False)["state"]["iteration"]
+    done = read_state(checkpoint)["state"]["iteration"]
     assert 0 < done < DM_ITERATIONS, "the kill should land mid-distillation"
     assert not list((out / "runs").glob("*.json"))
     finish = cli("study", str(config), "--out", str(out), "--no-report")
