@@ -18,7 +18,7 @@ from medistill.artifact import ARTIFACT_NAME
 from medistill.bundle import export_bundle, load_bundle, load_trained_model, receiving_test_split
 from medistill.errors import ConfigError, DataError
 from medistill.methods import distill, new_set
-from medistill.privacy import AuditConfig, audit, summarize
+from medistill.privacy import AuditConfig, run_audit
 from medistill.privacy.neighbours import nearest_by_l2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,17 +53,15 @@ def test_export_refuses_a_set_whose_audit_found_copies(breast, tmp_path) -> None
     # a 'synthetic' method whose images never moved away from their real initialisation
     idx = torch.cat([breast.class_indices(c)[:2] for c in range(2)])
     unmoved = new_set(breast, breast.train.images[idx], breast.train.labels[idx], method="dsa", ipc=2, seed=0)
-    report = audit(unmoved, breast, AuditConfig(feature_epochs=0, reference_images=0, mia=False))
-    assert not report["passed"]
-    unmoved.extra["audit"] = summarize(report)
-    with pytest.raises(ConfigError, match="near-copies"):
+    with pytest.raises(ConfigError, match="4 of 4 images are near-copies"):
         export_bundle(unmoved, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_round_trip_export_then_train_in_another_process(breast, dc_set, medmnist_root, tmp_path) -> None:
-    report = audit(dc_set, breast, AuditConfig(feature_model="lenet", feature_epochs=1, reference_images=0, mia=False))
-    dc_set.extra["audit"] = summarize(report)
-    bundle = export_bundle(dc_set, tmp_path / "bundle")
+    artifact = dc_set.save(tmp_path / "dc")
+    _, report = run_audit(artifact, None, AuditConfig(feature_model="lenet", feature_epochs=1, reference_images=0, mia=False))
+    bundle = export_bundle(artifact, tmp_path / "bundle", audit_report=report)
     assert {p.name for p in bundle.iterdir()} == BUNDLE_FILES
     card = json.loads((bundle / "dataset_card.json").read_text())
     assert card["source"]["md5"] == "750601b1f35ba3300ea97c75c52ff8f6"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -112,14 +113,16 @@ def test_loss_attack_separates_the_training_images_of_an_overfit_model(breast) -
     assert roc_summary(members, others)["auc"] > 0.62  # ~0.70 measured; chance is 0.5 (sd ~0.045 here)
 
 
-def test_run_audit_writes_reports_and_stores_the_summary(breast, medmnist_root, tmp_path) -> None:
+def test_run_audit_writes_reports_beside_the_set_and_leaves_it_untouched(breast, medmnist_root, tmp_path) -> None:
     path = noise_set(breast).save(tmp_path / "set")
+    before = path.read_bytes()
     config = AuditConfig(feature_model="lenet", feature_epochs=1, reference_images=50, mia_model="mlp", mia_epochs=5, lira_shadows=2)
-    report, out = run_audit(path, tmp_path / "audit", config, data_root=medmnist_root)
+    report, out = run_audit(path, None, config, data_root=medmnist_root)
+    assert out == (tmp_path / "set-audit").resolve()
     assert {p.name for p in out.iterdir()} == {"audit.json", "audit.md", "worst_cases.png"}
-    assert json.loads((out / "audit.json").read_text())["passed"] is True
-    stored = SyntheticSet.load(path).extra["audit"]
-    assert stored["passed"] is True and "images" not in stored["neighbours"]
+    stored = json.loads((out / "audit.json").read_text())
+    assert stored["passed"] is True and stored["artifact"]["sha256"] == hashlib.sha256(before).hexdigest()
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["synthetic.safetensors"]
     membership = stored["membership"]
     assert set(membership["targets"]) == {"synthetic", "random", "full"}
     assert membership["members"] == 546 and membership["non_members"] == 156
@@ -138,4 +141,4 @@ def test_cli_audit_exits_1_on_a_random_subset(breast, medmnist_root, tmp_path) -
                                       "--device", "cpu", "--no-progress"])
     assert result.exit_code == 1, result.output
     assert "FAIL: 4 of 4 synthetic images are near-copies" in result.output
-    assert SyntheticSet.load(path).extra["audit"]["passed"] is False
+    assert "audit" not in SyntheticSet.load(path).extra

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medistill import __version__
+from medistill.atomic import atomic_path
 from medistill.data.dataset import MULTI_LABEL
 from medistill.errors import DataError
 
@@ -66,10 +67,10 @@ class SyntheticSet:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / ARTIFACT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
         meta = json.dumps(_json_safe(self.metadata()), allow_nan=True)
-        save_file(tensors, str(path), metadata={META_KEY: meta})
+        with atomic_path(path) as partial:
+            save_file(tensors, str(partial), metadata={META_KEY: meta})
         return path
 
     @classmethod
@@ -100,14 +101,14 @@ class SyntheticSet:
     def to_npz(self, path: str | Path) -> Path:
         """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         pixels = (self.pixels() * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         if pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
         labels = self.labels.cpu().numpy()
         labels = labels.astype(np.uint8) if self.task == MULTI_LABEL else labels.reshape(-1, 1).astype(np.uint8)
         meta = {"task": self.task, "label_names": self.label_names, "provenance": {"method": self.method, "source": self.source}}
-        np.savez_compressed(path, train_images=pixels, train_labels=labels, medistill_meta=np.array(json.dumps(_json_safe(meta))))
+        with atomic_path(path) as partial, open(partial, "wb") as handle:
+            np.savez_compressed(handle, train_images=pixels, train_labels=labels, medistill_meta=np.array(json.dumps(_json_safe(meta))))
         return path
 
     def to_png_grid(self, path: str | Path, max_per_class: int = 10) -> Path:
@@ -127,7 +128,6 @@ def save_image_grid(
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = pixels.detach().cpu()
     if task == MULTI_LABEL:
         rows = [pixels[i : i + max_per_class] for i in range(0, min(len(pixels), max_per_class * 10), max_per_class)]
@@ -143,7 +143,8 @@ def save_image_grid(
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             canvas[:, top : top + h, left : left + w] = image
     array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
+    with atomic_path(path) as partial:
+        Image.fromarray(array[..., 0] if c == 1 else array).save(partial, format="PNG")
     return path
 
 

@@ -2,68 +2,169 @@
 
 A bundle folder holds `synthetic.safetensors` (the set in normalised space with its metadata),
 `synthetic.npz` (MedMNIST-style uint8), `dataset_card.md` and `dataset_card.json` (source dataset
-and MD5, method, hyperparameters, learned lr, seed, version, metrics, audit summary, the
-recommended training protocol and SHA-256 of every data file) and `grid.png`.
+and MD5, method, hyperparameters, learned lr, seed, version, metrics, near-copy screen, audit
+summary, the recommended training protocol and SHA-256 of every data file) and `grid.png`.
 
-A bundle never holds a real image: sets whose method outputs real images (`random`, `full`) are
-refused, and so is a set whose stored privacy audit found near-copies. There is no override.
+A bundle never holds a real image. The export gate is the list `EXPORT_RULES`; a set leaves only
+when every rule passes. The rules do not trust the set's metadata to say what it is: besides the
+method's kind, `export` runs the near-copy screen itself against the source training set (loaded
+and MD5-checked like for `evaluate`), so a set whose header was edited, or a "distilled" set that
+never moved away from its real initialisation, is refused. There is no override. A privacy
+audit report is put into the card only when it was made for this exact file (its SHA-256).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from medistill import __version__
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.atomic import atomic_path, atomic_write, refuse_existing
 from medistill.data import load_dataset
 from medistill.data.dataset import DataSource, Dataset, Split
 from medistill.errors import ConfigError, DataError
+from medistill.markdown import cell
 from medistill.methods import get_method
 from medistill.models import create_model
+from medistill.pipeline import BUNDLE_MARKER, load_source_dataset
+from medistill.privacy.audit import file_sha256 as sha256
+from medistill.privacy.audit import screen_near_copies
+from medistill.privacy.neighbours import CopyThresholds
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, test_scores, train_model
 
 CARD_FORMAT = "medistill-bundle/1"
 MODEL_FORMAT = "medistill-model/1"
 NPZ_NAME = "synthetic.npz"
-CARD_JSON = "dataset_card.json"
+CARD_JSON = BUNDLE_MARKER
 CARD_MD = "dataset_card.md"
 GRID_NAME = "grid.png"
 DATA_FILES = (ARTIFACT_NAME, NPZ_NAME, GRID_NAME)
 
 
-def export_bundle(artifact: SyntheticSet | str | Path, out_dir: str | Path) -> Path:
-    """Write a shareable bundle of a synthetic set to `out_dir`; refuse sets that hold real images."""
-    synthetic = artifact if isinstance(artifact, SyntheticSet) else SyntheticSet.load(artifact)
-    spec = get_method(synthetic.method)
-    if not spec.synthetic:
-        raise ConfigError(
-            f"refusing to export a '{synthetic.method}' set: its images are real training images; "
-            "only synthetic (distilled) sets can be shared"
-        )
-    audit = synthetic.extra.get("audit")
-    if audit is not None and not audit.get("passed", False):
-        raise ConfigError(f"refusing to export: the privacy audit stored in the set says {audit.get('verdict', 'it failed')}")
+@dataclass
+class ExportEvidence:
+    """What the export rules look at: the set, and (computed on first use) its near-copy screen."""
+
+    synthetic: SyntheticSet
+    data_root: str | Path | None = None
+    device: torch.device | str = "cpu"
+    thresholds: CopyThresholds = field(default_factory=CopyThresholds)
+
+    @cached_property
+    def screen(self) -> dict[str, Any]:
+        """The near-copy screen of the set against the training split of the source it names (MD5-checked)."""
+        dataset = load_source_dataset(self.synthetic, root=self.data_root, device=self.device, progress=False)
+        return screen_near_copies(self.synthetic, dataset, self.thresholds)
+
+
+ExportRule = Callable[[ExportEvidence], "str | None"]  # the reason to refuse, or None
+EXPORT_RULES: list[ExportRule] = []
+
+
+def export_rule(rule: ExportRule) -> ExportRule:
+    """Add a rule every exported set must pass (rules run in the order they were added)."""
+    EXPORT_RULES.append(rule)
+    return rule
+
+
+@export_rule
+def method_outputs_synthetic_images(evidence: ExportEvidence) -> str | None:
+    method = evidence.synthetic.method
+    if not get_method(method).synthetic:
+        return f"refusing to export a '{method}' set: its images are real training images; only synthetic (distilled) sets can be shared"
+    return None
+
+
+@export_rule
+def no_near_copies_of_training_images(evidence: ExportEvidence) -> str | None:
+    screen = evidence.screen
+    if not screen["passed"]:
+        return (f"refusing to export: {screen['near_copies']} of {screen['images']} images are near-copies of real training "
+                f"images of {screen['source']['name']} (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS distance "
+                f"{screen['lowest_rms_distance']:.4f}); run `medistill audit` on the set to see them")
+    return None
+
+
+def check_export(evidence: ExportEvidence) -> None:
+    """Raise a ConfigError with the first rule's reason to refuse the set."""
+    for rule in EXPORT_RULES:
+        reason = rule(evidence)
+        if reason is not None:
+            raise ConfigError(reason)
+
+
+def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]:
+    """A passing audit report (audit.json, or its folder) made for the artifact with this SHA-256, summarised."""
+    from medistill.privacy.audit import AUDIT_JSON, summarize
+
+    path = Path(report_path)
+    path = path / AUDIT_JSON if path.is_dir() else path
+    try:
+        report = json.loads(path.read_text())
+        made_for, passed = report["artifact"]["sha256"], report["passed"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a readable medistill audit report ({type(exc).__name__})") from None
+    if made_for != artifact_sha256:
+        raise ConfigError(f"the audit report {path} was made for another file (SHA-256 {str(made_for)[:12]}..., this set "
+                          f"{artifact_sha256[:12]}...); audit this exact file")
+    if passed is not True:
+        raise ConfigError(f"refusing to export: the audit report {path} did not pass")
+    summary = summarize(report)
+    summary["neighbours"] = {k: v for k, v in summary["neighbours"].items() if k != "worst_cases_png"}
+    return summary
+
+
+def export_bundle(artifact: SyntheticSet | str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
+                  device: torch.device | str = "cpu", audit_report: str | Path | None = None) -> Path:
+    """Write a shareable bundle of a synthetic set to `out_dir` once every export rule passes."""
+    if isinstance(artifact, SyntheticSet):
+        synthetic = artifact
+        if audit_report is not None:
+            raise ConfigError("an audit report can only be bound to a saved artifact file")
+        audit = None
+    else:
+        path = Path(artifact)
+        path = path / ARTIFACT_NAME if path.is_dir() else path
+        synthetic = SyntheticSet.load(path)
+        audit = bound_audit(audit_report, sha256(path)) if audit_report is not None else None
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_JSON).is_file())):
         raise ConfigError(f"{out} exists and is not an empty folder or an earlier bundle; choose another --out")
+    evidence = ExportEvidence(synthetic, data_root=data_root, device=device)
+    check_export(evidence)
+    shared = shareable(synthetic)
     out.mkdir(parents=True, exist_ok=True)
-    synthetic.save(out / ARTIFACT_NAME)
-    synthetic.to_npz(out / NPZ_NAME)
-    synthetic.to_png_grid(out / GRID_NAME)
-    card = dataset_card(synthetic, {name: sha256(out / name) for name in DATA_FILES})
-    (out / CARD_JSON).write_text(json.dumps(card, indent=2, allow_nan=True) + "\n")
-    (out / CARD_MD).write_text(card_markdown(card))
+    shared.save(out / ARTIFACT_NAME)
+    shared.to_npz(out / NPZ_NAME)
+    shared.to_png_grid(out / GRID_NAME)
+    card = dataset_card(shared, {name: sha256(out / name) for name in DATA_FILES}, screen=evidence.screen, audit=audit)
+    atomic_write(out / CARD_MD, card_markdown(card))
+    atomic_write(out / CARD_JSON, json.dumps(card, indent=2, allow_nan=True) + "\n")  # last: its presence marks a complete bundle
     return out
 
 
-def dataset_card(synthetic: SyntheticSet, files: dict[str, str]) -> dict[str, Any]:
+def shareable(synthetic: SyntheticSet) -> SyntheticSet:
+    """The set as it leaves: no local paths of the source site, no unbound audit claim in its metadata."""
+    source = dict(synthetic.source)
+    origin = dict(source.get("source") or {})
+    if origin.get("path"):
+        origin["path"] = Path(str(origin["path"])).name
+    source["source"] = origin
+    extra = {k: v for k, v in synthetic.extra.items() if k != "audit"}
+    return replace(synthetic, source=source, extra=extra)
+
+
+def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict[str, Any] | None = None,
+                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """The machine-readable dataset card of a set (JSON-serialisable)."""
     source = synthetic.source
     origin = source.get("source", {})
@@ -91,75 +192,134 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str]) -> dict[str, An
         "exported_with_version": __version__,
         "metrics": synthetic.metrics,
         "recommended_training": {**protocol.to_dict(), "lr": synthetic.learned_lr or protocol.lr},
-        "audit": synthetic.extra.get("audit"),
+        "near_copy_screen": screen,
+        "audit": audit,
         "files": files,
     }
 
 
 def card_markdown(card: dict[str, Any]) -> str:
-    """The human-readable dataset card."""
+    """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]
+    learned = card["learned_lr"] if card["learned_lr"] is not None else "none (train with the protocol lr)"
     lines = [
-        f"# Synthetic {src['dataset']}: {card['method']}, {card['images']} images",
+        f"# Synthetic {cell(src['dataset'])}: {cell(card['method'])}, {card['images']} images",
         "",
         "Synthetic training images distilled from a real dataset; no real image is included.",
         "",
         "| | |",
         "|---|---|",
-        f"| source dataset | {src['dataset']} ({src['kind']}, {src['train_images']} training images, MD5 {src['md5']}) |",
-        f"| task | {card['task']}: {'; '.join(card['label_names'])} |",
-        f"| images | {card['images']} of shape {tuple(card['shape'])} (ipc {card['ipc']}) |",
-        f"| method | {card['method']}, seed {card['seed']} |",
-        f"| hyperparameters | {json.dumps(card['hyperparameters'])} |",
-        f"| learned lr | {card['learned_lr'] if card['learned_lr'] is not None else 'none (train with the protocol lr)'} |",
-        f"| normalisation | mean {card['normalization']['mean']}, std {card['normalization']['std']} |",
-        f"| version | made with medistill {card['made_with_version']}, exported with {card['exported_with_version']} |",
+        f"| source dataset | {cell(src['dataset'])} ({cell(src['kind'])}, {cell(src['train_images'])} training images, MD5 {cell(src['md5'])}) |",
+        f"| task | {cell(card['task'])}: {cell('; '.join(map(str, card['label_names'])))} |",
+        f"| images | {card['images']} of shape {tuple(card['shape'])} (ipc {cell(card['ipc'])}) |",
+        f"| method | {cell(card['method'])}, seed {cell(card['seed'])} |",
+        f"| hyperparameters | {cell(json.dumps(card['hyperparameters'], default=str))} |",
+        f"| learned lr | {cell(learned)} |",
+        f"| normalisation | mean {cell(card['normalization']['mean'])}, std {cell(card['normalization']['std'])} |",
+        f"| version | made with medistill {cell(card['made_with_version'])}, exported with {cell(card['exported_with_version'])} |",
     ]
     if "test_acc_mean" in metrics:
         protocol = metrics.get("eval_protocol", {})
         lines.append(f"| test score at the source | ACC {metrics['test_acc_mean']:.3f} ± {metrics['test_acc_std']:.3f}, "
                      f"AUC {metrics['test_auc_mean']:.3f} ± {metrics['test_auc_std']:.3f} "
-                     f"({metrics.get('eval_models')} x {protocol.get('model')}, {protocol.get('epochs')} epochs) |")
+                     f"({cell(metrics.get('eval_models'))} x {cell(protocol.get('model'))}, {cell(protocol.get('epochs'))} epochs) |")
+    screen = card.get("near_copy_screen")
+    if screen is not None:
+        lines.append(f"| near-copy screen at export | passed: none of {screen['images']} images within the near-copy rule of any of "
+                     f"{screen['real_images_searched']} training images (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS "
+                     f"distance {screen['lowest_rms_distance']:.4f}) |")
     lines += [
         "",
         "## Use",
         "",
         f"`medistill train BUNDLE --model resnet18 --out model.pt --eval-data your_data.npz` trains with the recommended "
         f"protocol: {rec['epochs']} epochs, SGD lr {rec['lr']:g} (x0.1 half-way), momentum {rec['momentum']}, weight decay "
-        f"{rec['weight_decay']}, batch {rec['batch_size']}, augmentation {rec['augment'] or 'none'}. "
+        f"{rec['weight_decay']}, batch {rec['batch_size']}, augmentation {cell(rec['augment'] or 'none')}. "
         "Images must be normalised with the mean/std above; `medistill train` does that for your evaluation data. "
         f"`{NPZ_NAME}` holds the images as MedMNIST-style uint8 arrays (`train_images`, `train_labels`).",
         "",
     ]
     if card["audit"] is not None:
-        audit = card["audit"]  # the worst-case PNG shows real images and stays at the source: do not point to it
-        lines += [audit_markdown({**audit, "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"}})]
+        lines += [audit_markdown(card["audit"])]
     else:
-        lines += ["## Privacy audit", "", "Not audited: run `medistill audit` on the set before sharing it.", ""]
+        lines += ["## Privacy audit", "", "Membership inference not attached: run `medistill audit` on the set and export it "
+                  "with `--audit REPORT` to include the report made for this file.", ""]
     lines += ["## Files", "", *(f"- `{name}` sha256 {digest}" for name, digest in card["files"].items())]
     return "\n".join(lines) + "\n"
 
 
 def load_bundle(bundle_dir: str | Path) -> tuple[SyntheticSet, dict[str, Any]]:
-    """Read a bundle's set and card, checking the set's SHA-256 against the card."""
+    """Read a bundle's set and card, checking the card's fields and the set's SHA-256 against the card."""
     folder = Path(bundle_dir)
     card_path = folder / CARD_JSON
     if not card_path.is_file():
         raise DataError(f"{folder} is not a medistill bundle (no {CARD_JSON})")
     try:
         card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{card_path} is not valid JSON ({exc})") from None
-    if card.get("format") != CARD_FORMAT:
-        raise DataError(f"{card_path} has format {card.get('format')!r}; this version reads {CARD_FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DataError(f"{card_path} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        found = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise DataError(f"{card_path} has format {found!r}; this version reads {CARD_FORMAT!r}")
+    check_card(card, card_path)
     artifact = folder / ARTIFACT_NAME
     if not artifact.is_file():
         raise DataError(f"the bundle {folder} lacks {ARTIFACT_NAME}")
     if sha256(artifact) != card["files"].get(ARTIFACT_NAME):
         raise DataError(f"{artifact} does not match the SHA-256 in {CARD_JSON}: the bundle was altered or damaged")
     return SyntheticSet.load(artifact), card
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_positive(value: Any) -> bool:
+    return _finite(value) and value > 0
+
+
+def _finite_non_negative(value: Any) -> bool:
+    return _finite(value) and value >= 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# What `train` reads from a card, with the check each value must pass.
+CARD_FIELDS: dict[tuple[str, ...], tuple[Callable[[Any], bool], str]] = {
+    ("files",): (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "a mapping of file name to SHA-256"),
+    ("source",): (lambda v: isinstance(v, dict), "a mapping"),
+    ("source", "dataset"): (lambda v: isinstance(v, str), "a string"),
+    ("method",): (lambda v: isinstance(v, str), "a string"),
+    ("images",): (_count, "a whole number >= 1"),
+    ("normalization", "mean"): (lambda v: isinstance(v, list) and all(_finite(x) for x in v), "a list of finite numbers"),
+    ("normalization", "std"): (lambda v: isinstance(v, list) and all(_finite_positive(x) for x in v), "a list of finite numbers > 0"),
+    ("recommended_training", "epochs"): (_count, "a whole number >= 1"),
+    ("recommended_training", "lr"): (_finite_positive, "a finite number > 0"),
+    ("recommended_training", "momentum"): (_finite_non_negative, "a finite number >= 0"),
+    ("recommended_training", "weight_decay"): (_finite_non_negative, "a finite number >= 0"),
+    ("recommended_training", "batch_size"): (_count, "a whole number >= 1"),
+    ("recommended_training", "augment"): (lambda v: v is None or isinstance(v, str), "null or a DSA strategy string"),
+}
+
+
+def check_card(card: dict[str, Any], path: Path) -> None:
+    """One-line DataError for the first missing or wrong-typed field `train` relies on."""
+    for keys, (valid, expected) in CARD_FIELDS.items():
+        value: Any = card
+        for key in keys:
+            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        name = ".".join(keys)
+        if value is _MISSING:
+            raise DataError(f"{path} lacks the field '{name}'")
+        if not valid(value):
+            raise DataError(f"{path}: '{name}' must be {expected}, got {json.dumps(value, default=str)[:60]}")
+
+
+_MISSING = object()
 
 
 def train_on_bundle(
@@ -173,9 +333,13 @@ def train_on_bundle(
     device: torch.device | str = "cpu",
     data_root: str | Path | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train one `model` on a bundle with its recommended protocol, save it to `out`, and score it on
     the test split of `eval_data` (a MedMNIST flag, an npz with MedMNIST array names or an image folder) if given."""
+    out = refuse_existing(out, force, "model file")
+    if (out.parent / CARD_JSON).exists():
+        raise ConfigError(f"{out.parent} is a bundle; `train --out` never writes into a bundle: choose another path")
     synthetic, card = load_bundle(bundle_dir)
     rec = card["recommended_training"]
     protocol = TrainProtocol(epochs=rec["epochs"] if epochs is None else epochs, lr=rec["lr"], momentum=rec["momentum"], weight_decay=rec["weight_decay"],
@@ -189,9 +353,7 @@ def train_on_bundle(
     if test is not None:
         acc, auc = test_scores(network, data)
         evaluation = {"data": str(eval_data), "split": "test", "images": len(test), "test_acc": acc, "test_auc": auc}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
+    payload = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "model": model,
@@ -206,7 +368,9 @@ def train_on_bundle(
         "bundle": {"source": card["source"], "method": card["method"], "images": card["images"], "files": card["files"]},
         "eval": evaluation,
         "version": __version__,
-    }, out)
+    }
+    with atomic_path(out) as partial:
+        torch.save(payload, partial)
     return {"model_path": str(out), "model": model, "protocol": protocol.to_dict(), "train_images": len(synthetic), "eval": evaluation}
 
 
@@ -258,15 +422,6 @@ def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_ro
     pixels = local.denormalize(local.test.images)
     labels = local.test.labels.float() if local.is_multilabel else local.test.labels
     return Split((pixels - mean) / std, labels)
-
-
-def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = [

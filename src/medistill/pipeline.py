@@ -17,6 +17,7 @@ import torch
 
 from medistill import __version__
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.atomic import atomic_write
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data import load_dataset
 from medistill.data.dataset import Dataset
@@ -29,6 +30,7 @@ from medistill.train import Scores, TrainProtocol, evaluate
 
 RESULT_NAME = "result.json"
 GRID_NAME = "grid.png"
+BUNDLE_MARKER = "dataset_card.json"  # a folder holding this is a shared bundle, never a job folder
 CHECKPOINTS_NAME = "checkpoints"  # the job folder's sub-folder where the method checkpoints its loop
 
 
@@ -112,17 +114,20 @@ def run_job(
     out_dir: str | Path | None = None,
     progress: bool = False,
     resume: bool = False,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> JobResult:
-    """Distil (or draw a baseline), evaluate, and write `synthetic.safetensors`, `grid.png`, `result.json` to `out_dir`."""
+    """Distil (or draw a baseline), evaluate, and write `synthetic.safetensors`, `grid.png`, `result.json` to `out_dir`.
+
+    A folder holding a finished run is refused unless `resume` (redo its evaluation) or `force`
+    (replace it); a bundle folder is never a job folder.
+    """
     evaluation = evaluation or EvalSettings()
     spec = get_method(method)
     protocol = evaluation.protocol_for(spec.name)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder")
-    if out is not None and (out / RESULT_NAME).exists() and not resume:
-        raise ConfigError(f"{out} already holds a finished run ({RESULT_NAME}); choose another --out (or --resume to redo its evaluation)")
+    if out is not None:
+        check_job_folder(out, resume=resume, force=force)
     checkpoint_dir = out / CHECKPOINTS_NAME if out is not None else None
     start = time.perf_counter()
     context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
@@ -156,6 +161,18 @@ def run_job(
     return JobResult(synthetic=synthetic, scores=scores, record=record)
 
 
+def check_job_folder(out: Path, *, resume: bool = False, force: bool = False) -> None:
+    """Refuse a job folder that is a file, a bundle, or (without resume/force) holds a finished run's outputs."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    if (out / BUNDLE_MARKER).exists():
+        raise ConfigError(f"{out} is a shared bundle ({BUNDLE_MARKER}); a bundle is never a job folder: choose another --out")
+    finished = [name for name in (RESULT_NAME, ARTIFACT_NAME) if (out / name).exists()]
+    if finished and not (resume or force):
+        raise ConfigError(f"{out} already holds a run ({', '.join(finished)}); choose another --out, "
+                          "or pass --resume to redo its evaluation or --force to replace it")
+
+
 def has_checkpoint(out_dir: str | Path) -> bool:
     """Whether a job folder holds a checkpoint of its method's loop (what `run_job(..., resume=True)` continues)."""
     return (Path(out_dir) / CHECKPOINTS_NAME / CHECKPOINT_NAME).is_file()
@@ -169,7 +186,7 @@ def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *,
         record["artifact"] = ARTIFACT_NAME
     synthetic.to_png_grid(out / GRID_NAME)
     record["grid"] = GRID_NAME
-    (out / RESULT_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write(out / RESULT_NAME, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _log_to_stderr(message: str) -> None:

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from medistill.artifact import SyntheticSet
 from medistill.cli import app
-from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset, parse_settings
+from medistill.atomic import atomic_write, refuse_existing
+from medistill.cli.options import DataRoot, Device, Force, ImageSize, Progress, Seed, Size, open_dataset, parse_settings
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
 from medistill.demo import DEMO_DATASET, run_demo
 from medistill.errors import ConfigError
@@ -59,6 +60,7 @@ def distill(
     lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
     init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
+    force: bool = Force,
     size: int = Size,
     image_size: Optional[int] = ImageSize,
     progress: bool = Progress,
@@ -68,7 +70,7 @@ def distill(
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model)
     overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init}.items() if v is not None}
     result = run_job(data, method, ipc, config={**parse_settings(config, settings), **overrides}, evaluation=evaluation, seed=seed,
-                     out_dir=out, progress=progress, resume=resume)
+                     out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record
     console.print(
         f"{r['dataset']} {r['method']} ipc={r['ipc']}: test ACC {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}, "
@@ -87,9 +89,12 @@ def evaluate(
     eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Epochs (default: the method's reference)."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
+    force: bool = Force,
     progress: bool = Progress,
 ) -> None:
     """Score a saved set on its source dataset's test split, with one or more architectures."""
+    if out is not None:
+        refuse_existing(out, force)
     synthetic = SyntheticSet.load(artifact)
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if m.lower() not in list_models()]
@@ -108,8 +113,7 @@ def evaluate(
                       str(protocol.epochs), protocol.augment or "-")
     console.print(table)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(out, json.dumps(report, indent=2) + "\n")
 
 
 @app.command()

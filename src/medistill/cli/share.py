@@ -10,7 +10,7 @@ import typer
 from medistill.artifact import SyntheticSet
 from medistill.bundle import export_bundle, train_on_bundle
 from medistill.cli import app
-from medistill.cli.options import DataRoot, Device, Progress, Seed
+from medistill.cli.options import DataRoot, Device, Force, Progress, Seed
 from medistill.privacy.audit import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
 from medistill.runtime import resolve_device
 
@@ -24,7 +24,7 @@ def _say(enabled: bool) -> Callable[[str], None]:
 @app.command()
 def audit(
     artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json, audit.md, worst_cases.png (default: audit/ beside the artifact)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Folder for audit.json, audit.md, worst_cases.png (default: FOLDER-audit/ beside the set's folder; never inside it or a bundle)."),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     ssim_threshold: float = typer.Option(AuditConfig.ssim_threshold, "--ssim-threshold", help="Flag a synthetic image whose most similar real image has at least this SSIM."),
@@ -35,17 +35,20 @@ def audit(
     attack_model: str = typer.Option(AuditConfig.mia_model, "--attack-model", help="Architecture of the attacked and shadow networks."),
     feature_epochs: int = typer.Option(AuditConfig.feature_epochs, "--feature-epochs", help="Epochs of the feature network for cosine similarity (0 skips it)."),
     seed: int = Seed,
+    force: bool = Force,
     progress: bool = Progress,
 ) -> None:
     """Check a set before sharing: nearest real neighbours (L2, SSIM, features) and membership inference.
 
-    Exits 1 when near-copies of real images are found, so scripts can stop an export.
+    Exits 1 when near-copies of real images are found, so scripts can stop an export. The set is only read.
     """
     config = AuditConfig(ssim_threshold=ssim_threshold, l2_threshold=l2_threshold, mia=mia, mia_epochs=mia_epochs,
                          lira_shadows=lira_shadows, mia_model=attack_model, feature_epochs=feature_epochs, seed=seed)
-    report, folder = run_audit(artifact, out, config, data_root=data_root, device=resolve_device(device), log=_say(progress))
+    report, folder = run_audit(artifact, report_dir, config, data_root=data_root, device=resolve_device(device), force=force,
+                               log=_say(progress))
     typer.echo(audit_markdown(report))
-    typer.echo(f"written: {folder / AUDIT_JSON}, {folder / AUDIT_MD}; summary stored in the artifact")
+    typer.echo(f"written: {folder / AUDIT_JSON}, {folder / AUDIT_MD} (bound to this file by its SHA-256: "
+               f"`medistill export --audit {folder}` puts it into the dataset card)")
     if not report["passed"]:
         raise typer.Exit(EXIT_AUDIT_FAILED)
 
@@ -54,13 +57,20 @@ def audit(
 def export(
     artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write (new, empty, or an earlier bundle)."),
+    audit_report: Optional[Path] = typer.Option(None, "--audit", help="A passing `medistill audit` report made for this exact file, to include in the card."),
+    data_root: Optional[Path] = DataRoot,
+    device: str = Device,
 ) -> None:
-    """Write a shareable bundle: the set (safetensors + MedMNIST-style npz), a dataset card and a PNG grid."""
-    synthetic = SyntheticSet.load(artifact)
-    folder = export_bundle(synthetic, out)
-    typer.echo(f"bundle of {len(synthetic)} synthetic images ({synthetic.method}) written to {folder}")
-    if "audit" not in synthetic.extra:
-        typer.echo("warning: this set has not been audited; run `medistill audit` on it before sharing the bundle", err=True)
+    """Write a shareable bundle: the set (safetensors + MedMNIST-style npz), a dataset card and a PNG grid.
+
+    Refused unless the method outputs synthetic images AND the near-copy screen, run here against the
+    source training set, finds no near-copy of a real image.
+    """
+    folder = export_bundle(artifact, out, data_root=data_root, device=resolve_device(device), audit_report=audit_report)
+    synthetic = SyntheticSet.load(folder)
+    typer.echo(f"bundle of {len(synthetic)} synthetic images ({synthetic.method}) written to {folder}; near-copy screen passed")
+    if audit_report is None:
+        typer.echo("note: no membership-inference audit attached; run `medistill audit` and export with --audit to include one", err=True)
 
 
 @app.command()
@@ -73,11 +83,12 @@ def train(
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     seed: int = Seed,
+    force: bool = Force,
     progress: bool = Progress,
 ) -> None:
     """Train a model on a received bundle with its recommended protocol; score it on your own data if given."""
     result = train_on_bundle(bundle, model, out, eval_data, epochs=epochs, seed=seed, device=resolve_device(device),
-                             data_root=data_root, progress=progress)
+                             data_root=data_root, progress=progress, force=force)
     protocol = result["protocol"]
     typer.echo(f"{result['model_path']}: {model} trained on {result['train_images']} synthetic images "
                f"({protocol['epochs']} epochs, lr {protocol['lr']:g}, augmentation {protocol['augment'] or 'none'})")

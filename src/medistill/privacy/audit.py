@@ -1,12 +1,15 @@
 """`audit`: is a synthetic set safe to share? Nearest-neighbour copy screen plus membership inference.
 
-The result is a JSON-serialisable dict and a short Markdown section; `run_audit` also writes them
-(audit.json, audit.md, worst_cases.png) and stores a summary in the artifact's metadata
-(`SyntheticSet.extra["audit"]`), which `medistill export` copies into the dataset card.
+The result is a JSON-serialisable dict and a short Markdown section; `run_audit` writes them
+(audit.json, audit.md, worst_cases.png) to a report folder beside the set's folder, never into it:
+the artifact is not modified. The report records the SHA-256 of the artifact file it was made for,
+so `medistill export --audit` can put it into the dataset card only for that exact file.
+`screen_near_copies` is the cheap part on its own: `export` runs it on every set it shares.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +20,11 @@ import torch
 
 from medistill import __version__
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
-from medistill.pipeline import load_source_dataset, renormalize
+from medistill.markdown import cell
+from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
     DEFAULT_BATCH_ELEMENTS, CopyThresholds, embed, find_neighbours, neighbour_summary, save_worst_cases,
@@ -29,7 +34,6 @@ from medistill.train import TrainProtocol, test_scores, train_model
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
 WORST_PNG = "worst_cases.png"
-META_KEY = "audit"
 
 
 @dataclass
@@ -134,35 +138,75 @@ def audit(
     }
 
 
+def screen_near_copies(synthetic: SyntheticSet, dataset: Dataset, thresholds: CopyThresholds | None = None, *,
+                       batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> dict[str, Any]:
+    """Nearest real training image of every synthetic image by L2 and SSIM; `passed` when none is a near-copy."""
+    thresholds = thresholds or CopyThresholds()
+    pixels = dataset.denormalize(renormalize(synthetic, dataset).to(dataset.device))
+    neighbours = find_neighbours(pixels, dataset.denormalize(dataset.train.images), batch_elements=batch_elements)
+    summary = neighbour_summary(neighbours, thresholds)
+    return {
+        "passed": summary["near_copies"] == 0,
+        "near_copies": summary["near_copies"],
+        "images": len(synthetic),
+        "real_images_searched": len(dataset.train),
+        "source": {"name": dataset.name, "md5": dataset.source.md5},
+        "rule": {"ssim_at_least": thresholds.ssim, "rms_distance_at_most": thresholds.l2_rms},
+        "highest_ssim": summary["ssim"]["max"],
+        "lowest_rms_distance": summary["l2_rms"]["min"],
+    }
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The report without its per-image table: what is stored in the artifact and the dataset card."""
     neighbours = {k: v for k, v in report["neighbours"].items() if k != "images"}
     return {**report, "neighbours": neighbours}
 
 
+def default_report_dir(artifact: str | Path) -> Path:
+    """Where an audit report goes by default: `<folder>-audit/` beside the set's folder, never inside it."""
+    path = Path(artifact)
+    folder = path if path.is_dir() else path.parent
+    folder = folder.resolve()
+    return folder.parent / f"{folder.name}-audit"
+
+
 def run_audit(
     artifact: str | Path,
-    out_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
     config: AuditConfig | None = None,
     *,
     data_root: str | Path | None = None,
     device: torch.device | str = "cpu",
+    force: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], Path]:
-    """Audit a saved set against its source dataset (MD5-checked); write audit.json, audit.md and
-    worst_cases.png to `out_dir` (default: `audit/` beside the artifact) and store the summary in the artifact."""
+    """Audit a saved set against its source dataset (MD5-checked) and write audit.json, audit.md and
+    worst_cases.png to `report_dir` (default: `default_report_dir`). The artifact is only read."""
     path = Path(artifact)
     path = path / ARTIFACT_NAME if path.is_dir() else path
     synthetic = SyntheticSet.load(path)
+    out = Path(report_dir) if report_dir is not None else default_report_dir(path)
+    if out.resolve() == path.parent.resolve() or (out / BUNDLE_MARKER).exists() or (out.parent / BUNDLE_MARKER).exists():
+        raise ConfigError(f"the audit report folder {out} is (or is inside) the set's folder or a bundle; "
+                          "audit never writes there: give --report a folder of its own")
+    if (out / AUDIT_JSON).exists() and not force:
+        raise ConfigError(f"{out} already holds an audit report; choose another --report or pass --force to replace it")
     dataset = load_source_dataset(synthetic, root=data_root, device=device)
-    out = Path(out_dir) if out_dir is not None else path.parent / "audit"
-    out.mkdir(parents=True, exist_ok=True)
     report = audit(synthetic, dataset, config, worst_cases_png=out / WORST_PNG, log=log)
-    (out / AUDIT_JSON).write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-    (out / AUDIT_MD).write_text(audit_markdown(report))
-    synthetic.extra = {**synthetic.extra, META_KEY: summarize(report)}
-    synthetic.save(path)
+    report["artifact"]["sha256"] = file_sha256(path)
+    atomic_write(out / AUDIT_JSON, json.dumps(report, indent=2, allow_nan=True) + "\n")
+    atomic_write(out / AUDIT_MD, audit_markdown(report))
     return report, out
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def audit_markdown(report: dict[str, Any]) -> str:
@@ -170,7 +214,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
     n = report["neighbours"]
     art, src, cfg = report["artifact"], report["source"], report["config"]
     lines = [
-        f"## Privacy audit: {art['method']} (ipc {art['ipc']}, {art['images']} images) from {src['name']}",
+        f"## Privacy audit: {cell(art['method'])} (ipc {cell(art['ipc'])}, {art['images']} images) from {cell(src['name'])}",
         "",
         f"**{'PASS' if report['passed'] else 'FAIL'}: {report['verdict']}** (near-copy rule: SSIM >= {cfg['ssim_threshold']} "
         f"or RMS pixel distance <= {cfg['l2_threshold']}, against all {n['real_images_searched']} training images).",
@@ -181,7 +225,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
     rows = [("L2 distance (pixels in [0,1])", n["l2"]), ("RMS pixel distance", n["l2_rms"]), ("SSIM (highest)", n["ssim"])]
     if n.get("cosine"):
         f = n["feature_network"]
-        rows.append((f"feature cosine ({f['model']}, {f['epochs']} epochs, test ACC {f['test_acc']:.3f})", n["cosine"]))
+        rows.append((f"feature cosine ({cell(f['model'])}, {f['epochs']} epochs, test ACC {f['test_acc']:.3f})", n["cosine"]))
     lines += [f"| {name} | {_row(stats)} |" for name, stats in rows]
     ref = report.get("reference_held_out")
     if ref:
@@ -202,7 +246,7 @@ def _membership_markdown(membership: dict[str, Any] | None) -> list[str]:
     if membership is None:
         return ["Membership inference: not run."]
     lines = [
-        f"Membership inference ({membership['attack_model']}; members: {membership['members']} real training images, "
+        f"Membership inference ({cell(membership['attack_model'])}; members: {membership['members']} real training images, "
         f"non-members: {membership['non_members']} real test images):",
         "",
         "| target | training images | test ACC | loss attack AUC | TPR@1% FPR | TPR@0.1% FPR | LiRA AUC | TPR@1% FPR | TPR@0.1% FPR |",
@@ -268,4 +312,7 @@ def _held_out_reference(dataset: Dataset, network: Any, real_pixels: torch.Tenso
     return {"images": count, **neighbour_summary(neighbours, config.thresholds())}
 
 
-__all__ = ["AUDIT_JSON", "AUDIT_MD", "AuditConfig", "WORST_PNG", "audit", "audit_markdown", "run_audit", "summarize"]
+__all__ = [
+    "AUDIT_JSON", "AUDIT_MD", "AuditConfig", "WORST_PNG", "audit", "audit_markdown", "default_report_dir", "file_sha256",
+    "run_audit", "screen_near_copies", "summarize",
+]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medistill.atomic import atomic_path
 from medistill.errors import ConfigError
 
 SSIM_WINDOW = 11
@@ -242,7 +243,8 @@ def save_worst_cases(
     array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(array[..., 0] if c == 1 else array)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
+    with atomic_path(path) as partial:
+        image.save(partial, format="PNG")
     return path
 
 
