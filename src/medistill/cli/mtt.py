@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 from rich.console import Console
 
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.cli import app
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset
+from medistill.configfile import parse_value
 from medistill.errors import ConfigError
 from medistill.methods.experts import ExpertSettings, build_buffer
 
@@ -29,7 +29,7 @@ def parse_model_args(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--model-arg expects KEY=VALUE, got '{pair}'")
-        settings[key.strip()] = yaml.safe_load(value)
+        settings[key.strip()] = parse_value(value)
     return settings
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 
 from medistill.data import Dataset, load_dataset
-from medistill.configfile import read_yaml
+from medistill.configfile import parse_value, read_yaml
 from medistill.errors import ConfigError
 from medistill.runtime import resolve_device
 
@@ -30,7 +29,7 @@ def open_dataset(name: str, data_root: Optional[Path], device: str, size: int = 
 
 
 def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, Any]:
-    """Method settings from a YAML file, then `KEY=VALUE` pairs (values parsed as YAML scalars)."""
+    """Method settings from a YAML file, then `KEY=VALUE` pairs (values parsed as YAML scalars; 1e-6 is a number)."""
     settings: dict[str, Any] = {}
     if config_file is not None:
         loaded = read_yaml(config_file) or {}
@@ -41,5 +40,5 @@ def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, A
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
-        settings[key.strip()] = yaml.safe_load(value)
+        settings[key.strip()] = parse_value(value)
     return settings

@@ -19,6 +19,7 @@ from medistill.study.simulation import SimulationRecipe, build_simulation
 from medistill.study.spec import load_study, resolve_path_ref
 
 DEFAULT_STUDY_DIR = Path("runs/study")
+EXIT_RUNS_FAILED = 1
 
 
 @app.command()
@@ -39,13 +40,15 @@ def study(
     options = {"address": ray_address} if executor == "ray" else {}
     summary = run_study(spec, out, executor=executor, executor_options=options, data_root=data_root, device=device,
                         retry_failed=retry_failed, log=typer.echo)
-    if summary.failed or summary.previously_failed:
-        typer.echo(f"{len(summary.failed) + len(summary.previously_failed)} run(s) failed; see their JSON in {out / 'runs'}"
-                   + ("" if retry_failed else " (rerun with --retry-failed to try them again)"))
     if report:
         path = write_report(out)
         typer.echo(console_summary(out))
         typer.echo(f"report: {path} and {path.parent / 'index.html'}")
+    failed = summary.failed + summary.previously_failed
+    if failed:
+        typer.echo(f"{len(failed)} run(s) failed: {', '.join(failed)}; see runs/<key>.json in {out}"
+                   + ("" if retry_failed else " (rerun with --retry-failed to try them again)"), err=True)
+        raise typer.Exit(EXIT_RUNS_FAILED)
 
 
 @app.command()

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset
+from medistill.data.dataset import (
+    BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset, check_label_array,
+)
+from medistill.atomic import atomic_path
 from medistill.data.download import md5sum
-from medistill.data.medmnist import read_npz, split_arrays
+from medistill.data.medmnist import max_npz_bytes, read_npz, split_arrays
 from medistill.errors import DataError
 
 META_KEY = "medistill_meta"  # optional 0-d string array holding JSON: task, label_names, provenance
@@ -31,7 +37,7 @@ def load_npz_dataset(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
-    arrays = read_npz(path)
+    arrays = read_npz(path, max_npz_bytes())
     splits = split_arrays(arrays, path)
     try:
         meta = json.loads(str(arrays[META_KEY])) if META_KEY in arrays else {}
@@ -39,8 +45,12 @@ def load_npz_dataset(
         raise DataError(f"{path}: the '{META_KEY}' array is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: the '{META_KEY}' array must hold a JSON object (task, label_names, provenance)")
+    for split, (_, labels) in splits.items():
+        check_label_array(path.stem, split, labels)
     task = meta.get("task") or _infer_task(splits)
     label_names = meta.get("label_names") or _default_label_names(splits, task)
+    if not isinstance(meta.get("provenance", {}), dict):
+        raise DataError(f"{path}: '{META_KEY}' provenance must be a JSON object")
     source = DataSource(
         kind="npz",
         name=path.stem,
@@ -65,10 +75,10 @@ def write_npz_dataset(
 ) -> Path:
     """Write splits of uint8 images and labels as a MedMNIST-style npz with medistill metadata."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {f"{s}_{kind}": value for s in SPLITS for kind, value in zip(("images", "labels"), arrays[s])}
     meta = {"task": task, "label_names": label_names, "provenance": provenance or {}}
-    np.savez_compressed(path, **payload, **{META_KEY: np.array(json.dumps(meta))})
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
+        np.savez_compressed(handle, **payload, **{META_KEY: np.array(json.dumps(meta))})
     return path
 
 
@@ -76,15 +86,23 @@ def _infer_task(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     labels = splits["train"][1]
     if labels.ndim == 2 and labels.shape[1] > 1:
         return MULTI_LABEL
-    classes = max(int(np.max(split[1])) for split in splits.values()) + 1
-    return BINARY if classes == 2 else MULTI_CLASS
+    return BINARY if _class_count(splits) == 2 else MULTI_CLASS
 
 
 def _default_label_names(splits: dict[str, tuple[np.ndarray, np.ndarray]], task: str) -> list[str]:
     if task == MULTI_LABEL:
         return [str(i) for i in range(splits["train"][1].shape[1])]
-    classes = max(int(np.max(split[1])) for split in splits.values()) + 1
-    return [str(i) for i in range(classes)]
+    return [str(i) for i in range(_class_count(splits))]
+
+
+def _class_count(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Classes implied by the labels (largest index + 1), bounded by the data: never more than the images."""
+    images = sum(len(labels) for _, labels in splits.values())
+    largest = max(int(np.max(labels)) for _, labels in splits.values())
+    if largest >= images:
+        raise DataError(f"label value {largest} cannot be a class index: {images} images cannot hold {largest + 1} classes "
+                        "(labels must be class indices 0..K-1)")
+    return largest + 1
 
 
 def load_image_folder(
@@ -129,11 +147,32 @@ def load_image_folder(
 
 
 def _list_class_files(root: Path) -> dict[str, list[Path]]:
-    classes = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {d.name: sorted(_inside(f, root) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+               for d in sorted(_inside(d, root) for d in root.iterdir()) if d.is_dir()}
     classes = {name: files for name, files in classes.items() if files}
     if len(classes) < 2:
         raise DataError(f"image folder {root} needs at least two class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})")
     return classes
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """`path`, unless it is a link that leads outside the image folder (refused: the folder is what was asked for)."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{path} is a link to {path.resolve()}, outside the image folder {root}; links must stay inside it")
+    return path
+
+
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """Open an image; unreadable, truncated or decompression-bomb files are one-line DataErrors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
 
 
 def _stratified_split(per_class: dict[str, list[Path]], class_names: list[str], seed: int) -> dict[str, list[tuple[Path, int]]]:
@@ -160,22 +199,20 @@ def _split_off(items: list[tuple[Path, int]], fraction: float, seed: int) -> tup
 
 
 def _image_mode(path: Path) -> str:
-    try:
-        with Image.open(path) as image:
-            return image.mode
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    with _open_image(path) as image:
+        return image.mode
 
 
 def _first_size(path: Path) -> int:
-    with Image.open(path) as image:
+    with _open_image(path) as image:
         return int(Counter(image.size).most_common(1)[0][0])
 
 
 def _read_images(paths: list[Path], mode: str, size: int) -> np.ndarray:
     out = np.empty((len(paths), size, size) if mode == "L" else (len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as image:
+        with _open_image(p) as image:
+            image.load()
             if image.mode.startswith("I"):  # 16/32-bit gray: PIL's convert clips at 255, so scale the 16-bit range
                 image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0), 0, 255).round().astype(np.uint8))
             image = image.convert(mode)

@@ -193,6 +193,11 @@ def build_dataset(
     missing = [s for s in SPLITS if s not in arrays]
     if missing:
         raise DataError(f"dataset '{name}' lacks the split(s) {', '.join(missing)}")
+    if not isinstance(label_names, list) or not label_names or not all(isinstance(n, str) for n in label_names):
+        raise DataError(f"dataset '{name}': label names must be a non-empty list of strings")
+    check_image_arrays(name, {s: arrays[s][0] for s in SPLITS})
+    for s in SPLITS:
+        check_label_array(name, s, arrays[s][1])
     pixels = {s: prepare_images(arrays[s][0], channels, image_size) for s in SPLITS}
     mean, std = channel_stats(pixels["train"])
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
@@ -205,6 +210,45 @@ def build_dataset(
         splits[s] = Split(((pixels[s] - mean_t) / std_t).to(device), labels.to(device))
     _check_labels(name, task, label_names, splits)
     return Dataset(name=name, task=task, label_names=label_names, mean=mean, std=std, source=source, **splits)
+
+
+def check_image_arrays(name: str, images: dict[str, Any]) -> None:
+    """One-line DataError unless every split holds pixel values (0-255) shaped (N,H,W) or (N,H,W,C), square, C 1 or 3,
+    and all splits share one image shape."""
+    shapes = {}
+    for split, raw in images.items():
+        where = f"dataset '{name}' split '{split}'"
+        if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "biuf":
+            kind = raw.dtype if isinstance(raw, np.ndarray) else type(raw).__name__
+            raise DataError(f"{where}: images must be numeric pixel values (0-255), got {kind}")
+        if raw.ndim not in (3, 4) or (raw.ndim == 4 and raw.shape[-1] not in (1, 3)):
+            raise DataError(f"{where}: images must be shaped (N,H,W) or (N,H,W,C) with C 1 or 3, got {raw.shape}")
+        if raw.shape[0] == 0 or raw.shape[1] == 0:
+            raise DataError(f"{where} has no images (shape {raw.shape})")
+        if raw.shape[1] != raw.shape[2]:
+            raise DataError(f"{where}: images must be square, got {raw.shape[1]}x{raw.shape[2]}")
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise DataError(f"{where}: images hold NaN or infinite values")
+        if raw.dtype.kind != "b" and (raw.min() < 0 or raw.max() > 255):
+            raise DataError(f"{where}: pixel values must lie in 0..255, found {raw.min()}..{raw.max()}")
+        shapes[split] = raw.shape[1:] if raw.ndim == 4 else (*raw.shape[1:], 1)
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"dataset '{name}': splits hold images of different shapes "
+                        f"({', '.join(f'{s} {shape}' for s, shape in shapes.items())}); every split must share one (H,W,C)")
+
+
+def check_label_array(name: str, split: str, labels: Any) -> None:
+    """One-line DataError unless labels are finite, whole, non-negative numbers, one row per image."""
+    where = f"dataset '{name}' split '{split}'"
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "biuf":
+        kind = labels.dtype if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise DataError(f"{where}: labels must be whole numbers, got {kind}")
+    if labels.ndim not in (1, 2) or labels.size == 0:
+        raise DataError(f"{where}: labels must be shaped (N,) or (N,L) and not empty, got {labels.shape}")
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise DataError(f"{where}: labels must be whole numbers; found NaN, infinite or fractional values")
+    if labels.min() < 0:
+        raise DataError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
 
 
 def _labels_tensor(labels: np.ndarray, task: str) -> torch.Tensor:
@@ -223,3 +267,5 @@ def _check_labels(name: str, task: str, label_names: list[str], splits: dict[str
                 raise DataError(f"dataset '{name}': {split.labels.shape[1]} labels per image but {len(label_names)} label names")
         elif int(split.labels.min()) < 0 or int(split.labels.max()) >= len(label_names):
             raise DataError(f"dataset '{name}' split '{split_name}' has labels outside 0..{len(label_names) - 1}")
+    if task != MULTI_LABEL and len(torch.unique(splits["train"].labels)) < 2:
+        raise DataError(f"dataset '{name}': the training split holds a single class; a classifier needs at least two")

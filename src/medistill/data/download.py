@@ -1,4 +1,8 @@
-"""Download MedMNIST files over HTTP(S) with a progress bar, an MD5 check and an atomic rename."""
+"""Download MedMNIST files over HTTP(S) with a progress bar, an MD5 check and an atomic rename.
+
+Besides the per-read timeout, a download has an overall deadline and a size cap: a server that
+trickles bytes forever or sends more than the file can be is cut off with a one-line error.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hashlib
 import http.client
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +28,7 @@ from rich.progress import (
 from medistill.errors import DataError
 
 _CHUNK = 1 << 16
+DEFAULT_DEADLINE = 6 * 3600.0  # seconds for a whole download when the caller gives none
 
 
 def md5sum(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -48,11 +54,15 @@ def download_file(
     *,
     progress: bool = True,
     timeout: float = 60.0,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download `url` to `dest` via `dest.part`, check its MD5 (if given) and rename it into place.
 
-    Never overwrites an existing `dest`. On an MD5 mismatch the bytes stay at the `.part` path.
-    Raises DataError with a one-line message on network failure or MD5 mismatch.
+    `timeout` bounds each read, `deadline` (seconds, default `DEFAULT_DEADLINE`) the whole download
+    and `max_bytes` its size. Never overwrites an existing `dest`. On an MD5 mismatch the bytes stay
+    at the `.part` path. Raises DataError with a one-line message on network failure, a cut-off
+    download, a full disk or an MD5 mismatch.
     """
     dest = Path(dest)
     if dest.exists():
@@ -61,13 +71,18 @@ def download_file(
     part = dest.with_name(dest.name + ".part")
 
     try:
-        _stream(url, part, progress=progress, timeout=timeout)
+        _stream(url, part, progress=progress, timeout=timeout, deadline=deadline or DEFAULT_DEADLINE, max_bytes=max_bytes)
+    except _CutOff as exc:
+        raise _network_error(dest, part, url, str(exc)) from None
     except urllib.error.HTTPError as exc:
         raise _network_error(dest, part, url, f"HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         raise _network_error(dest, part, url, str(exc.reason)) from exc
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise _network_error(dest, part, url, str(exc) or type(exc).__name__) from exc
+    except OSError as exc:  # the disk, not the network: full, read-only, gone
+        part.unlink(missing_ok=True)
+        raise DataError(f"cannot write {part}: {exc.strerror or exc}; nothing was kept") from None
 
     if md5 is not None:
         actual = md5sum(part)
@@ -80,11 +95,18 @@ def download_file(
     return dest
 
 
-def _stream(url: str, part: Path, *, progress: bool, timeout: float) -> None:
+class _CutOff(Exception):
+    """A download stopped by its deadline or size cap."""
+
+
+def _stream(url: str, part: Path, *, progress: bool, timeout: float, deadline: float, max_bytes: int | None) -> None:
     """Copy the body of `url` into `part` chunk by chunk, showing a progress bar if enabled."""
+    stop_at = time.monotonic() + deadline
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+        if total is not None and max_bytes is not None and total > max_bytes:
+            raise _CutOff(f"the server announces {total} bytes, more than the file can be ({max_bytes} bytes)")
         console = Console(stderr=True)
         bar = Progress(
             TextColumn("{task.description}"),
@@ -103,6 +125,10 @@ def _stream(url: str, part: Path, *, progress: bool, timeout: float) -> None:
                 fh.write(chunk)
                 received += len(chunk)
                 bar.advance(task, len(chunk))
+                if max_bytes is not None and received > max_bytes:
+                    raise _CutOff(f"more than {max_bytes} bytes received, more than the file can be")
+                if time.monotonic() > stop_at:
+                    raise _CutOff(f"not finished within its deadline of {deadline:.0f} s ({received} bytes received)")
     if total is not None and received != total:
         raise http.client.IncompleteRead(b"", total - received)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 import torch
 from medmnist import INFO
 from medmnist.info import DEFAULT_ROOT
@@ -20,6 +21,8 @@ from medistill.errors import DataError
 SIZES = (28, 64, 128, 224)
 FLAGS = tuple(flag for flag, info in INFO.items() if not flag.endswith("3d"))
 DATA_ENV = "MEDISTILL_DATA"
+MAX_BYTES_ENV = "MEDISTILL_MAX_NPZ_BYTES"  # raise it to load an own npz larger than the default limit
+DEFAULT_MAX_NPZ_BYTES = 4 << 30
 MIRROR_ENV = "MEDISTILL_MIRROR"  # base URL of a mirror holding the official files under their official names
 
 
@@ -84,16 +87,64 @@ def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, do
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the data folder {path.parent} ({exc.strerror}); give a writable --data-root or set {DATA_ENV}") from None
-    return download_file(url, path, md5, progress=progress)
+    return download_file(url, path, md5, progress=progress, max_bytes=max_file_bytes(flag, size))
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of an npz file, turning unreadable files into a clear DataError."""
+def max_file_bytes(flag: str, size: int = 28) -> int:
+    """An upper bound of an official file's size from `medmnist.INFO`: its images and labels uncompressed, plus headers."""
+    info = dataset_info(flag)
+    images = sum(info["n_samples"].values())
+    return images * (size * size * info["n_channels"] + len(info["label"])) + (1 << 20)
+
+
+def max_npz_bytes() -> int:
+    """The most bytes an own npz may declare for its arrays ($MEDISTILL_MAX_NPZ_BYTES, default 4 GiB)."""
+    text = os.environ.get(MAX_BYTES_ENV)
+    if text is None:
+        return DEFAULT_MAX_NPZ_BYTES
     try:
+        return int(float(text))
+    except ValueError:
+        raise DataError(f"${MAX_BYTES_ENV} must be a number of bytes, got {text!r}") from None
+
+
+_NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+
+
+def declared_bytes(path: Path) -> int:
+    """The bytes the arrays of an npz would take once loaded, read from their headers without loading them."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with archive.open(member) as handle:
+                version = npy_format.read_magic(handle)
+                read_header = _NPY_HEADER_READERS.get(version)
+                if read_header is None:
+                    raise ValueError(f"{member} has .npy format version {version}, which is not read here")
+                shape, _, dtype = read_header(handle)  # the header only: no array data is read
+            total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return total
+
+
+def read_npz(path: Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Read every array of an npz file, turning unreadable files into a clear DataError.
+
+    With `max_bytes`, a file whose arrays declare more than that is refused before anything is allocated.
+    """
+    try:
+        if max_bytes is not None:
+            declared = declared_bytes(path)
+            if declared > max_bytes:
+                raise DataError(f"{path} declares {declared / 2**30:.2f} GiB of arrays, more than the limit of "
+                                f"{max_bytes / 2**30:.2f} GiB; if the file is genuine, raise ${MAX_BYTES_ENV}")
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path} is not a readable npz file ({exc.__class__.__name__}: {exc})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
+        raise DataError(f"{path} is not a readable npz file ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})") from None
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to load its arrays") from None
 
 
 def split_arrays(arrays: dict[str, np.ndarray], path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

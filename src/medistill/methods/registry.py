@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medistill.artifact import SyntheticSet
+from medistill.configfile import check_settings
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.train.engine import TrainProtocol
@@ -83,6 +84,7 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> An
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"method '{spec.name}' has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}")
+    overrides = check_settings(spec.config_class, overrides, f"method '{spec.name}'")
     try:
         return spec.config_class(**overrides)
     except (TypeError, ValueError) as exc:

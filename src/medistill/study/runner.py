@@ -26,7 +26,7 @@ from medistill.runtime import resolve_device, seed_everything
 from medistill.study.executors import create_executor
 from medistill.study.simulation import build_simulation
 from medistill.study.spec import SIMULATION_PREFIX, RunSpec, StudySpec, simulation_file, simulation_ref
-from medistill.study.store import FAILED, OK, ResultStore, new_outcome, record_failure
+from medistill.study.store import FAILED, OK, ResultStore, exclusive_lock, new_outcome, record_failure
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,14 @@ def run_study(
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> StudySummary:
-    """Run every unfinished run of a study into `out` (the driver: the only writer)."""
+    """Run every unfinished run of a study into `out` (the driver: the only writer, holding the folder's lock)."""
     out = Path(out)
+    with exclusive_lock(out):
+        return _run_locked(study, out, executor, executor_options, data_root, device, retry_failed, log)
+
+
+def _run_locked(study: StudySpec, out: Path, executor: str, executor_options: dict[str, Any] | None, data_root: str | Path | None,
+                device: str | None, retry_failed: bool, log: Callable[[str], None]) -> StudySummary:
     store = ResultStore(out)
     store.write_study(study.to_dict())
     root = data_root if data_root is not None else study.data_root

@@ -186,7 +186,10 @@ def load_study(path: str | Path) -> StudySpec:
     """Read a study config file and expand its grid."""
     path = Path(path)
     config = read_yaml(path, "study config")
-    return parse_study(config, base=path.resolve().parent, name=path.stem, config_path=path.resolve())
+    try:
+        return parse_study(config, base=path.resolve().parent, name=path.stem, config_path=path.resolve())
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"study config {path}: a value has the wrong type ({' '.join(str(exc).split())[:160]})") from None
 
 
 def parse_study(config: Any, *, base: Path, name: str = "study", config_path: Path | None = None) -> StudySpec:

@@ -8,14 +8,16 @@ Layout::
     DIR/simulations/           simulation sets built for the study
     DIR/work/<key>/            scratch of a run in flight: its checkpoints and unstored files
 
-Every file is written to a temporary name and renamed, and a run's JSON is written after its
+Every file is written to a unique temporary name and renamed, and a run's JSON is written after its
 files: a run whose JSON exists is complete, whatever killed the driver. `DIR/work/<key>/` is the
 one folder a worker writes (`run_job` with `resume=True`, so a killed run continues from its last
 checkpoint); the driver removes it once it has stored the run, and it never holds results.
+One runner at a time: `exclusive_lock` holds `DIR/.lock` while a study runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,12 +27,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from medistill.errors import DataError
+from medistill.atomic import atomic_write
+from medistill.errors import ConfigError, DataError
 
 OK = "ok"
 FAILED = "failed"
 STUDY_FILE = "study.json"
 WORK_DIR = "work"
+LOCK_FILE = ".lock"  # who runs the study now (see `exclusive_lock`)
 
 
 def new_outcome(key: str, spec: dict[str, Any], dataset_label: str) -> dict[str, Any]:
@@ -45,12 +49,34 @@ def record_failure(outcome: dict[str, Any], exc: BaseException) -> dict[str, Any
     return outcome
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+@contextlib.contextmanager
+def exclusive_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a study folder while a runner writes it; a second runner gets a ConfigError
+    naming the holder. The lock is the kernel's (flock): it ends with the process, even after kill -9."""
+    import fcntl
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise DataError(f"cannot use {folder} as a study folder: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = " ".join(handle.read().split()) or "another process"
+            raise ConfigError(f"{folder} is in use by another study runner ({holder}); wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ResultStore:
@@ -87,9 +113,12 @@ class ResultStore:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); delete it to run that run again") from None
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not valid JSON ({type(exc).__name__}); delete it to run that run again") from None
+        if not isinstance(record, dict) or record.get("status") not in (OK, FAILED) or "key" not in record:
+            raise DataError(f"{path} is not a run record (no key or status); delete it to run that run again")
+        return record
 
     def status(self, key: str) -> str | None:
         """"ok", "failed", or None when the run has no record."""
@@ -131,4 +160,10 @@ class ResultStore:
         path = self.root / STUDY_FILE
         if not path.exists():
             raise DataError(f"{self.root} is not a study folder (no {STUDY_FILE}); run `medistill study CONFIG --out {self.root}` first")
-        return json.loads(path.read_text())
+        try:
+            study = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not valid JSON ({type(exc).__name__}); rerun `medistill study CONFIG --out {self.root}` to rewrite it") from None
+        if not isinstance(study, dict) or not isinstance(study.get("runs", []), list):
+            raise DataError(f"{path} is not a study description; rerun `medistill study CONFIG --out {self.root}` to rewrite it")
+        return study
