@@ -7,6 +7,7 @@ round-trips bit-exactly. Export to a MedMNIST-style uint8 npz and to a PNG grid 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from medistill import __version__
 from medistill.atomic import atomic_path
-from medistill.data.dataset import MULTI_LABEL
+from medistill.data.dataset import MULTI_LABEL, TASKS
 from medistill.errors import DataError
 
 META_KEY = "medistill"
@@ -93,10 +94,44 @@ class SyntheticSet:
         try:
             meta = json.loads(header[META_KEY])
             meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
-            return cls(images=tensors["images"], labels=tensors["labels"], **meta)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {exc}); "
+            synthetic = cls(images=tensors["images"], labels=tensors["labels"], **meta)
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise DataError(f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}); "
                             f"it may be damaged or come from another medistill version") from None
+        problem = synthetic.problem()
+        if problem:
+            raise DataError(f"{path} is not a usable medistill set: {problem}")
+        return synthetic
+
+    def problem(self) -> str | None:
+        """What makes this set unusable (wrong types, shapes or ranges in its tensors or metadata), or None."""
+        images, labels = self.images, self.labels
+        if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
+            return f"images must be (N, 1 or 3, S, S) with N >= 1, got {tuple(images.shape)}"
+        if not images.is_floating_point() or not torch.isfinite(images).all():
+            return "images must be finite floats"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (*self.mean, *self.std)):
+            return "mean and std must be lists of finite numbers"
+        if len(self.mean) != images.shape[1] or len(self.std) != images.shape[1] or min(self.std) <= 0:
+            return f"mean and std need one value per channel ({images.shape[1]}), std > 0"
+        if self.task not in TASKS:
+            return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
+        if not isinstance(self.label_names, list) or not self.label_names or not all(isinstance(n, str) for n in self.label_names):
+            return "label_names must be a non-empty list of strings"
+        if labels.shape[0] != images.shape[0]:
+            return f"{images.shape[0]} images but {labels.shape[0]} labels"
+        if self.task == MULTI_LABEL:
+            if labels.ndim != 2 or labels.shape[1] != self.num_classes:
+                return f"multi-label labels must be (N, {self.num_classes}), got {tuple(labels.shape)}"
+        elif labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32) or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            return f"labels must be class indices 0..{self.num_classes - 1}"
+        if not isinstance(self.method, str) or not (self.ipc is None or (isinstance(self.ipc, int) and self.ipc >= 1)):
+            return "method must be a string and ipc a whole number >= 1 (or null)"
+        if self.learned_lr is not None and not (isinstance(self.learned_lr, (int, float)) and math.isfinite(self.learned_lr) and self.learned_lr > 0):
+            return f"learned_lr must be a finite number > 0 or null, got {self.learned_lr!r}"
+        if not all(isinstance(getattr(self, name), dict) for name in ("source", "hyperparameters", "metrics", "extra")):
+            return "source, hyperparameters, metrics and extra must be mappings"
+        return None
 
     def to_npz(self, path: str | Path) -> Path:
         """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""

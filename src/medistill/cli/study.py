@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from medistill.cli import app
-from medistill.cli.options import DataRoot, Seed
+from medistill.atomic import refuse_existing
+from medistill.cli.options import DataRoot, Force, Seed
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
 from medistill.study.predict import predict as predict_accuracy
@@ -59,8 +60,10 @@ def simulate(
     size: int = typer.Option(28, "--size", help="Image size of the set (every source is resized to it)."),
     seed: int = Seed,
     data_root: Optional[Path] = DataRoot,
+    force: bool = Force,
 ) -> None:
     """Build the study's "distillation simulation" set: each source dataset becomes one class (3 channels, one size)."""
+    refuse_existing(out, force)
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     recipe = SimulationRecipe(datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed)
     path = build_simulation(recipe, out, root=data_root, progress=True)

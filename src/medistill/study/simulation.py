@@ -8,7 +8,6 @@ the sources (flag or path, MD5, native size, images taken per split), the fracti
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +103,7 @@ def build_simulation(recipe: SimulationRecipe, out: str | Path, *, root: str | P
     }
     merged = {s: (np.concatenate(arrays[s][0]), np.concatenate(arrays[s][1])) for s in SPLITS}
     task = BINARY if len(names) == 2 else MULTI_CLASS
-    partial = out.with_name(out.stem + ".partial.npz")
-    write_npz_dataset(partial, merged, task=task, label_names=names, provenance=provenance)
-    os.replace(partial, out)
-    return out
+    return write_npz_dataset(out, merged, task=task, label_names=names, provenance=provenance)  # atomic
 
 
 def _harmonised_pixels(data: Dataset, split: str, idx: np.ndarray, size: int) -> np.ndarray:
