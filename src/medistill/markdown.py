@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&$])")
+_SPECIAL = re.compile(r"([\\`*_\[\]<>!|~&$])")  # what can start emphasis, code, links, images, HTML, cells or math
 
 
 def cell(value: Any) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
+from medistill.markdown import cell as md_cell
 from medistill.study.store import FAILED, OK
 
 RANDOM = "random"  # the cheap reference the predictor is built on
@@ -155,10 +156,10 @@ def markdown_tables(cells: Sequence[Cell], metric: str = "acc", link_prefix: str
     for dataset in dataset_order(cells):
         ipcs, rows = dataset_table(cells, dataset)
         header = ["method"] + [ipc_label(i) for i in ipcs]
-        lines = [f"**{dataset}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)", "",
+        lines = [f"**{md_cell(dataset)}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method, row_cells in rows:
-            lines.append("| " + " | ".join([method_label(method)] + [_md_link(c, metric, link_prefix) for c in row_cells]) + " |")
+            lines.append("| " + " | ".join([md_cell(method_label(method))] + [_md_link(c, metric, link_prefix) for c in row_cells]) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

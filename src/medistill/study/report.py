@@ -27,6 +27,7 @@ from medistill.study.analysis import (  # noqa: E402
     dataset_table, format_score, ipc_label, ipc_order, latex_table, markdown_tables, method_label, method_order,
 )
 from medistill.study.predict import LodoError, leave_one_dataset_out  # noqa: E402
+from medistill.markdown import cell
 from medistill.study.store import FAILED, OK, ResultStore, atomic_write  # noqa: E402
 
 SCATTER = "plots/random_vs_distilled.png"
@@ -152,12 +153,12 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
 
 def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell], corr: dict[str, Correlation],
                     lodo: dict[str, LodoError], plots: list[str], grids: list[tuple[str, str]]) -> str:
-    lines = [f"# Study: {study.get('name', 'study')}", "", _overview(study, records), ""]
+    lines = [f"# Study: {cell(study.get('name', 'study'))}", "", cell(_overview(study, records)), ""]
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- [{r['dataset_label']} {r['spec']['method']} ipc={r['spec']['ipc']} seed={r['spec']['seed']}](runs/{r['key']}.json): "
-                  f"{r['error']['type']}: {r['error']['message'].splitlines()[0] if r['error']['message'] else ''}" for r in failed]
+        lines += [f"- [{cell(r['dataset_label'])} {cell(r['spec']['method'])} ipc={cell(r['spec']['ipc'])} seed={cell(r['spec']['seed'])}]"
+                  f"(runs/{r['key']}.json): {cell(r['error']['type'])}: {cell(r['error']['message'])}" for r in failed]
         lines.append("")
     for metric, name in METRICS.items():
         lines += [f"## Test {name}", "", markdown_tables(cells, metric, "runs/")]
@@ -168,7 +169,7 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if grids:
-        lines += ["## Image grids (first seed)", ""] + [f"**{caption}**\n\n![{caption}]({src})\n" for caption, src in grids]
+        lines += ["## Image grids (first seed)", ""] + [f"**{cell(caption)}**\n\n![{cell(caption)}]({src})\n" for caption, src in grids]
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +209,7 @@ def _overview(study: dict[str, Any], records: list[dict]) -> str:
     devices = Counter(r["result"].get("device", "?") for r in records if r["status"] == OK)
     hosts = sorted({r.get("host", "?") for r in records})
     return (f"{status.get(OK, 0)} of {planned} runs finished, {status.get(FAILED, 0)} failed, "
-            f"{planned - status.get(OK, 0) - status.get(FAILED, 0)} not run yet. Config: {study.get('config_path')}. "
+            f"{planned - status.get(OK, 0) - status.get(FAILED, 0)} not run yet. Config: {Path(str(study.get('config_path'))).name}. "
             f"Devices: {', '.join(f'{d} ({n} runs)' for d, n in devices.items()) or '-'}; hosts: {', '.join(hosts) or '-'}.")
 
 
