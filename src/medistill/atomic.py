@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+
 from medistill.errors import ConfigError, DataError
 
 
@@ -31,9 +33,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield partial
         os.replace(partial, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a failed write (full disk) as its own error
         partial.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+        raise DataError(f"cannot write {path}: {reason}; nothing was replaced") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from medistill.data.dataset import (
-    BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset, check_label_array,
+    BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset, check_image_arrays, check_label_array,
 )
 from medistill.atomic import atomic_path
 from medistill.data.download import md5sum
@@ -45,6 +45,7 @@ def load_npz_dataset(
         raise DataError(f"{path}: the '{META_KEY}' array is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: the '{META_KEY}' array must hold a JSON object (task, label_names, provenance)")
+    check_image_arrays(path.stem, {split: images for split, (images, _) in splits.items()})
     for split, (_, labels) in splits.items():
         check_label_array(path.stem, split, labels)
     task = meta.get("task") or _infer_task(splits)

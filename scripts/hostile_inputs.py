@@ -1,0 +1,517 @@
+"""Try hostile and careless inputs on the real `medistill` executable and print what happened.
+
+Each case builds its input in a fresh folder, runs `python -m medistill ...` and checks the promise:
+the expected exit code (2 for a bad input), exactly one line on stderr and no traceback, every file
+that existed before unchanged, and the case's own check (no code ran, nothing written, ...).
+
+    python scripts/hostile_inputs.py                 # all cases, Markdown table on stdout
+    python scripts/hostile_inputs.py --json          # the same as JSON
+    python scripts/hostile_inputs.py --topic export  # only the cases of one topic
+
+Needs the official breastmnist.npz in $MEDISTILL_DATA (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Case:
+    """One hostile input: `prepare(folder)` builds it and returns the medistill arguments."""
+
+    topic: str
+    name: str
+    prepare: Callable[[Path], list[str]]
+    exit_code: int = 2
+    check: Callable[[Path, subprocess.CompletedProcess], str | None] = lambda folder, done: None  # a failure, or None
+    env: dict[str, str] = field(default_factory=dict)
+    max_file_bytes: int | None = None  # simulate a full disk: writes beyond this many bytes per file fail
+    cleanup: Callable[[Path], None] = lambda folder: None
+
+
+CASES: list[Case] = []
+
+
+def case(topic: str, name: str, **options) -> Callable:
+    def register(prepare: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+        CASES.append(Case(topic, name, prepare, **options))
+        return prepare
+    return register
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def breast():
+    from medistill.data import load_dataset
+
+    return load_dataset("breastmnist", progress=False)
+
+
+def tiny_npz(path: Path, images=None, labels=None, **extra) -> Path:
+    """A small MedMNIST-style npz of random pixels, two classes; any array can be replaced."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (8, 16, 16), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.array([0, 1] * 4, dtype=np.uint8).reshape(-1, 1)
+    if images is not None:
+        arrays["train_images"] = images
+    if labels is not None:
+        arrays["train_labels"] = labels
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def noise_set(method: str = "dc"):
+    """A set of random pixels on BreastMNIST: far from every real image, so the near-copy screen passes."""
+    import torch
+
+    from medistill.methods import new_set
+
+    data = breast()
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    return new_set(data, images, torch.tensor([0, 0, 1, 1]), method=method, ipc=2, seed=0)
+
+
+def bundle(folder: Path) -> Path:
+    from medistill.bundle import export_bundle
+
+    return export_bundle(noise_set(), folder / "bundle")
+
+
+def edited_artifact(folder: Path, **metadata) -> Path:
+    """A saved set whose JSON header was edited (keys set to the given values, None removes a key)."""
+    from safetensors.torch import load_file, save_file
+
+    path = noise_set().save(folder / "set")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["medistill"])
+    tensors = load_file(str(path))
+    for key, value in metadata.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(tensors, str(path), metadata={"medistill": json.dumps(meta)})
+    return path
+
+
+def no_file(name: str) -> Callable[[Path, subprocess.CompletedProcess], str | None]:
+    return lambda folder, done: f"{name} exists" if (folder / name).exists() else None
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+PAYLOAD_MARKER = "code-ran"
+
+
+# --- no code from files ---------------------------------------------------------------------------
+
+@case("no code from files", "pickle payload as the checkpoint of `distill --resume`", check=no_file(PAYLOAD_MARKER))
+def _(folder: Path) -> list[str]:
+    npz = tiny_npz(folder / "tiny.npz")
+    (folder / "out" / "checkpoints").mkdir(parents=True)
+    (folder / "out" / "checkpoints" / "state.safetensors").write_bytes(pickle.dumps(Payload(folder / PAYLOAD_MARKER)))
+    return ["distill", str(npz), "-m", "dm", "--ipc", "1", "--out", str(folder / "out"), "--resume", "--device", "cpu", "--no-progress"]
+
+
+@case("no code from files", "pickle payload under the old checkpoint name state.pt", check=no_file(PAYLOAD_MARKER))
+def _(folder: Path) -> list[str]:
+    npz = tiny_npz(folder / "tiny.npz")
+    (folder / "out" / "checkpoints").mkdir(parents=True)
+    import torch
+
+    torch.save({"state": Payload(folder / PAYLOAD_MARKER)}, folder / "out" / "checkpoints" / "state.pt")
+    return ["distill", str(npz), "-m", "dm", "--ipc", "1", "--out", str(folder / "out"), "--resume", "--device", "cpu", "--no-progress"]
+
+
+# --- no real images out of the door ---------------------------------------------------------------
+
+@case("export gate", "random subset relabelled `dc` in its header", check=no_file("bundle"))
+def _(folder: Path) -> list[str]:
+    from medistill.methods import distill
+
+    synthetic = distill("random", breast(), 2)
+    synthetic.method = "dc"
+    return ["export", str(synthetic.save(folder / "set")), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+@case("export gate", "DM initialised from real images, 1 iteration at lr 1e-12", check=no_file("bundle"))
+def _(folder: Path) -> list[str]:
+    from medistill.methods import distill
+
+    synthetic = distill("dm", breast(), 1, {"iterations": 1, "lr_img": 1e-12, "init": "real", "batch_real": 8})
+    return ["export", str(synthetic.save(folder / "set")), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+@case("export gate", "audit report made for another file given to `export --audit`", check=no_file("bundle"))
+def _(folder: Path) -> list[str]:
+    path = noise_set().save(folder / "set")
+    (folder / "audit.json").write_text(json.dumps({"artifact": {"sha256": "0" * 64}, "passed": True}))
+    return ["export", str(path), "--out", str(folder / "bundle"), "--audit", str(folder / "audit.json"), "--device", "cpu"]
+
+
+# --- audit never writes into what is shared -------------------------------------------------------
+
+def bundle_intact(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+    from medistill.bundle import load_bundle
+
+    load_bundle(folder / "bundle")  # raises if the set no longer matches its card's SHA-256
+    extra = sorted({p.name for p in (folder / "bundle").iterdir()} - {"synthetic.safetensors", "synthetic.npz", "grid.png",
+                                                                     "dataset_card.json", "dataset_card.md"})
+    return f"the bundle gained {extra}" if extra else None
+
+
+@case("audit never writes into a bundle", "`audit BUNDLE --report BUNDLE/audit`", check=bundle_intact)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["audit", str(path), "--report", str(path / "audit"), "--no-mia", "--feature-epochs", "0", "--device", "cpu", "--no-progress"]
+
+
+@case("audit never writes into a bundle", "`audit BUNDLE` (report goes beside it)", exit_code=0,
+      check=lambda folder, done: bundle_intact(folder, done) or (None if (folder / "bundle-audit" / "audit.json").is_file()
+                                                                else "no report beside the bundle"))
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["audit", str(path), "--no-mia", "--feature-epochs", "0", "--device", "cpu", "--no-progress"]
+
+
+# --- memory bombs ---------------------------------------------------------------------------------
+
+@case("memory bombs", "one label value of 2^40 in an own npz")
+def _(folder: Path) -> list[str]:
+    labels = np.array([0, 1] * 3 + [0, 2**40], dtype=np.int64).reshape(-1, 1)
+    return ["distill", str(tiny_npz(folder / "labels.npz", labels=labels)), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("memory bombs", "1 KB npz whose header declares 8 GiB")
+def _(folder: Path) -> list[str]:
+    from numpy.lib import format as npy_format
+
+    path = tiny_npz(folder / "declared.npz")
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**21, 64, 64)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("huge.npy", header.getvalue() + b"\0" * 64)
+    return ["distill", str(path), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("memory bombs", "deflate bomb: 200 MB of zeros in a 200 KB npz (limit set to 64 MB)",
+      env={"MEDISTILL_MAX_NPZ_BYTES": str(64 << 20)})
+def _(folder: Path) -> list[str]:
+    path = folder / "deflate.npz"
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{k}": (np.zeros((200_000, 32, 32), np.uint8) if (s, k) == ("train", "images") else
+                           rng.integers(0, 256, (8, 32, 32), dtype=np.uint8) if k == "images" else np.zeros((8, 1), np.uint8))
+              for s in ("train", "val", "test") for k in ("images", "labels")}
+    arrays["train_labels"] = np.zeros((200_000, 1), np.uint8)
+    np.savez_compressed(path, **arrays)
+    return ["distill", str(path), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("memory bombs", "PNG decompression bomb (10000x10000) in an image folder")
+def _(folder: Path) -> list[str]:
+    from PIL import Image
+
+    root = image_folder(folder)
+    Image.new("1", (10_000, 10_000)).save(root / "a" / "bomb.png")
+    return ["distill", str(root), "-m", "random", "--out", str(folder / "out")]
+
+
+def image_folder(folder: Path, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = folder / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+# --- atomic, non-clobbering outputs ---------------------------------------------------------------
+
+@case("atomic, non-clobbering outputs", "`train --out` into a bundle's own artifact", check=bundle_intact)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["train", str(path), "--out", str(path / "synthetic.safetensors"), "--epochs", "1", "--device", "cpu", "--no-progress"]
+
+
+@case("atomic, non-clobbering outputs", "`distill --out BUNDLE` (a bundle as job folder)", check=bundle_intact)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["distill", "breastmnist", "-m", "random", "--ipc", "2", "--out", str(path), "--device", "cpu", "--no-progress"]
+
+
+@case("atomic, non-clobbering outputs", "`simulate --out` onto an existing file")
+def _(folder: Path) -> list[str]:
+    (folder / "mine.npz").write_bytes(b"my own work")
+    return ["simulate", "--datasets", f"breastmnist,{tiny_npz(folder / 'tiny.npz')}", "--out", str(folder / "mine.npz")]
+
+
+@case("atomic, non-clobbering outputs", "`distill --out` onto a finished run")
+def _(folder: Path) -> list[str]:
+    (folder / "run").mkdir()
+    (folder / "run" / "result.json").write_text('{"mine": true}\n')
+    return ["distill", "breastmnist", "-m", "random", "--ipc", "2", "--out", str(folder / "run"), "--device", "cpu", "--no-progress"]
+
+
+@case("atomic, non-clobbering outputs", "disk full while `distill` writes its outputs", max_file_bytes=4096,
+      check=no_file("run/result.json"))
+def _(folder: Path) -> list[str]:
+    return ["distill", "breastmnist", "-m", "random", "--ipc", "2", "--out", str(folder / "run"), "--eval-models", "1",
+            "--eval-epochs", "1", "--device", "cpu", "--no-progress"]
+
+
+# --- one runner per study -------------------------------------------------------------------------
+
+def study_config(folder: Path, method: str = "random") -> Path:
+    config = folder / "study.yaml"
+    config.write_text(f"datasets: [breastmnist]\nmethods: [{method}]\nipcs: [1]\neval: {{num_models: 1, epochs: 1}}\n")
+    return config
+
+
+def hold_lock(folder: Path) -> list[str]:
+    code = ("import sys, time; from pathlib import Path; from medistill.study.store import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / "study")], stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()
+    (folder / "holder.pid").write_text(str(holder.pid))
+    return ["study", str(study_config(folder)), "--out", str(folder / "study"), "--no-report"]
+
+
+def release_lock(folder: Path) -> None:
+    pid = int((folder / "holder.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+@case("one runner per study", "a second runner on a study folder in use", cleanup=release_lock,
+      check=lambda folder, done: None if f"pid {(folder / 'holder.pid').read_text()}" in done.stderr else "the holder is not named")
+def _(folder: Path) -> list[str]:
+    return hold_lock(folder)
+
+
+@case("one runner per study", "a study whose runs fail", exit_code=1,
+      check=lambda folder, done: None if "1 run(s) failed: " in done.stderr else "the failed run is not named")
+def _(folder: Path) -> list[str]:
+    return ["study", str(study_config(folder, "nosuchmethod")), "--out", str(folder / "study"), "--no-report"]
+
+
+# --- one line for every bad input -----------------------------------------------------------------
+
+def distill_npz(name: str, **arrays) -> Callable[[Path], list[str]]:
+    def prepare(folder: Path) -> list[str]:
+        return ["distill", str(tiny_npz(folder / "bad.npz", **arrays)), "-m", "random", "--out", str(folder / "out")]
+    return prepare
+
+
+BAD_ARRAYS = {
+    "1-D image array": {"images": np.zeros(8, np.uint8)},
+    "0-D image array": {"images": np.array(3, np.uint8)},
+    "non-square images (16x20)": {"images": np.zeros((8, 16, 20), np.uint8)},
+    "splits of different image sizes": {"images": np.zeros((8, 20, 20), np.uint8)},
+    "NaN in the images": {"images": np.full((8, 16, 16), np.nan, np.float32)},
+    "images as strings": {"images": np.array([["a"] * 16] * 8)},
+    "NaN labels": {"labels": np.full((8, 1), np.nan)},
+    "labels as strings": {"labels": np.array([["x"]] * 8)},
+    "empty labels": {"labels": np.zeros((0, 1), np.uint8)},
+    "a single-class training split": {"labels": np.zeros((8, 1), np.uint8)},
+}
+for _name, _arrays in BAD_ARRAYS.items():
+    case("one line for every bad input", _name)(distill_npz(_name, **_arrays))
+
+
+@case("one line for every bad input", "a truncated PNG in an image folder")
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    data = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "0.png").write_bytes(data[: len(data) // 2])
+    return ["distill", str(root), "-m", "random", "--out", str(folder / "out")]
+
+
+ARTIFACT_EDITS = {
+    "artifact without `source`": {"source": None},
+    "artifact whose `mean` is a string": {"mean": "grey"},
+    "artifact whose labels exceed its classes": {"label_names": ["only one"]},
+    "artifact whose `source` names another file": {"source": {"source": {"kind": "medmnist", "name": "pathmnist", "md5": "0" * 32}}},
+}
+for _name, _edit in ARTIFACT_EDITS.items():
+    case("one line for every bad input", f"`evaluate` an {_name}", check=no_file("data/pathmnist.npz"))(
+        lambda folder, _edit=_edit: ["evaluate", str(edited_artifact(folder, **_edit)), "--data-root", str(folder / "data"),
+                                     "--eval-models", "1", "--eval-epochs", "1", "--device", "cpu", "--no-progress"])
+
+
+def edited_card(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]:
+    def prepare(folder: Path) -> list[str]:
+        path = bundle(folder)
+        card = json.loads((path / "dataset_card.json").read_text())
+        edit(card)
+        (path / "dataset_card.json").write_text(json.dumps(card))
+        return ["train", str(path), "--out", str(folder / "model.pt"), "--epochs", "1", "--device", "cpu", "--no-progress"]
+    return prepare
+
+
+case("one line for every bad input", "bundle card without `recommended_training`", check=no_file("model.pt"))(
+    edited_card(lambda card: card.pop("recommended_training")))
+case("one line for every bad input", "bundle card with `lr: NaN`", check=no_file("model.pt"))(
+    edited_card(lambda card: card["recommended_training"].update(lr=float("nan"))))
+case("one line for every bad input", "bundle card with `epochs: \"many\"`", check=no_file("model.pt"))(
+    edited_card(lambda card: card["recommended_training"].update(epochs="many")))
+
+
+@case("one line for every bad input", "study config with `data: {size: big}`")
+def _(folder: Path) -> list[str]:
+    (folder / "s.yaml").write_text("datasets: [breastmnist]\nmethods: [random]\ndata: {size: big}\n")
+    return ["study", str(folder / "s.yaml"), "--out", str(folder / "study"), "--no-report"]
+
+
+@case("one line for every bad input", "YAML alias bomb (billion laughs) as a study config")
+def _(folder: Path) -> list[str]:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    (folder / "bomb.yaml").write_text("\n".join(lines) + "\ndatasets: *i\nmethods: [random]\n")
+    return ["study", str(folder / "bomb.yaml"), "--out", str(folder / "study"), "--no-report"]
+
+
+@case("one line for every bad input", "a broken study.json given to `report`")
+def _(folder: Path) -> list[str]:
+    (folder / "study").mkdir()
+    (folder / "study" / "study.json").write_text('{"runs": [')
+    return ["report", str(folder / "study")]
+
+
+@case("one line for every bad input", "`--set iterations=abc`")
+def _(folder: Path) -> list[str]:
+    return ["distill", str(tiny_npz(folder / "tiny.npz")), "-m", "dm", "--ipc", "1", "--set", "iterations=abc", "--out", str(folder / "out")]
+
+
+# --- downloads ------------------------------------------------------------------------------------
+
+@case("downloads", "a link out of an image folder")
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    (folder / "secret.png").write_bytes((root / "a" / "0.png").read_bytes())
+    (root / "a" / "9.png").symlink_to(folder / "secret.png")
+    return ["distill", str(root), "-m", "random", "--out", str(folder / "out")]
+
+
+# --- values as users type them --------------------------------------------------------------------
+
+@case("values as users type them", "`--set lr_img=1e-6` (read as a number: the run works)", exit_code=0,
+      check=lambda folder, done: None if json.loads((folder / "out" / "result.json").read_text())["hyperparameters"]["lr_img"] == 1e-6
+      else "lr_img was not 1e-6")
+def _(folder: Path) -> list[str]:
+    return ["distill", str(tiny_npz(folder / "tiny.npz")), "-m", "dm", "--ipc", "1", "--set", "iterations=1", "--set", "lr_img=1e-6",
+            "--set", "batch_real=2", "--eval-models", "1", "--eval-epochs", "1", "--out", str(folder / "out"), "--device", "cpu",
+            "--no-progress"]
+
+
+# --- running a case -------------------------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def run_case(item: Case, folder: Path) -> dict:
+    """Prepare, run and judge one case; returns its row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    args = item.prepare(folder)
+    before = snapshot(folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", **item.env}
+
+    def limit_files() -> None:
+        if item.max_file_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+            resource.setrlimit(resource.RLIMIT_FSIZE, (item.max_file_bytes, item.max_file_bytes))
+
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "medistill", *args], cwd=folder, env=env, capture_output=True, text=True,
+                              timeout=600, preexec_fn=limit_files)
+    finally:
+        item.cleanup(folder)
+    seconds = time.perf_counter() - start
+    stderr = done.stderr.strip().splitlines()
+    lost = [name for name, digest in before.items() if not (folder / name).is_file() or
+            hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest]
+    problems = []
+    if done.returncode != item.exit_code:
+        problems.append(f"exit {done.returncode}, expected {item.exit_code}")
+    if "Traceback" in done.stderr:
+        problems.append("traceback")
+    if item.exit_code != 0 and len(stderr) != 1:
+        problems.append(f"{len(stderr)} lines on stderr")
+    if lost:
+        problems.append(f"changed or lost: {', '.join(lost)}")
+    extra = item.check(folder, done)
+    if extra:
+        problems.append(extra)
+    return {"topic": item.topic, "input": item.name, "exit": done.returncode, "stderr": stderr[-1] if stderr else "",
+            "stderr_lines": len(stderr), "nothing_lost": not lost, "ok": not problems, "problems": problems, "seconds": round(seconds, 1)}
+
+
+def markdown(rows: list[dict], root: str) -> str:
+    lines = ["| promise | hostile input | exit | stderr (one line) | nothing lost | verdict |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        message = r["stderr"].replace(root, "TMP").replace("|", "\\|")
+        message = message if len(message) <= 150 else message[:147] + "..."
+        lines.append(f"| {r['topic']} | {r['input'].replace('|', '/')} | {r['exit']} | {message or '(none)'} | "
+                     f"{'yes' if r['nothing_lost'] else 'NO'} | {'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['problems'])} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    parser.add_argument("--topic", help="only the cases whose topic contains this text")
+    options = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    chosen = [c for c in CASES if options.topic is None or options.topic in c.topic]
+    with tempfile.TemporaryDirectory(prefix="medistill-hostile-") as tmp:
+        rows = [run_case(c, Path(tmp) / f"case{i:02d}") for i, c in enumerate(chosen)]
+        print(json.dumps(rows, indent=2) if options.json else markdown(rows, tmp))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
