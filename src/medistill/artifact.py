@@ -7,6 +7,7 @@ round-trips bit-exactly. Export to a MedMNIST-style uint8 npz and to a PNG grid 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from medistill import __version__
 from medistill.data.dataset import MULTI_LABEL
 from medistill.errors import DataError
+from medistill.pictures import save_grid
 
 META_KEY = "medistill"
 ARTIFACT_NAME = "synthetic.safetensors"
@@ -70,6 +72,7 @@ class SyntheticSet:
         tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
         meta = json.dumps(_json_safe(self.metadata()), allow_nan=True)
         save_file(tensors, str(path), metadata={META_KEY: meta})
+        give_default_permissions(path)
         return path
 
     @classmethod
@@ -123,28 +126,15 @@ def save_image_grid(
     path: str | Path,
     max_per_class: int = 10,
 ) -> Path:
-    """Write images in [0,1] as a PNG grid with one row per class."""
-    from PIL import Image
+    """Write images in [0,1] as a PNG grid with one labelled row per class (see `medistill.pictures`)."""
+    return save_grid(pixels, labels, task, label_names, path, max_per_class)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = pixels.detach().cpu()
-    if task == MULTI_LABEL:
-        rows = [pixels[i : i + max_per_class] for i in range(0, min(len(pixels), max_per_class * 10), max_per_class)]
-    else:
-        rows = [pixels[labels.cpu() == c][:max_per_class] for c in range(len(label_names))]
-    rows = [r for r in rows if len(r)] or [pixels[:1]]
-    c, h, w = pixels.shape[1:]
-    pad = 2
-    cols = max(len(r) for r in rows)
-    canvas = torch.ones(c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top : top + h, left : left + w] = image
-    array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
-    return path
+
+def give_default_permissions(path: Path) -> None:
+    """The mode an ordinary new file gets (0644 under the usual umask); safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _json_safe(value: Any) -> Any:
