@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medistill.cli import app
+from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Seed
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
@@ -37,6 +37,10 @@ def study(
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
     options = {"address": ray_address} if executor == "ray" else {}
+    on_interrupt(lambda: f"Kept: every finished run in {out / 'runs'}, and the checkpoints of runs in flight in {out / 'work'}. "
+                         f"The same command skips the finished runs and continues the others: {rerun_command()}")
+    if spec.threads:
+        typer.echo(f"medistill: each run uses {spec.threads} torch CPU thread(s), as the study config sets")
     summary = run_study(spec, out, executor=executor, executor_options=options, data_root=data_root, device=device,
                         retry_failed=retry_failed, log=typer.echo)
     if summary.failed or summary.previously_failed:
