@@ -10,6 +10,7 @@ import typer
 
 from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Seed
+from medistill.data import load_dataset
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
 from medistill.study.predict import predict as predict_accuracy
@@ -65,7 +66,8 @@ def simulate(
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     recipe = SimulationRecipe(datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed)
     path = build_simulation(recipe, out, root=data_root, progress=True)
-    typer.echo(f"wrote {path}: {len(names)} classes ({', '.join(names)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
+    classes = load_dataset(path).label_names  # each source's dataset name, not the path it was given by
+    typer.echo(f"wrote {path}: {len(classes)} classes ({', '.join(classes)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
 
 
 @app.command()
