@@ -118,7 +118,7 @@ def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool
     finished = {run.method: finished_record(run, run.folder(out, seed), dataset) for run in plan}
     say(f"demo: {dataset.name}, {DEMO_IPC} images per class, seed {seed}; each set is scored on the official test split:")
     for run in plan:
-        say(f"  {describe_run(run, dataset)}" + (" [finished earlier: reused]" if finished[run.method] else ""))
+        say(f"  {describe_run(run, dataset)}" + (" (finished earlier: reused)" if finished[run.method] else ""))
     todo = [run for run in plan if finished[run.method] is None]
     if estimate and todo:
         minutes = estimate_seconds(todo, dataset, seed) / 60

@@ -49,7 +49,7 @@ def _global_options(
 ) -> None:
     """Dataset distillation for medical imaging: distil, evaluate and share small synthetic MedMNIST-style sets."""
     count = set_threads(threads)
-    if ctx.invoked_subcommand not in LISTING_COMMANDS:
+    if ctx.invoked_subcommand not in LISTING_COMMANDS and "--help" not in sys.argv[1:]:
         # stdout: stderr is kept for progress and for the one line a bad input gets
         typer.echo(f"medistill: {count} torch CPU thread{'s' if count > 1 else ''} (--threads N or {THREADS_ENV}=N to change; "
                    f"results are reproducible for the same seed, device and thread count)")

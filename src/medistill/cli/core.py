@@ -162,7 +162,7 @@ def demo(
     on_interrupt(lambda: f"Kept: finished runs in {out} and the distillation's last checkpoint. "
                          f"Continue with: {rerun_command()} (finished runs are reused)")
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
-    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, say=console.print)
+    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, say=typer.echo)
     table = Table(title=f"{DEMO_DATASET}, IPC {DEMO_IPC} (test split; mean ± std over evaluation networks)")
     for column in ("method", "images", "ACC", "AUC", "evaluation", "seconds"):
         table.add_column(column)
