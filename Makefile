@@ -1,28 +1,38 @@
-# One-command entry points. Each creates .venv when missing.
+# One-command entry points. Each creates .venv when missing and shows pip's progress.
+# CPU=1 installs the CPU-only torch build from PyTorch's CPU wheel index first (no CUDA wheels).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(if $(MEDISTILL_DATA),$(MEDISTILL_DATA),$(abspath ../shared/data/medmnist))
+CPU ?= 0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+CPU_ONLY := $(filter 1,$(CPU))
+INSTALLED := $(VENV)/.installed$(if $(CPU_ONLY),-cpu)
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-cpu install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+$(INSTALLED): $(BIN)/python pyproject.toml
+	$(if $(CPU_ONLY),$(BIN)/pip install torch torchvision --index-url $(TORCH_CPU_INDEX))
+	$(BIN)/pip install -e .
+	@$(BIN)/medistill --version
 	touch $@
 
-$(VENV)/.installed-test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e ".[test,ray]"
-	touch $(VENV)/.installed $@
+$(VENV)/.installed-test: $(INSTALLED)
+	$(BIN)/pip install -e ".[test,ray]"
+	touch $@
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
+
+install-cpu:
+	$(MAKE) install CPU=1
 
 install-test: $(VENV)/.installed-test
 
-demo: install
+demo: $(INSTALLED)
 	MEDISTILL_DATA="$(DATA)" $(BIN)/medistill demo
 
 test: install-test

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from medistill import __version__
@@ -100,20 +99,6 @@ def test_to_npz_rgb_and_multi_label(tmp_path: Path) -> None:
     expected = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(arrays["train_images"].astype(int) - expected.astype(int)).max() <= 1
     np.testing.assert_array_equal(arrays["train_labels"], labels.numpy().astype(np.uint8))
-
-
-def test_png_grid_has_one_row_per_class(tmp_path: Path, random_set: SyntheticSet) -> None:
-    path = random_set.to_png_grid(tmp_path / "grid.png")
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.mode == "L"
-        assert image.size == (10 * 30 + 2, 2 * 30 + 2)  # 10 columns and 2 class rows of 28px with 2px padding
-        grid = np.asarray(image)
-    first_malignant = random_set.pixels()[random_set.labels == 0][0, 0]
-    first_benign = random_set.pixels()[random_set.labels == 1][0, 0]
-    np.testing.assert_array_equal(grid[2:30, 2:30], (first_malignant * 255).round().to(torch.uint8).numpy())
-    np.testing.assert_array_equal(grid[32:60, 2:30], (first_benign * 255).round().to(torch.uint8).numpy())
-    with Image.open(random_set.to_png_grid(tmp_path / "small.png", max_per_class=3)) as image:
-        assert image.size == (3 * 30 + 2, 2 * 30 + 2)
 
 
 def test_loading_something_else_is_a_data_error(tmp_path: Path) -> None:

@@ -181,6 +181,7 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     import medistill.cli.core
 
     monkeypatch.setattr(medistill.demo, "DEMO_EVALUATION", EvalSettings(num_models=1, epochs=2))
+    monkeypatch.setattr(medistill.demo, "FULL_EVALUATION", EvalSettings(num_models=1, epochs=1))
     returned: list[list[dict]] = []
 
     def spy(*args, **kwargs):
@@ -195,8 +196,17 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     (records,) = returned
     assert [r["method"] for r in records] == expected
     for record in records:
-        assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == 2 and record["eval_models"] == 1
+        epochs = 1 if record["method"] == "full" else 2
+        assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == epochs and record["eval_models"] == 1
         assert 0.0 <= record["test_acc_mean"] <= 1.0
         assert (out / f"{record['method']}-seed0" / "result.json").is_file()
         assert f"{record['test_acc_mean']:.3f}" in output  # the printed table shows each row's score
     assert records[0]["num_images"] == 20 and records[-1]["num_images"] == 546
+    assert "expected time on this machine: about" in output  # the plan and its time are stated before the work
+    assert output.index("expected time") < output.index("runs written to")
+    assert "n=1" in output  # one network per set: no spread is shown
+
+    again = _invoke("demo", "--data-root", medmnist_root, "--device", "cpu", "--out", out, "--no-progress").output
+    assert again.count("finished earlier: reused") == len(expected) and "expected time" not in again
+    assert [r["test_acc_mean"] for r in returned[-1]] == [r["test_acc_mean"] for r in records]
+    assert all(r["reused"] for r in returned[-1])

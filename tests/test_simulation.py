@@ -94,5 +94,6 @@ def test_cli_simulate(tmp_path, medmnist_root, pneumonia_npz):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert load_dataset(out).num_classes == 2
+    assert f"2 classes (breastmnist, {pneumonia_npz.stem})" in done.stdout  # dataset names, not the paths given
     bad = subprocess.run(cmd[:4] + ["--datasets", "breastmnist", "--out", str(tmp_path / "other.npz")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "at least two" in bad.stderr

@@ -21,6 +21,7 @@ from medistill import __version__
 from medistill.atomic import atomic_path
 from medistill.data.dataset import MULTI_LABEL, TASKS
 from medistill.errors import DataError
+from medistill.pictures import save_grid
 
 META_KEY = "medistill"
 ARTIFACT_NAME = "synthetic.safetensors"
@@ -159,28 +160,9 @@ def save_image_grid(
     path: str | Path,
     max_per_class: int = 10,
 ) -> Path:
-    """Write images in [0,1] as a PNG grid with one row per class."""
-    from PIL import Image
+    """Write images in [0,1] as a PNG grid with one labelled row per class (see `medistill.pictures`)."""
+    return save_grid(pixels, labels, task, label_names, path, max_per_class)
 
-    path = Path(path)
-    pixels = pixels.detach().cpu()
-    if task == MULTI_LABEL:
-        rows = [pixels[i : i + max_per_class] for i in range(0, min(len(pixels), max_per_class * 10), max_per_class)]
-    else:
-        rows = [pixels[labels.cpu() == c][:max_per_class] for c in range(len(label_names))]
-    rows = [r for r in rows if len(r)] or [pixels[:1]]
-    c, h, w = pixels.shape[1:]
-    pad = 2
-    cols = max(len(r) for r in rows)
-    canvas = torch.ones(c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top : top + h, left : left + w] = image
-    array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with atomic_path(path) as partial:
-        Image.fromarray(array[..., 0] if c == 1 else array).save(partial, format="PNG")
-    return path
 
 
 def _json_safe(value: Any) -> Any:

@@ -19,6 +19,16 @@ from safetensors import SafetensorError
 from medistill.errors import ConfigError, DataError
 
 
+ORDINARY_FILE_MODE = 0o666
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
@@ -32,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     partial = Path(name)
     try:
         yield partial
+        os.chmod(partial, ORDINARY_FILE_MODE & ~current_umask())  # mkstemp (and safetensors) create files 0600
         os.replace(partial, path)
     except (OSError, SafetensorError) as exc:  # safetensors reports a failed write (full disk) as its own error
         partial.unlink(missing_ok=True)

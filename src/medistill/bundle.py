@@ -334,9 +334,13 @@ def train_on_bundle(
     data_root: str | Path | None = None,
     progress: bool = False,
     force: bool = False,
+    ignore_label_names: bool = False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Train one `model` on a bundle with its recommended protocol, save it to `out`, and score it on
-    the test split of `eval_data` (a MedMNIST flag, an npz with MedMNIST array names or an image folder) if given."""
+    the test split of `eval_data` (a MedMNIST flag, an npz with MedMNIST array names or an image folder) if given.
+
+    `eval_data` whose class names differ from the bundle's is refused unless `ignore_label_names`."""
     out = refuse_existing(out, force, "model file")
     if (out.parent / CARD_JSON).exists():
         raise ConfigError(f"{out.parent} is a bundle; `train --out` never writes into a bundle: choose another path")
@@ -344,7 +348,8 @@ def train_on_bundle(
     rec = card["recommended_training"]
     protocol = TrainProtocol(epochs=rec["epochs"] if epochs is None else epochs, lr=rec["lr"], momentum=rec["momentum"], weight_decay=rec["weight_decay"],
                              batch_size=rec["batch_size"], augment=rec["augment"], model=model)
-    test = receiving_test_split(synthetic, eval_data, data_root, device) if eval_data is not None else None
+    test = (receiving_test_split(synthetic, eval_data, data_root, device, ignore_label_names=ignore_label_names, log=log)
+            if eval_data is not None else None)
     data = bundle_dataset(synthetic, card, device, test)
     labels = data.train.labels.float() if data.is_multilabel else data.train.labels
     with progress_bar(protocol.epochs, f"train {model} on the bundle", progress) as bar:
@@ -408,7 +413,8 @@ def bundle_dataset(synthetic: SyntheticSet, card: dict[str, Any], device: torch.
 
 
 def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_root: str | Path | None,
-                          device: torch.device | str) -> Split:
+                          device: torch.device | str, *, ignore_label_names: bool = False,
+                          log: Callable[[str], None] = lambda message: None) -> Split:
     """The receiving site's test split at the bundle's shape, normalised with the BUNDLE's mean/std."""
     channels, size = int(synthetic.images.shape[1]), int(synthetic.images.shape[-1])
     local = load_dataset(eval_data, root=data_root, channels=channels, image_size=size, device=device, progress=False)
@@ -417,6 +423,7 @@ def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_ro
             f"{eval_data} is a {local.task} dataset with {local.num_classes} classes, but the bundle is {synthetic.task} "
             f"with {synthetic.num_classes} ({', '.join(synthetic.label_names)})"
         )
+    check_label_names(synthetic.label_names, local.label_names, eval_data, ignore=ignore_label_names, log=log)
     mean = torch.tensor(synthetic.mean, device=local.device).view(1, -1, 1, 1)
     std = torch.tensor(synthetic.std, device=local.device).view(1, -1, 1, 1)
     pixels = local.denormalize(local.test.images)
@@ -424,7 +431,31 @@ def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_ro
     return Split((pixels - mean) / std, labels)
 
 
+def check_label_names(bundle_names: list[str], local_names: list[str], eval_data: str | Path, *, ignore: bool,
+                      log: Callable[[str], None]) -> None:
+    """Refuse scoring on data whose classes are named differently from the bundle's (the labels would mean other things).
+
+    Data without class names (labels 0, 1, ... only) cannot be checked: that is said, not refused.
+    """
+    def canonical(names: list[str]) -> list[str]:
+        return [" ".join(str(name).lower().split()) for name in names]
+
+    if canonical(bundle_names) == canonical(local_names):
+        return
+    pairs = ", ".join(f"{i}={name!r}" for i, name in enumerate(bundle_names))
+    if list(local_names) == [str(i) for i in range(len(local_names))]:
+        log(f"warning: {eval_data} does not name its classes, so medistill cannot check that its labels mean what the "
+            f"bundle's do ({pairs}); the score is only meaningful if they do")
+        return
+    theirs = ", ".join(f"{i}={name!r}" for i, name in enumerate(local_names))
+    if not ignore:
+        raise ConfigError(f"{eval_data} names its classes {theirs}, but the bundle's are {pairs}: a score would compare "
+                          f"labels that mean different things (pass --ignore-label-names if they are the same classes under other names)")
+    log(f"warning: scoring on {eval_data} whose class names ({theirs}) differ from the bundle's ({pairs}), as asked")
+
+
+
 __all__ = [
     "CARD_FORMAT", "MODEL_FORMAT", "bundle_dataset", "card_markdown", "dataset_card", "export_bundle", "load_bundle",
-    "load_trained_model", "receiving_test_split", "sha256", "train_on_bundle",
+    "check_label_names", "load_trained_model", "receiving_test_split", "sha256", "train_on_bundle",
 ]

@@ -173,6 +173,7 @@ def run_job(
         "eval_models": evaluation.num_models,
         "hyperparameters": synthetic.hyperparameters,
         "device": str(dataset.device),
+        "threads": torch.get_num_threads(),  # CPU results depend on it (see README, Reproducibility)
         "source": dataset.source.to_dict(),
         "version": __version__,
     }

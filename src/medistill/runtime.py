@@ -1,4 +1,4 @@
-"""Device selection and seeding: the one place that decides where tensors live."""
+"""Device, CPU threads and seeding: the one place that decides where tensors live and how they are computed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import torch
 from medistill.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+THREADS_ENV = "MEDISTILL_THREADS"
+# One thread by default: on a small or shared machine more threads thrash (many times slower), and a
+# fixed count keeps results the same across machines (float sums depend on how the work is split).
+DEFAULT_THREADS = 1
 _CUDA_NAME = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -35,6 +39,22 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                                   f"cuda:0 to cuda:{count - 1}")
         return torch.device(name)
     raise ConfigError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def set_threads(count: int) -> int:
+    """Use `count` torch CPU threads; results are reproducible for the same seed, device and thread count."""
+    if count < 1:
+        raise ConfigError(f"the number of CPU threads must be at least 1, got {count}")
+    torch.set_num_threads(count)
+    return torch.get_num_threads()
+
+
+def torch_build() -> str:
+    """Which torch build is installed: its version and whether it is the CPU-only or a CUDA build."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__}: CPU-only build"
+    gpu = "a GPU is visible" if torch.cuda.is_available() else "no GPU visible"
+    return f"torch {torch.__version__}: CUDA {torch.version.cuda} build, {gpu}"
 
 
 def seed_everything(seed: int) -> None:

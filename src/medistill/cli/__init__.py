@@ -1,16 +1,22 @@
 """The `medistill` command: a thin typer front end over the library.
 
 Every command module registers itself on `app`; `main()` turns library errors into one line
-on stderr and a non-zero exit, never a traceback.
+on stderr and a non-zero exit, never a traceback, and Ctrl-C into a line saying what was kept
+and how to continue.
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
+from typing import Callable, Optional
 
 import typer
 
+from medistill import __version__
 from medistill.errors import MedistillError
+from medistill.runtime import DEFAULT_THREADS, THREADS_ENV, set_threads, torch_build
 
 app = typer.Typer(
     name="medistill",
@@ -19,6 +25,53 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# Commands that only list or format: they do no torch work, so the thread choice is not announced for them.
+LISTING_COMMANDS = frozenset({"datasets", "methods", "models", "report", "export"})
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"medistill {__version__}; {torch_build()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    threads: int = typer.Option(DEFAULT_THREADS, "--threads", envvar=THREADS_ENV, min=1,
+                                help="torch CPU threads. 1 is fastest on a small or busy machine; results are reproducible "
+                                     "for the same seed, device and thread count."),
+    version: Optional[bool] = typer.Option(None, "--version", is_eager=True, callback=_print_version,
+                                           help="Print medistill's version and the torch build, then exit."),
+) -> None:
+    """Dataset distillation for medical imaging: distil, evaluate and share small synthetic MedMNIST-style sets."""
+    count = set_threads(threads)
+    if ctx.invoked_subcommand not in LISTING_COMMANDS and "--help" not in sys.argv[1:]:
+        # stdout: stderr is kept for progress and for the one line a bad input gets
+        typer.echo(f"medistill: {count} torch CPU thread{'s' if count > 1 else ''} (--threads N or {THREADS_ENV}=N to change; "
+                   f"results are reproducible for the same seed, device and thread count)")
+
+
+class Interrupted(BaseException):
+    """Ctrl-C. Raised by `main`'s SIGINT handler so it reaches `main` (typer turns KeyboardInterrupt into a silent exit)."""
+
+
+_interrupt_note: Callable[[], str] | None = None
+
+
+def on_interrupt(note: Callable[[], str]) -> None:
+    """Register what the running command says after Ctrl-C: what it kept and how to continue."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def rerun_command(*extra: str) -> str:
+    """The command line of this process as the user can type it again, with `extra` options added when absent."""
+    args = sys.argv[1:] + [option for option in extra if option not in sys.argv[1:]]
+    return shlex.join(["medistill", *args])
 
 
 def _register_commands() -> None:
@@ -32,17 +85,21 @@ def _register_commands() -> None:
 
 _register_commands()
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+    raise Interrupted()
 
 
 def main() -> None:
     """Entry point of the `medistill` console script."""
+    signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         app()
     except MedistillError as exc:
         print(f"medistill: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("medistill: interrupted; finished work is kept on disk (rerun with --resume where the command has it)", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        note = _interrupt_note() if _interrupt_note is not None else f"This command keeps no partial work; start again with: {rerun_command()}"
+        print(f"medistill: interrupted. {note}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)

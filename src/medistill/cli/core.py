@@ -1,4 +1,4 @@
-"""Core commands: datasets, distill, evaluate, demo."""
+"""Core commands: datasets, distill, evaluate, methods, models, demo."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from medistill.artifact import SyntheticSet
-from medistill.cli import app
 from medistill.atomic import atomic_write, refuse_existing
+from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Device, Force, ImageSize, Progress, Seed, Size, open_dataset, parse_settings
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
-from medistill.demo import DEMO_DATASET, run_demo
+from medistill.demo import DEMO_DATASET, DEMO_IPC, run_demo
 from medistill.errors import ConfigError
-from medistill.models import list_models
-from medistill.pipeline import EvalSettings, load_source_dataset, run_job, score_set
+from medistill.models import list_models, model_summary
+from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, load_source_dataset, run_job, score_set
 from medistill.runtime import resolve_device
-from medistill.train import TrainProtocol
+from medistill.scoretext import mean_std, record_score
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -66,6 +66,7 @@ def distill(
     progress: bool = Progress,
 ) -> None:
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
+    on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model)
     overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init}.items() if v is not None}
@@ -73,9 +74,16 @@ def distill(
                      out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record
     console.print(
-        f"{r['dataset']} {r['method']} ipc={r['ipc']}: test ACC {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}, "
-        f"AUC {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} ({r['wall_seconds']:.1f} s) -> {out}"
+        f"{r['dataset']} {r['method']} {'full set' if r['ipc'] is None else 'ipc=' + str(r['ipc'])}: "
+        f"test ACC {record_score(r, 'acc')}, AUC {record_score(r, 'auc')} ({r['wall_seconds']:.1f} s) -> {out}"
     )
+
+
+def _distill_interrupted(out: Path) -> str:
+    if has_checkpoint(out):
+        return (f"Kept: the distillation's last checkpoint in {out / CHECKPOINTS_NAME}. "
+                f"Continue from it with: {rerun_command('--resume')}")
+    return f"Nothing was kept: no checkpoint had been written to {out} yet. Start again with: {rerun_command()}"
 
 
 @app.command()
@@ -109,7 +117,8 @@ def evaluate(
         protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment).protocol_for(synthetic.method)
         scores = score_set(synthetic, data, protocol, num_models=eval_models, seed=seed, progress=progress)
         report[name] = {**scores.summary(), "eval_protocol": protocol.to_dict()}
-        table.add_row(name, f"{scores.acc_mean:.3f} ± {scores.acc_std:.3f}", f"{scores.auc_mean:.3f} ± {scores.auc_std:.3f}",
+        n = len(scores.acc)
+        table.add_row(name, mean_std(scores.acc_mean, scores.acc_std, n), mean_std(scores.auc_mean, scores.auc_std, n),
                       str(protocol.epochs), protocol.augment or "-")
     console.print(table)
     if out is not None:
@@ -132,6 +141,17 @@ def methods() -> None:
 
 
 @app.command()
+def models() -> None:
+    """List the model architectures (for --eval-model, --models, --attack-model, train --model)."""
+    table = Table(title="models")
+    for column in ("name", "architecture"):
+        table.add_column(column)
+    for name in list_models():
+        table.add_row(name, model_summary(name))
+    console.print(table)
+
+
+@app.command()
 def demo(
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
@@ -139,16 +159,21 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo's runs are written."),
     progress: bool = Progress,
 ) -> None:
-    """The main job on its default: BreastMNIST, random vs the best available distillation method at IPC 10, vs full."""
+    """The main job on its default: BreastMNIST, random vs the best available distillation method at IPC 10, vs full.
+
+    It states its plan and expected time first; finished runs in OUT are reused by the next demo.
+    """
+    on_interrupt(lambda: f"Kept: finished runs in {out} and the distillation's last checkpoint. "
+                         f"Continue with: {rerun_command()} (finished runs are reused)")
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
-    rows = run_demo(data, out=out, seed=seed, progress=progress)
-    table = Table(title=f"{DEMO_DATASET}, IPC 10 (test split; mean ± std over evaluation networks)")
+    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, say=typer.echo)
+    table = Table(title=f"{DEMO_DATASET}, IPC {DEMO_IPC} (test split; mean ± std over evaluation networks)")
     for column in ("method", "images", "ACC", "AUC", "evaluation", "seconds"):
         table.add_column(column)
     for r in rows:
         p = r["eval_protocol"]
-        table.add_row(r["method"], str(r["num_images"]), f"{r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}",
-                      f"{r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f}",
-                      f"{r['eval_models']} x {p['model']}, {p['epochs']} ep{', DSA' if p['augment'] else ''}", f"{r['wall_seconds']:.0f}")
+        seconds = f"{r['wall_seconds']:.0f}" + (" (earlier run)" if r["reused"] else "")
+        table.add_row(r["method"], str(r["num_images"]), record_score(r, "acc"), record_score(r, "auc"),
+                      f"{r['eval_models']} x {p['model']}, {p['epochs']} ep{', DSA' if p['augment'] else ''}", seconds)
     console.print(table)
     console.print(f"runs written to {out}")

@@ -12,11 +12,11 @@ import typer
 from rich.console import Console
 
 from medistill.augment import DEFAULT_STRATEGY
-from medistill.cli import app
+from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset
 from medistill.configfile import parse_value
 from medistill.errors import ConfigError
-from medistill.methods.experts import ExpertSettings, build_buffer
+from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -61,6 +61,8 @@ def experts(
     settings = ExpertSettings(epochs=epochs, lr_teacher=lr_teacher, batch_size=batch_size,
                               augment=None if augment.lower() == "none" else augment, model=model,
                               model_kwargs=parse_model_args(model_args), zca=zca, seed=seed, fp16=fp16)
+    folder = buffer_dir(data, settings, out)
+    on_interrupt(lambda: f"Kept: every finished expert in {folder}. The same command trains only the missing ones: {rerun_command()}")
     start = time.perf_counter()
     buffer = build_buffer(data, settings, num_experts, root=out, parallel=parallel, progress=progress, log=err.print)
     summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}

@@ -14,7 +14,7 @@ from medistill.runtime import resolve_device
 
 DataRoot = typer.Option(None, "--data-root", help="Folder of MedMNIST files (default: $MEDISTILL_DATA, else ~/.medmnist).")
 Device = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
-Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the same result on the same device.")
+Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the same result on the same device with the same --threads.")
 Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
 ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
 Force = typer.Option(False, "--force", help="Replace an existing output instead of refusing it.")

@@ -76,10 +76,12 @@ def export(
 @app.command()
 def train(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `medistill export`."),
-    model: str = typer.Option("convnet", "--model", help="Architecture to train (see the model zoo)."),
+    model: str = typer.Option("convnet", "--model", help="Architecture to train (`medistill models` lists them)."),
     out: Path = typer.Option(Path("model.pt"), "--out", help="Where to save the trained model (state_dict + metadata)."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Your labelled data (npz with MedMNIST array names, MedMNIST flag or image folder); scored on its test split."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the bundle's recommended epochs."),
+    ignore_label_names: bool = typer.Option(False, "--ignore-label-names",
+                                            help="Score on --eval-data even though its class names differ from the bundle's."),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     seed: int = Seed,
@@ -88,7 +90,8 @@ def train(
 ) -> None:
     """Train a model on a received bundle with its recommended protocol; score it on your own data if given."""
     result = train_on_bundle(bundle, model, out, eval_data, epochs=epochs, seed=seed, device=resolve_device(device),
-                             data_root=data_root, progress=progress, force=force)
+                             data_root=data_root, progress=progress, force=force, ignore_label_names=ignore_label_names,
+                             log=lambda message: typer.echo(message, err=True))
     protocol = result["protocol"]
     typer.echo(f"{result['model_path']}: {model} trained on {result['train_images']} synthetic images "
                f"({protocol['epochs']} epochs, lr {protocol['lr']:g}, augmentation {protocol['augment'] or 'none'})")

@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
-from medistill.cli import app
 from medistill.atomic import refuse_existing
+from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Force, Seed
+from medistill.data import load_dataset
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
 from medistill.study.predict import predict as predict_accuracy
@@ -39,6 +40,10 @@ def study(
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
     options = {"address": ray_address} if executor == "ray" else {}
+    on_interrupt(lambda: f"Kept: every finished run in {out / 'runs'}, and the checkpoints of runs in flight in {out / 'work'}. "
+                         f"The same command skips the finished runs and continues the others: {rerun_command()}")
+    if spec.threads:
+        typer.echo(f"medistill: each run uses {spec.threads} torch CPU thread(s), as the study config sets")
     summary = run_study(spec, out, executor=executor, executor_options=options, data_root=data_root, device=device,
                         retry_failed=retry_failed, log=typer.echo)
     if report:
@@ -67,7 +72,8 @@ def simulate(
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     recipe = SimulationRecipe(datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed)
     path = build_simulation(recipe, out, root=data_root, progress=True)
-    typer.echo(f"wrote {path}: {len(names)} classes ({', '.join(names)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
+    classes = load_dataset(path).label_names  # each source's dataset name, not the path it was given by
+    typer.echo(f"wrote {path}: {len(classes)} classes ({', '.join(classes)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
 
 
 @app.command()

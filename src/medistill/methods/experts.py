@@ -289,7 +289,7 @@ def build_buffer(
     if not missing:
         log(f"reusing the expert buffer {directory} ({num_experts} experts x {settings.epochs} epochs)")
         return ExpertBuffer(directory)
-    log(f"training {len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name} ({parallel} at once) into {directory}")
+    log(f"training {len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name} ({min(parallel, len(missing))} at once) into {directory}")
     with progress_bar(len(missing) * settings.epochs, f"experts {dataset.name}", progress) as bar:
         for start in range(0, len(missing), parallel):
             group = missing[start : start + parallel]

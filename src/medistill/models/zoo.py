@@ -40,6 +40,14 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_summary(name: str) -> str:
+    """First line of a registered model's description (its builder's docstring)."""
+    builder = _REGISTRY.get(name.lower())
+    if builder is None:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
+
+
 def create_model(
     name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any
 ) -> nn.Module:

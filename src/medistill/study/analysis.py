@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 from medistill.markdown import cell as md_cell
+from medistill.scoretext import mean_std
 from medistill.study.store import FAILED, OK
 
 RANDOM = "random"  # the cheap reference the predictor is built on
@@ -107,12 +108,12 @@ def ipc_order(cells: Sequence[Cell], dataset: str | None = None) -> list[int]:
 
 
 def format_score(cell: Cell | None, metric: str) -> str:
-    """"0.849 ± 0.009", "failed" or "–"."""
+    """"0.849 ± 0.009", "0.849 (n=1)", "failed" or "–"."""
     if cell is None:
         return "–"
     if not cell.ok:
         return "failed" if cell.failed_keys else "–"
-    return f"{cell.mean(metric):.3f} ± {cell.std(metric):.3f}"
+    return mean_std(cell.mean(metric), cell.std(metric), len(cell._finite(metric)))
 
 
 def _lookup(cells: Sequence[Cell]) -> dict[tuple[str, str, int | None], Cell]:

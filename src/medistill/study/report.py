@@ -84,7 +84,7 @@ def lodo_markdown(lodo: dict[str, LodoError]) -> str:
 
 
 def grid_images(cells: Sequence[Cell], store: ResultStore) -> list[tuple[str, str]]:
-    """(caption, path relative to the study folder) of the first seed's grid of every finished IPC cell."""
+    """(caption naming the run it came from, path relative to the study folder) of one grid per finished IPC cell."""
     out = []
     for dataset in dataset_order(cells):
         for method in method_order(cells):
@@ -94,7 +94,8 @@ def grid_images(cells: Sequence[Cell], store: ResultStore) -> list[tuple[str, st
                     continue
                 grid = store.artifact_dir(cell.keys[0]) / "grid.png"
                 if grid.exists():
-                    out.append((f"{dataset} · {method} · IPC {ipc}", str(grid.relative_to(store.root))))
+                    out.append((f"{dataset} · {method} · IPC {ipc} · from run {cell.keys[0]}, seed {cell.seeds[0]} (runs/{cell.keys[0]}.json)",
+                                str(grid.relative_to(store.root))))
     return out
 
 
@@ -169,7 +170,7 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if grids:
-        lines += ["## Image grids (first seed)", ""] + [f"**{cell(caption)}**\n\n![{cell(caption)}]({src})\n" for caption, src in grids]
+        lines += ["## Image grids (one run each)", ""] + [f"**{cell(caption)}**\n\n![{cell(caption)}]({src})\n" for caption, src in grids]
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +195,7 @@ def report_html(study: dict[str, Any], records: list[dict], cells: list[Cell], c
     body.append("<h2>Predictor: leave-one-dataset-out error</h2>" + _md_table_html(lodo_markdown(lodo)))
     body += [f"<p><img src='{e(p)}' alt='{e(p)}'></p>" for p in plots]
     if grids:
-        body.append("<h2>Image grids (first seed)</h2><div class='grids'>" + "".join(
+        body.append("<h2>Image grids (one run each)</h2><div class='grids'>" + "".join(
             f"<figure><img src='{e(src)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>" for caption, src in grids) + "</div>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}td:first-child{text-align:left}"

@@ -102,7 +102,8 @@ def execute(spec: RunSpec, env: RunEnv) -> dict[str, Any]:
 
 def run_label(spec: RunSpec) -> str:
     """How the log names a run."""
-    return f"{spec.dataset_label} {spec.method} ipc={spec.ipc} seed={spec.seed}"
+    size = "full set" if spec.ipc is None else f"ipc={spec.ipc}"
+    return f"{spec.dataset_label} {spec.method} {size} seed={spec.seed}"
 
 
 def build_simulations(study: StudySpec, study_dir: Path, data_root: str | Path | None, log: Callable[[str], None]) -> None:
