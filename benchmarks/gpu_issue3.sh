@@ -3,7 +3,7 @@
 #
 #   A. speed, alone on the GPU: s/iteration and peak memory of DC, DSA, DM at IPC 1, 10, 50
 #      (BreastMNIST): default (per-class loop), class_batching=vmap, bf16; DC also at 32x32 (the
-#      study's code resized 28->32; ANCHORS.md: DC IPC 1 0.035 s/it, IPC 10 1.77 s/it on an H200).
+#      study's code resized 28->32; docs/ALGORITHMS.md reference figures: DC IPC 1 0.035 s/it, IPC 10 1.77 s/it on an H200).
 #   B. accuracy, every run at once as its own process (the runs are launch-bound, so they share
 #      the GPU well): BreastMNIST and the unofficial PneumoniaMNIST subset; DC, DSA, DM at IPC 1,
 #      10, 50, 5 evaluation networks, 300 epochs (DC) / 1000 epochs with DSA (DSA, DM); random

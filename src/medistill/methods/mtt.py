@@ -13,7 +13,9 @@ graph at a time and carrying the adjoint lambda_k = dL/dtheta_k (lambda_k = lamb
 H_k lambda_{k+1}). Both give the same gradients; the second needs the memory of one step.
 
 Guards: a non-finite loss or gradient stops the run with a clear error (the last checkpoint is kept,
-no result is written); `syn_lr` is clamped to a positive floor, so it can never turn negative.
+no result is written); `syn_lr` is clamped to a positive floor `min_syn_lr`, so it can never turn negative
+(`min_syn_lr: null` leaves it free, as the reference does; a run whose syn_lr ends at or below zero has
+diverged and is refused the same way).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from medistill.errors import ConfigError, MedistillError
 from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.eval_points import EvalTracker
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
+from medistill.methods.mtt_presets import stable_preset
 from medistill.methods.random import random_subset_indices
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
 from medistill.progress import progress_bar
 from medistill.train.engine import TrainProtocol
 from medistill.transfer import to_device, to_host_async
-from medistill.zca import ZCA
+from medistill.zca import ZCA, whitened_dataset
 
 
 class DivergenceError(MedistillError):
@@ -47,7 +50,11 @@ class DivergenceError(MedistillError):
 
 @dataclass
 class MTTConfig:
-    """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there)."""
+    """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there).
+
+    `distill("mtt", ...)` with settings given as a mapping (or none) starts from the stable preset of
+    the requested IPC (`mtt_presets.stable_preset`) instead; an `MTTConfig` is used as it is.
+    """
 
     iterations: int = 1000
     syn_steps: int = 10  # student steps per iteration
@@ -58,7 +65,7 @@ class MTTConfig:
     lr_teacher: float = 0.01  # the experts' lr
     syn_lr_init: float | None = 0.001  # syn_lr's initial value (None: lr_teacher, as the reference)
     momentum: float = 0.5
-    min_syn_lr: float = 1e-4  # syn_lr is clamped to at least this
+    min_syn_lr: float | None = 1e-4  # syn_lr is clamped to at least this (None: no floor, as the reference)
     batch_syn: int | None = None  # synthetic minibatch per student step (None: the whole set)
     augment: str | None = DEFAULT_STRATEGY  # DSA for the student and the experts
     zca: bool = False  # RGB only; ignored with a warning on 1-channel data
@@ -86,10 +93,13 @@ class MTTConfig:
                 raise ConfigError(f"mtt setting {name} must be at least 1, got {value}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
-        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init >= self.min_syn_lr):
-            raise ConfigError(f"mtt setting syn_lr_init must be a number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
+        floor = self.min_syn_lr if self.min_syn_lr is not None else 0.0
+        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor):
+            raise ConfigError(f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
         for name in ("lr_img", "lr_teacher", "min_syn_lr"):
             value = getattr(self, name)
+            if name == "min_syn_lr" and value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"mtt setting {name} must be a positive number, got {value}")
         if not (math.isfinite(self.lr_lr) and self.lr_lr >= 0):
@@ -201,18 +211,17 @@ class MTTDistiller:
         check_ipc(dataset, ipc, "mtt")
         self.dataset, self.ipc, self.config, self.context = dataset, ipc, config, context
         device = dataset.device
-        use_zca = config.zca and dataset.channels == 3
-        if config.zca and not use_zca:
-            context.log(f"warning: ZCA ignored: '{dataset.name}' has {dataset.channels} channel(s); ZCA is for RGB "
-                        "(MTT with ZCA diverged on grayscale BreastMNIST in the feasibility study)")
-        self.zca = ZCA.fit(dataset.train.images) if use_zca else None
+        if config.zca and dataset.channels == 1:
+            context.log(f"warning: ZCA on the 1-channel '{dataset.name}': the feasibility study's MTT with ZCA diverged on "
+                        "grayscale BreastMNIST (the stable presets switch it off)")
+        self.zca = ZCA.for_dataset(dataset) if config.zca else None
         self.buffer: ExpertBuffer = build_buffer(
-            dataset, config.expert_settings(use_zca), config.num_experts, root=config.buffer_root,
+            dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
             parallel=config.experts_parallel, progress=context.progress, log=context.log)
-        self.student = FlatModel(new_network(dataset, config.expert_settings(use_zca)))
+        self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         idx = random_subset_indices(dataset, ipc, context.seed).to(device)  # the random baseline's subset
         real = dataset.train.images[idx]
-        self.images = (real if self.zca is None else self.zca.whiten(real)).detach().clone().requires_grad_(True)
+        self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)
         self.labels = dataset.train.labels[idx].clone()
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
@@ -251,9 +260,10 @@ class MTTDistiller:
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
         self.opt_img.step()
         self.opt_lr.step()
-        with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
-            self._lr_clamps += self.syn_lr < self.config.min_syn_lr
-            self.syn_lr.clamp_(min=self.config.min_syn_lr)
+        if self.config.min_syn_lr is not None:
+            with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
+                self._lr_clamps += self.syn_lr < self.config.min_syn_lr
+                self.syn_lr.clamp_(min=self.config.min_syn_lr)
         self.images.grad = self.syn_lr.grad = None
         self.iteration = iteration
         self.losses.append(value)
@@ -269,9 +279,13 @@ class MTTDistiller:
         self._lr_clamps = torch.tensor(count, device=self.syn_lr.device)
 
     def output_images(self) -> torch.Tensor:
-        """The synthetic images in the dataset's normalised space."""
+        """The synthetic images in the dataset's normalised space (un-whitened when ZCA is on)."""
         images = self.images.detach()
-        return images if self.zca is None else self.zca.unwhiten(images)
+        return images if self.zca is None else self.zca.unwhiten_normalised(self.dataset, images)
+
+    def eval_dataset(self) -> Dataset:
+        """The dataset in the space the evaluation networks train and test in (ZCA space when on, as the reference)."""
+        return self.dataset if self.zca is None else whitened_dataset(self.dataset, self.zca)
 
     def state(self, tracker: EvalTracker | None) -> dict[str, Any]:
         return {"iteration": self.iteration, "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.item(),
@@ -312,7 +326,7 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
     tracker = None
     if config.eval_every > 0:
         protocol = TrainProtocol(epochs=config.eval_epochs, augment=config.augment or DEFAULT_STRATEGY)
-        tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+        tracker = EvalTracker(distiller.eval_dataset(), protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
     saved = checkpoint.restore()
     if saved is not None:
         distiller.load_state(saved, tracker)
@@ -325,7 +339,7 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
             it = distiller.iteration
             if tracker is not None and tracker.due(it, config.iterations):
                 shown_lr = distiller.syn_lr.item()
-                tracker.run(it, distiller.output_images(), distiller.labels, lr=shown_lr)
+                tracker.run(it, distiller.images.detach(), distiller.labels, lr=shown_lr)  # in the space it learns in
             if it % config.checkpoint_every == 0 or it == config.iterations:
                 state = distiller.state(tracker)
                 checkpoint.save(state)
@@ -337,6 +351,8 @@ def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) 
     images = distiller.output_images()
     if not torch.isfinite(images).all():
         raise DivergenceError("MTT produced non-finite images; the set is not usable")
+    if not distiller.syn_lr.item() > 0:
+        raise DivergenceError(f"MTT's learned lr ended at {distiller.syn_lr.item():.4g} (not positive); the set is not usable")
     result = new_set(dataset, images, distiller.labels, method="mtt", ipc=ipc, seed=context.seed,
                      learned_lr=distiller.syn_lr.item())
     result.metrics = tracker.summary() if tracker is not None else {}
@@ -354,6 +370,7 @@ SPEC = register_method(
         summary="matching training trajectories (learned lr; builds an expert buffer first if needed)",
         eval_augment=DEFAULT_STRATEGY,
         supports_multilabel=False,
+        ipc_defaults=stable_preset,
     )
 )
 
