@@ -149,11 +149,21 @@ def run_job(
         "hyperparameters": synthetic.hyperparameters,
         "device": str(dataset.device),
         "source": dataset.source.to_dict(),
+        "num_classes": dataset.num_classes,
+        "channels": dataset.channels,
+        "test_majority_rate": majority_rate(dataset),
         "version": __version__,
     }
     if out is not None:
         write_outputs(out, synthetic, record, save_artifact=spec.uses_ipc)
     return JobResult(synthetic=synthetic, scores=scores, record=record)
+
+
+def majority_rate(dataset: Dataset) -> float | None:
+    """The test accuracy of always answering the most frequent test class (None for multi-label tasks)."""
+    if dataset.is_multilabel:
+        return None
+    return float(torch.bincount(dataset.test.labels, minlength=dataset.num_classes).max()) / len(dataset.test)
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
