@@ -115,7 +115,8 @@ def write_study(folder, datasets: dict[str, tuple[int, list[tuple[int, float, fl
                 key = f"{name}-{method}-{ipc}"
                 keys.append(key)
                 store.write({"key": key, "dataset_label": name, "status": "ok",
-                             "spec": {"dataset": name, "method": method, "ipc": ipc, "seed": 0, "settings": {}, "evaluation": {}},
+                             "spec": {"dataset": name, "method": method, "ipc": ipc, "seed": 0, "settings": {},
+                                      "evaluation": {"num_models": 1, "epochs": 1, "augment": False}},
                              "result": {"test_acc": [acc], "test_auc": [acc], "num_classes": classes, "channels": 1,
                                         "test_majority_rate": 1 / classes, "num_images": ipc * classes,
                                         "source": {"kind": "npz", "provenance": {}}}})
@@ -142,6 +143,17 @@ def test_cli_predict_on_a_one_dataset_study_refuses_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "at least two" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_cli_predict_warns_on_a_dataset_outside_the_fitted_range(tmp_path):
+    """Four 2-class grayscale datasets; digits has 10 classes: the real command runs the probe and says so."""
+    write_study(tmp_path / "s", {f"d{i}": (2, [(1, 0.55 + 0.05 * i, 0.7 + 0.04 * i), (10, 0.7 + 0.03 * i, 0.8 + 0.02 * i)]) for i in range(4)})
+    done = subprocess.run([sys.executable, "-m", "medistill", "predict", "digits", "--ipc", "1", "--study", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING extrapolating: 10 classes is outside the fitted datasets' 2-2" in done.stdout
+    assert "digits (10 classes, 1 channel(s), not medical)" in done.stdout and f"study: {tmp_path / 's'}" in done.stdout
+    assert "dm: predicted test ACC" in done.stdout and "d0 (medical)" in done.stdout
 
 
 def test_an_unknown_probe_is_refused(tmp_path):

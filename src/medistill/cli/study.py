@@ -80,7 +80,7 @@ def predict(
     typer.echo(f"{result.dataset} ({f.num_classes} classes, {f.channels} channel(s), {'medical' if f.medical else 'not medical'}) "
                f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} (seeds {', '.join(map(str, result.seeds))})")
     for reason in result.extrapolated:
-        typer.echo(f"  WARNING extrapolating: {reason}; the interval spans every candidate model")
+        typer.echo(f"  WARNING extrapolating: {reason}; the interval is widened to span every candidate model")
     for m in result.methods:
         typer.echo(f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {m.level:.0%} interval [{m.lower:.3f}, {m.upper:.3f}]; "
                    f"model {m.model}, chosen over {m.n_datasets} datasets, leave-one-dataset-out MAE {m.lodo_mae:.3f}")

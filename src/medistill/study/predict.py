@@ -234,13 +234,13 @@ class Coverage:
         """One line per input of the target that lies outside what the study covered."""
         notes = []
         if not self.classes[0] <= facts.num_classes <= self.classes[1]:
-            notes.append(f"{facts.num_classes} classes is outside the study's {self.classes[0]}-{self.classes[1]}")
+            notes.append(f"{facts.num_classes} classes is outside the fitted datasets' {self.classes[0]}-{self.classes[1]}")
         if not self.probe[0] <= probe <= self.probe[1]:
-            notes.append(f"probe ACC {probe:.3f} is outside the study's {self.probe[0]:.3f}-{self.probe[1]:.3f}")
+            notes.append(f"probe ACC {probe:.3f} is outside the fitted datasets' {self.probe[0]:.3f}-{self.probe[1]:.3f}")
         if facts.channels is not None and self.channels and facts.channels not in self.channels:
-            notes.append(f"{facts.channels} channel(s) is not among the study's {', '.join(map(str, self.channels))}")
+            notes.append(f"{facts.channels} channel(s) is not among the fitted datasets' {', '.join(map(str, self.channels))}")
         if not self.ipcs[0] <= ipc <= self.ipcs[-1]:
-            notes.append(f"IPC {ipc} is outside the study's {self.ipcs[0]}-{self.ipcs[-1]}")
+            notes.append(f"IPC {ipc} is outside the fitted IPCs {self.ipcs[0]}-{self.ipcs[-1]}")
         return notes
 
 
