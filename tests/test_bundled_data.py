@@ -11,7 +11,7 @@ from medistill.data.bundled import stratified_split
 from medistill.study.spec import dataset_label, resolve_path_ref
 
 
-def test_digits_loads_by_name_split_resized_and_marked_not_medical(tmp_path):
+def test_digits_loads_by_name_split_resized_and_marked_not_medical():
     data = load_dataset("digits")
     assert data.num_classes == 10 and data.channels == 1 and data.image_size == 28
     assert len(data.train) + len(data.val) + len(data.test) == 1797

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from medistill.study.predict import (
     CANDIDATES, Candidate, Coverage, DatasetFacts, Observation, choose_model, conformal_rank, dataset_facts,
     evaluate_predictor, fit_predictor, from_unit, interval, is_medical, lodo_scores, summarise, to_unit,
 )
-from medistill.study.store import ResultStore
 from medistill.errors import ConfigError
+from medistill.study.spec import load_study
+from medistill.study.store import ResultStore
 
 
 def gap_world(n_datasets: int, seed: int = 0, noise: float = 0.03) -> list[Observation]:
@@ -168,3 +170,11 @@ def test_no_bound_is_claimed_with_two_datasets():
     assert model is not None and math.isinf(model.halfwidth)
     assert interval(model, 0.5, observations[0].facts, extrapolated=False)[1:] == (0.0, 1.0)
     assert Candidate("line", "acc").fit(observations[:1]) is None  # one point cannot fix a line
+
+
+def test_the_shipped_predictor_study_parses():
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / "predictor.yaml")
+    labels = {run.dataset_label for run in study.runs}
+    assert labels == {"breastmnist", "pneumoniamnist_balanced", "digits", "sim-medical-small", "sim-medical-large", "sim-mixed"}
+    assert {run.method for run in study.runs} == {"random", "dm", "dc"} and len(study.runs) == 6 * 3 * 2
+    assert "digits" in study.simulations["sim-mixed"].datasets
