@@ -88,11 +88,11 @@ def lodo_markdown(rows: Sequence[HeldOut]) -> str:
     if not rows:
         return "No predictor could be fitted (it needs a distillation method next to random-subset runs on two or more datasets).\n"
     lines = ["| method | predictor | datasets held out | points | MAE (datasets weigh equally) | max abs error | "
-             "measured inside interval | inside, within the study's range |", "|---|---|---|---|---|---|---|---|"]
+             "measured inside interval | inside, held-out dataset within the others' range |", "|---|---|---|---|---|---|---|---|"]
     for e in summarise(rows):
         lines.append(f"| {e.method} | {PREDICTOR_NAMES[e.predictor]} | {e.datasets} | {e.points} | {_f(e.mae)} | {_f(e.max_abs)} | "
                      f"{e.covered}/{e.with_interval} | {e.covered_inside_range}/{e.inside_range} |")
-    lines += ["", f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} conformal interval "
+    lines += ["", f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} jackknife+ interval "
               "over datasets, widened where the held-out dataset lies outside the others' range. Line: least squares on "
               "random-subset ACC with a 95% t prediction interval that treats points as independent.", ""]
     return "\n".join(lines) + "\n"
