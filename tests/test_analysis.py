@@ -1,4 +1,4 @@
-"""Tables, correlation (with the dataset-level bootstrap), the fitted line and leave-one-dataset-out error."""
+"""Tables, correlation (with the dataset-level bootstrap and a p-value over datasets) and the fitted line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from medistill.study.analysis import (
     LinearFit, Point, cells_from_records, correlate, correlation_markdown, correlation_points, csv_table, latex_table,
     markdown_tables,
 )
-from medistill.study.predict import leave_one_dataset_out
 
 
 def record(dataset: str, method: str, ipc: int | None, seed: int, acc: list[float], status: str = "ok") -> dict:
@@ -72,11 +71,15 @@ def test_correlation_matches_scipy_and_states_n(records):
     result = correlate("dc", points["dc"], resamples=200)
     x, y = [p.x for p in points["dc"]], [p.y for p in points["dc"]]
     assert result.pearson_r == pytest.approx(stats.pearsonr(x, y)[0])
-    assert result.pearson_p == pytest.approx(stats.pearsonr(x, y)[1])
     assert result.spearman_rho == pytest.approx(stats.spearmanr(x, y)[0])
     assert result.n_points == 6 and result.n_datasets == 3
+    # the only p-value is over datasets: one point per dataset (its mean), not six "independent" points
+    means = [(np.mean(x[2 * i:2 * i + 2]), np.mean(y[2 * i:2 * i + 2])) for i in range(3)]
+    assert result.dataset_r == pytest.approx(stats.pearsonr(*zip(*means))[0])
+    assert result.dataset_p == pytest.approx(stats.pearsonr(*zip(*means))[1])
+    assert result.dataset_p != pytest.approx(stats.pearsonr(x, y)[1])
     table = correlation_markdown({"dc": result})
-    assert "| dc | 6 (3) |" in table and "not meaningful" in table
+    assert "| dc | 3 | 6 |" in table and "not meaningful" in table and "over datasets" in table
 
 
 def test_bootstrap_resamples_whole_datasets():
@@ -115,11 +118,7 @@ def test_line_fit_matches_least_squares():
     assert two.predict(0.3)[0] == pytest.approx(0.7) and math.isnan(two.predict(0.3)[1])
 
 
-def test_leave_one_dataset_out():
-    line = [Point(d, i, x, 0.2 + 0.7 * x) for d, xs in (("a", (0.5, 0.6)), ("b", (0.7, 0.8)), ("c", (0.55, 0.9))) for i, x in enumerate(xs)]
-    exact = leave_one_dataset_out("m", line)
-    assert exact.folds == 3 and exact.predictions == 6 and exact.mae == pytest.approx(0, abs=1e-9)
-    off = line[:4] + [Point("c", 0, 0.55, 0.2), Point("c", 1, 0.9, 0.3)]
-    result = leave_one_dataset_out("m", off)
-    assert max(result.per_dataset, key=result.per_dataset.get) == "c"
-    assert result.per_dataset["c"] == pytest.approx(np.mean([0.2 + 0.7 * 0.55 - 0.2, 0.2 + 0.7 * 0.9 - 0.3]))
+def test_no_p_value_below_three_datasets():
+    points = [Point("A", 1, 0.2, 0.3), Point("A", 2, 0.5, 0.6), Point("B", 1, 0.4, 0.45), Point("B", 2, 0.8, 0.9)]
+    result = correlate("m", points, resamples=50)
+    assert not math.isnan(result.pearson_r) and math.isnan(result.dataset_p)

@@ -307,20 +307,21 @@ def test_predictor_fits_the_study_and_predicts_from_a_fresh_random_run(tiny_data
     out = tmp_path / "p"
     run_study(load_study(config), out, log=lambda m: None)
     predictor = fit_predictor(out)
-    points = predictor.points["dm"]
-    assert len(points) == 4 and {p.dataset for p in points} == {"breast_small", "pneumonia_small"}
-    fit = predictor.fits["dm"]
-    assert fit.n == 4 and predictor.template.evaluation == canonical_json({"num_models": 1, "epochs": 2, "augment": False})
-    lodo = predictor.lodo()["dm"]
-    assert lodo.folds == 2 and lodo.predictions == 4 and lodo.mae >= 0
+    model = predictor.models["dm"]
+    assert len(model.observations) == 4 and set(model.scores) == {"breast_small", "pneumonia_small"}
+    assert predictor.template.evaluation == canonical_json({"num_models": 1, "epochs": 2, "augment": False})
+    assert predictor.facts["breast_small"].num_classes == 2 and predictor.facts["breast_small"].medical
     result = predict(str(tiny_data / "breast_small.npz"), 1, out)
     # the fresh random run repeats the study's random run (same settings and seed) exactly
-    assert result.random_acc_mean == next(p.x for p in points if p.dataset == "breast_small" and p.ipc == 1)
+    assert result.probe_acc_mean == next(o.probe for o in model.observations if o.dataset == "breast_small" and o.ipc == 1)
     dm = result.methods[0]
-    assert dm.method == "dm" and dm.predicted_acc == pytest.approx(fit.intercept + fit.slope * result.random_acc_mean)
-    assert dm.lower <= dm.predicted_acc <= dm.upper and result.in_study
+    assert dm.method == "dm" and dm.predicted_acc == pytest.approx(model.model.predict(result.probe_acc_mean, result.facts))
+    # two datasets are too few for an 80% interval over datasets: no bound is claimed
+    assert (dm.lower, dm.upper) == (0.0, 1.0) and result.in_study and any("too few datasets" in n for n in result.notes)
+    assert str(out) in result.study and "breast_small (medical)" in result.study_datasets
     report = write_report(out).read_text()
-    assert "Pearson" in report and "n points" in report and (out / "plots" / "random_vs_distilled.png").exists()
+    assert "Pearson" in report and "n datasets" in report and (out / "plots" / "random_vs_distilled.png").exists()
+    assert "Every held-out point" in report
 
 
 def test_simulation_sets_are_built_first_and_run_like_any_dataset(tiny_data, tmp_path):

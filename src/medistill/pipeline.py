@@ -196,6 +196,9 @@ def run_job(
         "device": str(dataset.device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (see README, Reproducibility)
         "source": dataset.source.to_dict(),
+        "num_classes": dataset.num_classes,
+        "channels": dataset.channels,
+        "test_majority_rate": majority_rate(dataset),
         "version": __version__,
     }
     if out is not None:
@@ -213,6 +216,13 @@ def check_job_folder(out: Path, *, resume: bool = False, force: bool = False) ->
     if finished and not (resume or force):
         raise ConfigError(f"{out} already holds a run ({', '.join(finished)}); choose another --out, "
                           "or pass --resume to redo its evaluation or --force to replace it")
+
+
+def majority_rate(dataset: Dataset) -> float | None:
+    """The test accuracy of always answering the most frequent test class (None for multi-label tasks)."""
+    if dataset.is_multilabel:
+        return None
+    return float(torch.bincount(dataset.test.labels, minlength=dataset.num_classes).max()) / len(dataset.test)
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,7 @@ from medistill.cli.options import DataRoot, Force, Seed
 from medistill.data import load_dataset
 from medistill.errors import ConfigError
 from medistill.study.executors import list_executors
-from medistill.study.predict import predict as predict_accuracy
+from medistill.study.predict import DEFAULT_LEVEL, DEFAULT_PROBE, predict as predict_accuracy
 from medistill.study.report import console_summary, write_report
 from medistill.study.runner import run_study
 from medistill.study.simulation import SimulationRecipe, build_simulation
@@ -78,21 +77,25 @@ def simulate(
 
 @app.command()
 def predict(
-    dataset: str = typer.Argument(..., help="MedMNIST flag, npz/folder path, or a simulation set of the study."),
+    dataset: str = typer.Argument(..., help="MedMNIST flag, bundled set (digits), npz/folder path, or a simulation set of the study."),
     ipc: int = typer.Option(..., "--ipc", help="Images per class."),
-    study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted relation is used."),
+    study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted predictor is used."),
+    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help="The cheap run whose score predicts the methods' (the study must hold its runs)."),
+    level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Level of the conformal interval over the study's datasets."),
     data_root: Optional[Path] = DataRoot,
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
 ) -> None:
-    """Evaluate a random subset (cheap) and predict each distillation method's accuracy from the study's relation."""
-    result = predict_accuracy(dataset, ipc, study_dir, data_root=data_root, device=device, log=typer.echo)
-    typer.echo(f"{result.dataset} IPC {ipc}: random subset test ACC {result.random_acc_mean:.3f} ± {result.random_acc_std:.3f} "
-               f"(seeds {', '.join(map(str, result.seeds))})")
+    """Run the cheap probe on a dataset and predict each distillation method's test ACC, with an interval over datasets."""
+    result = predict_accuracy(dataset, ipc, study_dir, probe=probe, level=level, data_root=data_root, device=device, log=typer.echo)
+    typer.echo(f"study: {result.study}; fitted on {len(result.study_datasets)} datasets: {', '.join(result.study_datasets)}")
+    f = result.facts
+    typer.echo(f"{result.dataset} ({f.num_classes} classes, {f.channels} channel(s), {'medical' if f.medical else 'not medical'}) "
+               f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} (seeds {', '.join(map(str, result.seeds))})")
+    for reason in result.extrapolated:
+        typer.echo(f"  WARNING extrapolating: {reason}; the interval is widened to span every candidate model")
     for m in result.methods:
-        interval = "no interval (line fitted on 2 points)" if math.isnan(m.lower) else f"95% PI [{m.lower:.3f}, {m.upper:.3f}]"
-        lodo = "n/a" if math.isnan(m.lodo_mae) else f"{m.lodo_mae:.3f}"
-        typer.echo(f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {interval}; fitted on {m.n_points} points from "
-                   f"{m.n_datasets} datasets (IPCs {', '.join(map(str, m.ipcs_fitted))}), leave-one-dataset-out MAE {lodo}")
+        typer.echo(f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {m.level:.0%} interval [{m.lower:.3f}, {m.upper:.3f}]; "
+                   f"model {m.model}, chosen over {m.n_datasets} datasets, leave-one-dataset-out MAE {m.lodo_mae:.3f}")
     for note in result.notes:
         typer.echo(f"  note: {note}")
 

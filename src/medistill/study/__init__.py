@@ -3,7 +3,7 @@ the "distillation simulation" set builder, tables, correlation, the predictor an
 
 from medistill.study.analysis import Cell, Correlation, LinearFit, cells_from_records, correlations
 from medistill.study.executors import create_executor, list_executors, register_executor
-from medistill.study.predict import Prediction, fit_predictor, leave_one_dataset_out, predict
+from medistill.study.predict import Prediction, evaluate_predictor, fit_predictor, predict
 from medistill.study.report import write_report
 from medistill.study.runner import RunEnv, StudySummary, execute, run_study
 from medistill.study.simulation import SimulationRecipe, build_simulation
@@ -13,6 +13,6 @@ from medistill.study.store import ResultStore
 __all__ = [
     "Cell", "Correlation", "LinearFit", "Prediction", "ResultStore", "RunEnv", "RunSpec", "StudySpec", "StudySummary",
     "SimulationRecipe", "Task", "build_simulation", "cells_from_records", "correlations", "create_executor", "execute",
-    "fit_predictor", "leave_one_dataset_out", "list_executors", "load_study", "parse_study", "predict", "register_executor",
+    "evaluate_predictor", "fit_predictor", "list_executors", "load_study", "parse_study", "predict", "register_executor",
     "run_study", "write_report",
 ]

@@ -5,9 +5,10 @@
 - Tables per dataset x IPC with the methods side by side; `random` and `full` are the
   reference rows. Markdown (each number linked to its runs' JSON), CSV (long form), LaTeX.
 - Correlation, per distillation method, between the random subset's accuracy and the method's
-  accuracy over the (dataset, IPC) points: Pearson r and Spearman rho with p-values, a
-  bootstrap CI that resamples whole datasets (points of one dataset are not independent), n,
-  and a least-squares line with prediction intervals (used by the predictor).
+  accuracy over the (dataset, IPC) points. The points of one dataset share its data and are not
+  independent, so n datasets comes first, the CIs come from a bootstrap that resamples whole
+  datasets, and the only p-value is computed over datasets (Pearson r of the per-dataset means,
+  n datasets - 2 degrees of freedom). A least-squares line over the points is kept for the plot.
 """
 
 from __future__ import annotations
@@ -213,16 +214,16 @@ def _tex(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
 
 
-def correlation_points(cells: Sequence[Cell], metric: str = "acc") -> dict[str, list[Point]]:
-    """Per distillation method, the (dataset, IPC) points where both it and the random subset finished."""
+def correlation_points(cells: Sequence[Cell], metric: str = "acc", reference: str = RANDOM) -> dict[str, list[Point]]:
+    """Per method, the (dataset, IPC) points where both it and the reference (the probe, `random` by default) finished."""
     index = _lookup(cells)
     points: dict[str, list[Point]] = defaultdict(list)
     for cell in cells:
-        if cell.method in (RANDOM, FULL) or cell.ipc is None or not cell.ok:
+        if cell.method in (reference, RANDOM, FULL) or cell.ipc is None or not cell.ok:
             continue
-        reference = index.get((cell.dataset, RANDOM, cell.ipc))
-        if reference is not None and reference.ok:
-            points[cell.method].append(Point(cell.dataset, cell.ipc, reference.mean(metric), cell.mean(metric)))
+        probe = index.get((cell.dataset, reference, cell.ipc))
+        if probe is not None and probe.ok:
+            points[cell.method].append(Point(cell.dataset, cell.ipc, probe.mean(metric), cell.mean(metric)))
     return dict(points)
 
 
@@ -272,12 +273,12 @@ class Correlation:
     """Random-subset vs distilled accuracy for one method."""
 
     method: str
-    n_points: int
     n_datasets: int
-    pearson_r: float = math.nan
-    pearson_p: float = math.nan
+    n_points: int
+    pearson_r: float = math.nan  # over points
     spearman_rho: float = math.nan
-    spearman_p: float = math.nan
+    dataset_r: float = math.nan  # Pearson r of the per-dataset means (one point per dataset)
+    dataset_p: float = math.nan  # its two-sided p-value, n_datasets - 2 degrees of freedom
     pearson_ci: tuple[float, float] = (math.nan, math.nan)
     spearman_ci: tuple[float, float] = (math.nan, math.nan)
     bootstrap_valid: int = 0  # resamples with two or more distinct x and y values
@@ -302,22 +303,24 @@ def _rank_corr(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def correlate(method: str, points: Sequence[Point], *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Correlation:
-    """Pearson and Spearman with p-values, a dataset-level bootstrap CI, and the fitted line."""
-    result = Correlation(method=method, n_points=len(points), n_datasets=len({p.dataset for p in points}), points=list(points))
+    """Pearson and Spearman over points with dataset-level bootstrap CIs, a p-value over datasets, and the fitted line."""
+    result = Correlation(method=method, n_datasets=len({p.dataset for p in points}), n_points=len(points), points=list(points))
     if len(points) < 2:
         return result
     x = np.array([p.x for p in points])
     y = np.array([p.y for p in points])
-    if np.ptp(x) > 0 and np.ptp(y) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pearson = stats.pearsonr(x, y)
-            spearman = stats.spearmanr(x, y)
-        result.pearson_r, result.pearson_p = float(pearson[0]), float(pearson[1])
-        result.spearman_rho, result.spearman_p = float(spearman[0]), float(spearman[1])
+    result.pearson_r, result.spearman_rho = _rank_corr(x, y)
     if np.ptp(x) > 0:
         result.fit = LinearFit.fit(x, y)
     datasets = sorted({p.dataset for p in points})
+    if len(datasets) >= 3:
+        mx = np.array([np.mean([p.x for p in points if p.dataset == d]) for d in datasets])
+        my = np.array([np.mean([p.y for p in points if p.dataset == d]) for d in datasets])
+        if np.ptp(mx) > 0 and np.ptp(my) > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                over_datasets = stats.pearsonr(mx, my)
+            result.dataset_r, result.dataset_p = float(over_datasets[0]), float(over_datasets[1])
     if len(datasets) >= 2:
         members = {d: np.array([i for i, p in enumerate(points) if p.dataset == d]) for d in datasets}
         rng = np.random.default_rng(seed)
@@ -348,16 +351,18 @@ def correlation_markdown(results: dict[str, Correlation]) -> str:
     """A table of the correlations and fitted lines, with n stated."""
     if not results:
         return "No distillation method has finished runs next to random-subset runs: nothing to correlate.\n"
-    lines = ["| method | n points (datasets) | Pearson r [95% CI] | p | Spearman rho [95% CI] | p | fit: distilled ACC = |",
+    lines = ["| method | n datasets | n points | Pearson r [95% CI] | Spearman rho [95% CI] | r over datasets, p | fit: distilled ACC = |",
              "|---|---|---|---|---|---|---|"]
     for c in results.values():
         fit = f"{c.fit.intercept:.3f} + {c.fit.slope:.3f} × random ACC" if c.fit else "–"
-        lines.append(f"| {c.method} | {c.n_points} ({c.n_datasets}) | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | {_num(c.pearson_p)} | "
-                     f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {_num(c.spearman_p)} | {fit} |")
+        over = "–" if math.isnan(c.dataset_r) else f"{c.dataset_r:.3f}, p {c.dataset_p:.3f}"
+        lines.append(f"| {c.method} | {c.n_datasets} | {c.n_points} | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | "
+                     f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {over} | {fit} |")
     lines.append("")
-    lines.append("CIs: percentile bootstrap resampling whole datasets (the points of one dataset share its data and are not "
-                 "independent); resamples with a constant side are left out. With few datasets these numbers are not "
-                 "meaningful: read n first.")
+    lines.append("The points of one dataset share its data and are not independent: read n datasets first. CIs: percentile "
+                 "bootstrap resampling whole datasets (resamples with a constant side left out). The p-value is over datasets: "
+                 "Pearson r of the per-dataset means, n datasets - 2 degrees of freedom (none below 3 datasets). With few "
+                 "datasets these numbers are not meaningful.")
     return "\n".join(lines) + "\n"
 
 

@@ -26,11 +26,14 @@ from medistill.study.analysis import (  # noqa: E402
     METRICS, RANDOM, Cell, Correlation, cells_from_records, correlation_markdown, correlations, csv_table, dataset_order,
     dataset_table, format_score, ipc_label, ipc_order, latex_table, markdown_tables, method_label, method_order,
 )
-from medistill.study.predict import LodoError, leave_one_dataset_out  # noqa: E402
+from medistill.study.predict import (  # noqa: E402
+    DEFAULT_LEVEL, HeldOut, dataset_facts, evaluate_predictor, observations_from, summarise,
+)
 from medistill.markdown import cell
 from medistill.study.store import FAILED, OK, ResultStore, atomic_write  # noqa: E402
 
 SCATTER = "plots/random_vs_distilled.png"
+PREDICTOR_NAMES = {"transfer": "transfer", "line": "ACC line"}
 IPC_PLOT = "plots/accuracy_vs_ipc.png"
 
 
@@ -42,13 +45,14 @@ def write_report(study_dir: str | Path) -> Path:
     records = store.study_records()
     cells = cells_from_records(records)
     corr = correlations(cells)
-    lodo = {m: leave_one_dataset_out(m, c.points) for m, c in corr.items()}
+    lodo = held_out_rows(records, cells)
     _write(root / "tables" / "acc.md", markdown_tables(cells, "acc", "../runs/"))
     _write(root / "tables" / "auc.md", markdown_tables(cells, "auc", "../runs/"))
     _write(root / "tables" / "acc.tex", latex_table(cells, "acc"))
     _write(root / "tables" / "auc.tex", latex_table(cells, "auc"))
     _write(root / "tables" / "results.csv", csv_table(cells))
-    analysis = {"correlations": {m: c.to_dict() for m, c in corr.items()}, "leave_one_dataset_out": {m: e.to_dict() for m, e in lodo.items()}}
+    analysis = {"correlations": {m: c.to_dict() for m, c in corr.items()}, "leave_one_dataset_out": {"summary": [e.to_dict() for e in summarise(lodo)],
+                                                                                                        "points": [vars(r) for r in lodo]}}
     _write(root / "analysis.json", json.dumps(analysis, indent=2, default=str) + "\n")
     plots = []
     if corr:
@@ -67,19 +71,44 @@ def console_summary(study_dir: str | Path) -> str:
     """The ACC tables, the correlation and the predictor's error as plain text (no links), for the terminal."""
     store = ResultStore(study_dir)
     cells = cells_from_records(store.study_records())
+    records = store.study_records()
+    cells = cells_from_records(records)
     corr = correlations(cells)
-    lodo = {m: leave_one_dataset_out(m, c.points) for m, c in corr.items()}
     return "\n".join([markdown_tables(cells, "acc", None), "Random subset vs distilled ACC:", "", correlation_markdown(corr),
-                      "Predictor, leave-one-dataset-out error:", "", lodo_markdown(lodo)])
+                      "Predictor, leave-one-dataset-out error:", "", lodo_markdown(held_out_rows(records, cells))])
 
 
-def lodo_markdown(lodo: dict[str, LodoError]) -> str:
-    """Leave-one-dataset-out error of the predictor, per method."""
-    if not lodo:
-        return "No predictor could be fitted.\n"
-    lines = ["| method | folds (datasets left out) | predictions | MAE | RMSE | max abs error | 95% PI coverage |", "|---|---|---|---|---|---|---|"]
-    for e in lodo.values():
-        lines.append(f"| {e.method} | {e.folds} | {e.predictions} | {_f(e.mae)} | {_f(e.rmse)} | {_f(e.max_abs)} | {_f(e.coverage)} |")
+def held_out_rows(records: Sequence[dict], cells: Sequence[Cell]) -> list[HeldOut]:
+    """Every (dataset, IPC) point of every method predicted with its dataset held out, by both predictors."""
+    observations = observations_from(cells, dataset_facts(records))
+    return [row for method, obs in sorted(observations.items()) for row in evaluate_predictor(method, obs)]
+
+
+def lodo_markdown(rows: Sequence[HeldOut]) -> str:
+    """Leave-one-dataset-out error and interval coverage per method, the transferable predictor next to the ACC line."""
+    if not rows:
+        return "No predictor could be fitted (it needs a distillation method next to random-subset runs on two or more datasets).\n"
+    lines = ["| method | predictor | datasets held out | points | MAE (datasets weigh equally) | max abs error | "
+             "measured inside interval | inside, held-out dataset within the others' range |", "|---|---|---|---|---|---|---|---|"]
+    for e in summarise(rows):
+        lines.append(f"| {e.method} | {PREDICTOR_NAMES[e.predictor]} | {e.datasets} | {e.points} | {_f(e.mae)} | {_f(e.max_abs)} | "
+                     f"{e.covered}/{e.with_interval} | {e.covered_inside_range}/{e.inside_range} |")
+    lines += ["", f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} jackknife+ interval "
+              "over datasets, widened where the held-out dataset lies outside the others' range. Line: least squares on "
+              "random-subset ACC with a 95% t prediction interval that treats points as independent.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def held_out_markdown(rows: Sequence[HeldOut]) -> str:
+    """Every held-out point: probe ACC, predicted ACC with its interval, measured ACC, absolute error, inside or not."""
+    lines = ["| method | held-out dataset | medical | IPC | random ACC | predictor (model) | predicted [interval] | measured | "
+             "abs error | inside | outside the others' range |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.method, r.dataset, r.ipc, r.predictor != "transfer")):
+        bounds = "no interval" if math.isnan(r.lower) else f"[{r.lower:.3f}, {r.upper:.3f}]"
+        inside = "–" if r.covered is None else ("yes" if r.covered else "**no**")
+        lines.append(f"| {r.method} | {r.dataset} | {'yes' if r.medical else 'no'} | {r.ipc} | {r.probe:.3f} | "
+                     f"{PREDICTOR_NAMES[r.predictor]} ({r.model}) | {r.predicted:.3f} {bounds} | {r.measured:.3f} | {r.error:.3f} | "
+                     f"{inside} | {'; '.join(r.extrapolated) or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +182,7 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
 
 
 def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell], corr: dict[str, Correlation],
-                    lodo: dict[str, LodoError], plots: list[str], grids: list[tuple[str, str]]) -> str:
+                    lodo: list[HeldOut], plots: list[str], grids: list[tuple[str, str]]) -> str:
     lines = [f"# Study: {cell(study.get('name', 'study'))}", "", cell(_overview(study, records)), ""]
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
@@ -165,8 +194,9 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
         lines += [f"## Test {name}", "", markdown_tables(cells, metric, "runs/")]
     lines += ["## Random subset vs distilled accuracy", "", correlation_markdown(corr),
               "## Predictor: leave-one-dataset-out error", "",
-              "Each dataset in turn is left out, the line is fitted on the others and the left-out dataset's points are "
-              "predicted from their random-subset accuracy.", "", lodo_markdown(lodo)]
+              "Each dataset in turn is left out, the predictor is chosen and fitted on the others and the left-out "
+              "dataset's points are predicted from their random-subset accuracy.", "", lodo_markdown(lodo),
+              "### Every held-out point", "", held_out_markdown(lodo)]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if grids:
@@ -175,7 +205,7 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
 
 
 def report_html(study: dict[str, Any], records: list[dict], cells: list[Cell], corr: dict[str, Correlation],
-                lodo: dict[str, LodoError], plots: list[str], grids: list[tuple[str, str]]) -> str:
+                lodo: list[HeldOut], plots: list[str], grids: list[tuple[str, str]]) -> str:
     e = html.escape
     body = [f"<h1>Study: {e(study.get('name', 'study'))}</h1>", f"<p>{e(_overview(study, records))}</p>"]
     failed = [r for r in records if r["status"] == FAILED]
@@ -192,7 +222,8 @@ def report_html(study: dict[str, Any], records: list[dict], cells: list[Cell], c
                           for m, row in rows)
             body.append(f"<h3>{e(dataset)}</h3><table><tr><th>method</th>{head}</tr>{trs}</table>")
     body.append("<h2>Random subset vs distilled accuracy</h2>" + _md_table_html(correlation_markdown(corr)))
-    body.append("<h2>Predictor: leave-one-dataset-out error</h2>" + _md_table_html(lodo_markdown(lodo)))
+    body.append("<h2>Predictor: leave-one-dataset-out error</h2>" + _md_table_html(lodo_markdown(lodo))
+                + _md_table_html(held_out_markdown(lodo)))
     body += [f"<p><img src='{e(p)}' alt='{e(p)}'></p>" for p in plots]
     if grids:
         body.append("<h2>Image grids (one run each)</h2><div class='grids'>" + "".join(

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from medistill.configfile import read_yaml
-from medistill.data import FLAGS
+from medistill.data import BUNDLED, FLAGS
 from medistill.errors import ConfigError
 from medistill.methods import get_method, list_methods, make_config
 from medistill.pipeline import EvalSettings
@@ -158,9 +158,14 @@ def dataset_label(ref: str) -> str:
     """Display name of a dataset reference."""
     if ref.startswith(SIMULATION_PREFIX):
         return ref[len(SIMULATION_PREFIX):].split("@", 1)[0]
-    if ref.lower() in FLAGS:
+    if is_named_dataset(ref):
         return ref.lower()
     return Path(ref).stem if Path(ref).suffix else Path(ref).name
+
+
+def is_named_dataset(entry: str) -> bool:
+    """A MedMNIST flag or the name of a bundled set (found by name, not by path)."""
+    return entry.lower() in FLAGS or entry.lower() in BUNDLED
 
 
 def simulation_ref(name: str, recipe: SimulationRecipe) -> str:
@@ -175,8 +180,8 @@ def simulation_file(ref: str, study_dir: str | Path) -> Path:
 
 
 def resolve_path_ref(entry: str, base: Path) -> str:
-    """A MedMNIST flag stays as it is; anything else becomes an absolute path (relative to `base`)."""
-    if entry.lower() in FLAGS:
+    """A MedMNIST flag or bundled set name stays as it is; anything else becomes an absolute path (relative to `base`)."""
+    if is_named_dataset(entry):
         return entry.lower()
     path = Path(entry).expanduser()
     return str((path if path.is_absolute() else base / path).resolve())
@@ -272,8 +277,8 @@ def _datasets(entries: Any, simulations: dict[str, SimulationRecipe], base: Path
 
 
 def _recipe(name: str, block: Any, base: Path) -> SimulationRecipe:
-    if name.lower() in FLAGS:
-        raise ConfigError(f"simulation '{name}' has the name of a MedMNIST dataset; choose another name")
+    if is_named_dataset(name):
+        raise ConfigError(f"simulation '{name}' has the name of a MedMNIST or bundled dataset; choose another name")
     block = _mapping(block, f"simulations.{name}")
     _check_keys(block, {"datasets", "fraction", "size", "seed"}, f"simulations.{name}")
     sources = block.get("datasets")
