@@ -152,3 +152,16 @@ def test_export_refuses_them_and_the_audit_flags_every_image(small, tmp_path: Pa
         report = audit(subset, small, AuditConfig(feature_epochs=0, reference_images=0, mia=False))
         assert report["passed"] is False and report["neighbours"]["near_copies"] == len(subset) == 9
         assert report["neighbours"]["l2"]["max"] == 0.0
+
+
+def test_study_configs_list_them_as_references() -> None:
+    from medistill.study.spec import load_study
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("quick", "paper-per-dataset", "paper-simulation"):
+        assert {"herding", "kcenter"} <= {r.method for r in load_study(configs / f"{name}.yaml").runs}
+    runs = load_study(configs / "real-subsets-cpu.yaml").runs
+    assert {r.method for r in runs} == {"herding", "kcenter", "random"} and len(runs) == 2 * 3 * (1 + 1 + 3)
+    networks = {(r.method, r.ipc): r.eval_settings.num_models for r in runs}
+    assert networks[("herding", 1)] == 5 and networks[("kcenter", 10)] == 2 and networks[("random", 50)] == 1
+    assert all(r.method_settings == {"feature_epochs": 30} for r in runs if r.method != "random")

@@ -5,7 +5,7 @@ A bundle folder holds `synthetic.safetensors` (the set in normalised space with 
 and MD5, method, hyperparameters, learned lr, seed, version, metrics, audit summary, the
 recommended training protocol and SHA-256 of every data file) and `grid.png`.
 
-A bundle never holds a real image: sets whose method outputs real images (`random`, `full`) are
+A bundle never holds a real image: sets whose method outputs real images (`random`, `full`, `herding`, `kcenter`) are
 refused, and so is a set whose stored privacy audit found near-copies. There is no override.
 """
 
