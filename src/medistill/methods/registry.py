@@ -43,7 +43,7 @@ class MethodSpec:
     summary: str
     eval_augment: str | None = None  # DSA strategy used when evaluating its output, None for plain training
     uses_ipc: bool = True
-    synthetic: bool = True  # False when the output is real images (random, full): never share those
+    synthetic: bool = True  # False when the output is real images (random, full, herding, kcenter): never share those
     supports_multilabel: bool = True
     demo_rank: int | None = None  # lower = preferred by `medistill demo`; None = never used there
     demo_settings: dict[str, Any] = field(default_factory=dict)  # settings sized for a laptop CPU
