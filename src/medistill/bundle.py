@@ -92,12 +92,14 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str]) -> dict[str, An
         "metrics": synthetic.metrics,
         "recommended_training": {**protocol.to_dict(), "lr": synthetic.learned_lr or protocol.lr},
         "audit": synthetic.extra.get("audit"),
+        "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
         "files": files,
     }
 
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card."""
+    from medistill.privacy.accounting import privacy_markdown
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]
@@ -133,9 +135,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"`{NPZ_NAME}` holds the images as MedMNIST-style uint8 arrays (`train_images`, `train_labels`).",
         "",
     ]
+    lines += privacy_markdown(card.get("privacy"))
     if card["audit"] is not None:
         audit = card["audit"]  # the worst-case PNG shows real images and stays at the source: do not point to it
-        lines += [audit_markdown({**audit, "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"}})]
+        lines += [audit_markdown({**audit, "privacy": None,  # stated once, above
+                                  "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"}})]
     else:
         lines += ["## Privacy audit", "", "Not audited: run `medistill audit` on the set before sharing it.", ""]
     lines += ["## Files", "", *(f"- `{name}` sha256 {digest}" for name, digest in card["files"].items())]

@@ -83,9 +83,12 @@ def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
         )
     if synthetic.mean == dataset.mean and synthetic.std == dataset.std:
         return synthetic.images
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
-    return (synthetic.pixels() - mean) / std
+
+    def column(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=synthetic.images.dtype).view(1, -1, 1, 1)
+
+    pixels = synthetic.images.detach().cpu() * column(synthetic.std) + column(synthetic.mean)  # not clamped: the set as trained on
+    return (pixels - column(dataset.mean)) / column(dataset.std)
 
 
 def load_source_dataset(synthetic: SyntheticSet, *, root: str | Path | None = None, device: torch.device | str = "cpu",
@@ -147,6 +150,7 @@ def run_job(
         "eval_protocol": protocol.to_dict(),
         "eval_models": evaluation.num_models,
         "hyperparameters": synthetic.hyperparameters,
+        "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
         "device": str(dataset.device),
         "source": dataset.source.to_dict(),
         "version": __version__,
