@@ -194,12 +194,14 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict
         "recommended_training": {**protocol.to_dict(), "lr": synthetic.learned_lr or protocol.lr},
         "near_copy_screen": screen,
         "audit": audit,
+        "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
         "files": files,
     }
 
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
+    from medistill.privacy.accounting import privacy_markdown
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]
@@ -241,8 +243,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"`{NPZ_NAME}` holds the images as MedMNIST-style uint8 arrays (`train_images`, `train_labels`).",
         "",
     ]
+    lines += privacy_markdown(card.get("privacy"))
     if card["audit"] is not None:
-        lines += [audit_markdown(card["audit"])]
+        audit = card["audit"]  # the worst-case PNG shows real images and stays at the source: do not point to it
+        lines += [audit_markdown({**audit, "privacy": None,  # stated once, above
+                                  "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"}})]
     else:
         lines += ["## Privacy audit", "", "Membership inference not attached: run `medistill audit` on the set and export it "
                   "with `--audit REPORT` to include the report made for this file.", ""]

@@ -193,6 +193,7 @@ def run_job(
         "eval_protocol": protocol.to_dict(),
         "eval_models": evaluation.num_models,
         "hyperparameters": synthetic.hyperparameters,
+        "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
         "device": str(dataset.device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (see README, Reproducibility)
         "source": dataset.source.to_dict(),

@@ -61,6 +61,10 @@ def distill(
     init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     force: bool = Force,
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5)."),
+    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached."),
+    public_class_counts: bool = typer.Option(False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
     progress: bool = Progress,
@@ -69,7 +73,8 @@ def distill(
     on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model)
-    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init}.items() if v is not None}
+    private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
+    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private}.items() if v is not None}
     result = run_job(data, method, ipc, config={**parse_settings(config, settings), **overrides}, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record

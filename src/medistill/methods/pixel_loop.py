@@ -120,11 +120,12 @@ class IterationRandom:
     net_seed: int
     cpu: torch.Generator  # DSA parameters, shuffles
     device: torch.Generator  # real-image sampling, on the data's device
+    iteration: int = -1  # the 0-based iteration these draws belong to (private methods derive their accounting from it)
 
     @classmethod
     def for_iteration(cls, seed: int, iteration: int, device: torch.device) -> "IterationRandom":
         net_seed, cpu_seed, device_seed = (int(s) for s in np.random.SeedSequence([seed, iteration]).generate_state(3))
-        return cls(net_seed, torch.Generator().manual_seed(cpu_seed), torch.Generator(device=device).manual_seed(device_seed))
+        return cls(net_seed, torch.Generator().manual_seed(cpu_seed), torch.Generator(device=device).manual_seed(device_seed), iteration)
 
     def siamese_seed(self) -> int:
         """A seed for one Siamese augmentation draw (shared by a real and a synthetic batch)."""

@@ -25,6 +25,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.markdown import cell
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
+from medistill.privacy.accounting import privacy_markdown
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
     DEFAULT_BATCH_ELEMENTS, CopyThresholds, embed, find_neighbours, neighbour_summary, save_worst_cases,
@@ -128,6 +129,7 @@ def audit(
         "source": {"name": dataset.name, "md5": dataset.source.md5, "train_images": len(dataset.train)},
         "device": str(device),
         "config": asdict(config),
+        "privacy": synthetic.extra.get("privacy"),  # the set's (ε, δ) guarantee when a private method made it
         "passed": near == 0,
         "verdict": (f"{near} of {len(synthetic)} synthetic images are near-copies of a real training image" if near
                     else f"no near-copies among {len(synthetic)} synthetic images"),
@@ -239,6 +241,8 @@ def audit_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Worst cases: `{n['worst_cases_png']}` (rows by SSIM, highest first; columns: synthetic | "
                       "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site."]
     lines += ["", *_membership_markdown(report.get("membership"))]
+    if report.get("privacy") is not None:
+        lines += privacy_markdown(report["privacy"])
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,0 +1,206 @@
+"""(ε, δ) accounting for the differentially private methods, done by Opacus's accountants.
+
+A private run is a composition of Gaussian mechanisms, each one a (noise multiplier σ, sampling
+rate q, steps) entry of the accountant's history: the per-iteration matches on Poisson-subsampled
+real images, and, unless the class counts are public, one full-data release of the noisy class
+counts. ε is always the accountant's `get_epsilon(δ)` on that history; calibration finds, by
+bisection over the same call, the smallest σ (to a relative tolerance) whose ε stays within the
+target. The state of a run's accounting is its history, which is plain data derived from (σ, q)
+and the step count, so a resumed run accounts exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from medistill.errors import ConfigError
+
+ACCOUNTANTS = ("rdp", "prv")
+SIGMA_TOLERANCE = 1e-3  # relative: calibrated σ is within 0.1% of the smallest σ that meets the target
+SIGMA_CEILING = 1e4
+
+
+class BudgetExceeded(ConfigError):
+    """A step would spend more privacy than the run's budget allows."""
+
+
+History = list[tuple[float, float, int]]
+
+
+def accountant_version() -> str:
+    """The accounting library and its version, as recorded with every private set."""
+    import opacus
+
+    return f"opacus {opacus.__version__}"
+
+
+def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
+    """ε of a composition of subsampled Gaussian mechanisms [(σ, q, steps), ...] at δ, by the chosen Opacus accountant."""
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant '{accountant}'; choose one of {', '.join(ACCOUNTANTS)}")
+    entries = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not entries:
+        return 0.0
+    if any(s <= 0 for s, _, _ in entries):
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    account = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    account.history = entries
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns when the best RDP order is the largest one it tries
+        return float(account.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, fixed: History, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
+    """The smallest σ (within SIGMA_TOLERANCE) such that `fixed` + [(σ, q, steps)] stays within `target_epsilon`."""
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*fixed, (sigma, sample_rate, steps)], delta, accountant)
+
+    floor = epsilon_of(fixed, delta, accountant)
+    if floor >= target_epsilon:
+        raise ConfigError(f"the class-count release alone spends ε = {floor:.3g} of the budget {target_epsilon:g}; "
+                          "raise --epsilon, raise count_noise_multiplier or pass --public-class-counts")
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > SIGMA_CEILING:
+            raise ConfigError(f"no noise multiplier up to {SIGMA_CEILING:g} reaches ε = {target_epsilon:g} in {steps} steps "
+                              f"at sampling rate {sample_rate:g}; allow a larger ε or fewer iterations")
+    while high - low > SIGMA_TOLERANCE * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if eps(middle) <= target_epsilon else (middle, high)
+    return high
+
+
+@dataclass
+class PrivacySettings:
+    """What a private run is asked for: a budget (ε, δ) or a noise multiplier, the clip norm, the sampling rate."""
+
+    epsilon: float | None = None  # target ε; with noise_multiplier unset, σ is calibrated to it
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # σ given; the run reports the ε it reaches (and stays within epsilon if set)
+    clip_norm: float = 1.0  # C: every per-example contribution is clipped to this L2 norm
+    sample_rate: float = 0.1  # q: each real training image joins an iteration's batch with this probability (Poisson)
+    public_class_counts: bool = False  # True: the per-class counts are public; False: released once with Gaussian noise
+    count_noise_multiplier: float = 30.0  # σ of the one-off class-count release (L2 sensitivity 1), when counts are private
+    accountant: str = "rdp"  # "rdp" or "prv" (Opacus)
+
+    def check(self) -> None:
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise ConfigError("a private method needs --epsilon (to calibrate the noise) or --noise-multiplier")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ConfigError(f"epsilon must be positive, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise ConfigError(f"noise_multiplier must be non-negative, got {self.noise_multiplier}")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be positive, got {self.clip_norm}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not self.count_noise_multiplier > 0:
+            raise ConfigError(f"count_noise_multiplier must be positive, got {self.count_noise_multiplier}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"unknown accountant '{self.accountant}'; choose one of {', '.join(ACCOUNTANTS)}")
+
+
+class PrivacyLedger:
+    """One run's accounting: σ (given or calibrated), the fixed releases, and the steps spent so far.
+
+    `charge()` is called before every subsampled release and refuses (BudgetExceeded) one that
+    would take ε past the budget; `spent` is set from the loop's iteration on resume.
+    """
+
+    def __init__(self, settings: PrivacySettings, planned_steps: int, mechanism: str) -> None:
+        settings.check()
+        if planned_steps < 1:
+            raise ConfigError(f"a private run needs at least one step, got {planned_steps}")
+        self.settings, self.planned_steps, self.mechanism = settings, planned_steps, mechanism
+        self.fixed: History = [] if settings.public_class_counts else [(settings.count_noise_multiplier, 1.0, 1)]
+        if settings.noise_multiplier is not None:
+            self.sigma = float(settings.noise_multiplier)
+        elif math.isinf(settings.epsilon):
+            self.sigma = 0.0  # no noise: clipping and sampling only, no guarantee (epsilon is infinite)
+        else:
+            self.sigma = calibrate_noise(settings.epsilon, settings.delta, self.fixed, settings.sample_rate, planned_steps,
+                                         settings.accountant)
+        self.budget = settings.epsilon if settings.epsilon is not None else math.inf
+        self.spent = 0
+        planned = self.epsilon_after(planned_steps)
+        if planned > self.budget:
+            raise BudgetExceeded(
+                f"{planned_steps} steps at noise multiplier {self.sigma:g} and sampling rate {settings.sample_rate:g} reach "
+                f"ε = {planned:.4g} > the budget {self.budget:g} (δ = {settings.delta:g}); at most {self.steps_within_budget()} "
+                "steps fit: lower the iterations or raise the noise multiplier"
+            )
+
+    def history(self, steps: int | None = None) -> History:
+        steps = self.spent if steps is None else steps
+        return [*self.fixed, (self.sigma, self.settings.sample_rate, steps)]
+
+    def epsilon_after(self, steps: int) -> float:
+        return epsilon_of(self.history(steps), self.settings.delta, self.settings.accountant)
+
+    def steps_within_budget(self) -> int:
+        """The most steps whose ε stays within the budget (bisection over the accountant)."""
+        low, high = 0, self.planned_steps
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.epsilon_after(middle) <= self.budget else (low, middle - 1)
+        return low
+
+    def charge(self, steps: int = 1) -> None:
+        """Spend `steps` releases, refusing any past the planned steps (ε grows with steps, and the plan was checked)."""
+        after = self.spent + steps
+        if after > self.planned_steps:
+            raise BudgetExceeded(f"stopping before step {after}: it would exceed the privacy budget ε = {self.budget:g} "
+                                 f"(δ = {self.settings.delta:g}, {self.planned_steps} steps planned)")
+        self.spent = after
+
+    def record(self) -> dict[str, Any]:
+        """The guarantee as plain data: what the artifact, result.json, the dataset card and the audit report."""
+        s = self.settings
+        return {
+            "guarantee": "(epsilon, delta)-differential privacy with respect to the training images (add/remove one image)",
+            "epsilon": self.epsilon_after(self.spent),
+            "delta": s.delta,
+            "epsilon_budget": s.epsilon,
+            "mechanism": self.mechanism,
+            "clip_norm": s.clip_norm,
+            "noise_multiplier": self.sigma,
+            "noise_calibrated": s.noise_multiplier is None,
+            "sample_rate": s.sample_rate,
+            "sampling": "Poisson",
+            "steps": self.spent,
+            "class_counts": "public" if s.public_class_counts else f"released once with Gaussian noise (σ = {s.count_noise_multiplier:g})",
+            "history": [list(entry) for entry in self.history()],
+            "accountant": s.accountant,
+            "accountant_library": accountant_version(),
+        }
+
+
+def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
+    """Markdown lines stating a set's differential-privacy guarantee (or its absence)."""
+    if record is None:
+        return ["## Differential privacy", "", "No formal guarantee: this set was not made by a differentially private method.", ""]
+    return [
+        "## Differential privacy",
+        "",
+        f"**(ε = {record['epsilon']:.4g}, δ = {record['delta']:g})-differentially private** with respect to the training images. "
+        f"Mechanism: {record['mechanism']}; clip norm C = {record['clip_norm']:g}, noise multiplier σ = {record['noise_multiplier']:.4g}, "
+        f"{record['sampling']} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {record['class_counts']}; "
+        f"accountant {record['accountant']} ({record['accountant_library']}).",
+        "",
+    ]
+
+
+__all__ = [
+    "ACCOUNTANTS", "BudgetExceeded", "PrivacyLedger", "PrivacySettings", "accountant_version", "calibrate_noise",
+    "epsilon_of", "privacy_markdown",
+]
