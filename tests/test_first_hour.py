@@ -28,6 +28,8 @@ from medistill.methods import distill
 from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.pictures import MIN_TILE, ROWS_KEY
 from medistill.pipeline import CHECKPOINTS_NAME
+from medistill.study.runner import run_label
+from medistill.study.spec import RunSpec
 
 EXE = Path(sys.executable).parent / "medistill"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_PROGRESS_SECONDS": "0.2"}
@@ -165,3 +167,8 @@ def test_a_text_file_named_npz_is_called_what_it_is(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not an npz file") as info:
         load_dataset(fake)
     assert "pickle" not in str(info.value)
+
+
+def test_the_study_log_names_the_full_set_instead_of_ipc_none() -> None:
+    assert run_label(RunSpec(dataset="breastmnist", method="full", ipc=None, seed=0)) == "breastmnist full full set seed=0"
+    assert run_label(RunSpec(dataset="breastmnist", method="dm", ipc=10, seed=1)) == "breastmnist dm ipc=10 seed=1"
