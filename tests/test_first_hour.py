@@ -164,7 +164,7 @@ def test_class_names_are_compared_loosely_and_unnamed_data_is_only_warned_about(
 def test_a_text_file_named_npz_is_called_what_it_is(tmp_path: Path) -> None:
     fake = tmp_path / "table.npz"
     fake.write_text("patient,label\n1,0\n")
-    with pytest.raises(DataError, match="not an npz file") as info:
+    with pytest.raises(DataError, match="not a readable npz file: an npz is a zip archive") as info:
         load_dataset(fake)
     assert "pickle" not in str(info.value)
 

@@ -90,7 +90,7 @@ def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, do
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Read every array of an npz file, turning unreadable files into a clear DataError."""
     if path.is_file() and not zipfile.is_zipfile(path):  # np.load would guess a pickle and suggest allow_pickle
-        raise DataError(f"{path} is not an npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive")
+        raise DataError(f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
