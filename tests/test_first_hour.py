@@ -42,7 +42,9 @@ def _run(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """Start a command with stdout and stderr going to a file (not a terminal), as under nohup or CI."""
     handle = log.open("w")
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True)
+    # Ctrl-C as a terminal delivers it, even when these tests themselves run with SIGINT ignored (`pytest &`)
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
