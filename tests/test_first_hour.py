@@ -21,8 +21,8 @@ from PIL import Image
 from medistill import __version__
 from medistill.bundle import check_label_names, export_bundle
 from medistill.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
-from medistill.data.custom import write_npz_dataset
 from medistill.data import load_dataset
+from medistill.data.custom import write_npz_dataset
 from medistill.errors import ConfigError, DataError
 from medistill.methods import distill
 from medistill.methods.checkpoint import CHECKPOINT_NAME
@@ -39,12 +39,28 @@ def _run(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A failed test must not leave its endless command running."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """Start a command with stdout and stderr going to a file (not a terminal), as under nohup or CI."""
     handle = log.open("w")
     # Ctrl-C as a terminal delivers it, even when these tests themselves run with SIGINT ignored (`pytest &`)
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _STARTED.append(process)
+    return process
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
