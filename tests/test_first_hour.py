@@ -21,13 +21,15 @@ from PIL import Image
 from medistill import __version__
 from medistill.bundle import check_label_names, export_bundle
 from medistill.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
-from medistill.data.custom import write_npz_dataset
 from medistill.data import load_dataset
+from medistill.data.custom import write_npz_dataset
 from medistill.errors import ConfigError, DataError
 from medistill.methods import distill
 from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.pictures import MIN_TILE, ROWS_KEY
 from medistill.pipeline import CHECKPOINTS_NAME
+from medistill.study.runner import run_label
+from medistill.study.spec import RunSpec
 
 EXE = Path(sys.executable).parent / "medistill"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_PROGRESS_SECONDS": "0.2"}
@@ -37,10 +39,28 @@ def _run(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A failed test must not leave its endless command running."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """Start a command with stdout and stderr going to a file (not a terminal), as under nohup or CI."""
     handle = log.open("w")
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True)
+    # Ctrl-C as a terminal delivers it, even when these tests themselves run with SIGINT ignored (`pytest &`)
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _STARTED.append(process)
+    return process
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -162,6 +182,11 @@ def test_class_names_are_compared_loosely_and_unnamed_data_is_only_warned_about(
 def test_a_text_file_named_npz_is_called_what_it_is(tmp_path: Path) -> None:
     fake = tmp_path / "table.npz"
     fake.write_text("patient,label\n1,0\n")
-    with pytest.raises(DataError, match="not an npz file") as info:
+    with pytest.raises(DataError, match="not a readable npz file: an npz is a zip archive") as info:
         load_dataset(fake)
     assert "pickle" not in str(info.value)
+
+
+def test_the_study_log_names_the_full_set_instead_of_ipc_none() -> None:
+    assert run_label(RunSpec(dataset="breastmnist", method="full", ipc=None, seed=0)) == "breastmnist full full set seed=0"
+    assert run_label(RunSpec(dataset="breastmnist", method="dm", ipc=10, seed=1)) == "breastmnist dm ipc=10 seed=1"

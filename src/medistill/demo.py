@@ -82,26 +82,37 @@ def describe_run(run: DemoRun, dataset: Dataset) -> str:
 
 
 def estimate_seconds(plan: list[DemoRun], dataset: Dataset, seed: int = 0) -> float:
-    """Seconds the plan will take here, from timing one training step and a few distillation iterations now.
+    """Seconds the plan will take here, from timing a training step and a few distillation iterations now.
 
     Training cost is taken as proportional to the images passed through the network (epochs x images
-    x networks); a distillation as its number of iterations times the measured time of one.
+    x networks); a distillation as its number of iterations times the measured time of one. Each is
+    timed as the difference of two runs of different length, so start-up costs do not count.
     """
     batch = min(len(dataset.train), TrainProtocol().batch_size)
-    start = time.perf_counter()
-    train_model(dataset.train.images[:batch], dataset.train.labels[:batch], dataset, TrainProtocol(epochs=1), seed=seed)
-    per_image = (time.perf_counter() - start) / batch
+    images, labels = dataset.train.images[:batch], dataset.train.labels[:batch]
+    one_step = _seconds(lambda: train_model(images, labels, dataset, TrainProtocol(epochs=1), seed=seed))
+    two_steps = _seconds(lambda: train_model(images, labels, dataset, TrainProtocol(epochs=2), seed=seed))
+    per_image = max(two_steps - one_step, 0.0) / batch  # the difference leaves out start-up costs
     total = 0.0
     for run in plan:
         spec = get_method(run.method)
-        images = DEMO_IPC * dataset.num_classes if spec.uses_ipc else len(dataset.train)
+        count = DEMO_IPC * dataset.num_classes if spec.uses_ipc else len(dataset.train)
         protocol = run.evaluation.protocol_for(run.method)
-        total += per_image * images * protocol.epochs * run.evaluation.num_models
+        total += per_image * count * protocol.epochs * run.evaluation.num_models
         if spec.synthetic and "iterations" in run.settings:
-            start = time.perf_counter()
-            distill(run.method, dataset, DEMO_IPC, {**run.settings, "iterations": CALIBRATION_ITERATIONS}, context=RunContext(seed=seed))
-            total += (time.perf_counter() - start) / CALIBRATION_ITERATIONS * run.settings["iterations"]
+            def iterations(n: int) -> float:
+                settings = {**run.settings, "iterations": n}
+                return _seconds(lambda: distill(run.method, dataset, DEMO_IPC, settings, context=RunContext(seed=seed)))
+
+            per_iteration = max(iterations(1 + CALIBRATION_ITERATIONS) - iterations(1), 0.0) / CALIBRATION_ITERATIONS
+            total += per_iteration * run.settings["iterations"]
     return total
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool = False,

@@ -93,7 +93,8 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Entry point of the `medistill` console script."""
-    signal.signal(signal.SIGINT, _raise_interrupted)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (`cmd &`)
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         app()
     except MedistillError as exc:

@@ -134,7 +134,7 @@ def read_npz(path: Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     With `max_bytes`, a file whose arrays declare more than that is refused before anything is allocated.
     """
     if path.is_file() and not zipfile.is_zipfile(path):  # np.load would guess a pickle and suggest allow_pickle
-        raise DataError(f"{path} is not an npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive")
+        raise DataError(f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive")
     try:
         if max_bytes is not None:
             declared = declared_bytes(path)
