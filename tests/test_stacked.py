@@ -15,8 +15,8 @@ from medistill.train.stacked import StackedModels, init_model, protocol_can_stac
 WEIGHT_TOL = 5e-4  # float rounding over 15 SGD steps (5 epochs x 3 batches); a real mismatch is order 1e-2 and up
 
 
-def tiny_dataset(task: str, num_labels: int = 3, n_train: int = 10, size: int = 8, channels: int = 2) -> Dataset:
-    """A real `Dataset` built from random uint8 images (8x8, 2 channels)."""
+def tiny_dataset(task: str, num_labels: int = 3, n_train: int = 10, size: int = 8, channels: int = 3) -> Dataset:
+    """A real `Dataset` built from random uint8 images (8x8, 3 channels)."""
     rng = np.random.default_rng(1)
     arrays = {}
     for split, n in (("train", n_train), ("val", 4), ("test", 12)):
