@@ -24,7 +24,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
+from medistill.errors import ConfigError
 from medistill.markdown import cell as md_cell
+from medistill.methods import get_method
 from medistill.scoretext import mean_std
 from medistill.study.store import FAILED, OK
 
@@ -96,11 +98,22 @@ def cells_from_records(records: Iterable[dict[str, Any]]) -> list[Cell]:
     return list(cells.values())
 
 
+def is_reference(method: str) -> bool:
+    """Real-image baselines (random, herding, kcenter, full): compared against and usable as probes, never predicted."""
+    if method in (RANDOM, FULL):
+        return True
+    try:
+        return not get_method(method).synthetic
+    except ConfigError:  # a method this installation does not have: a study made elsewhere
+        return False
+
+
 def method_order(cells: Sequence[Cell]) -> list[str]:
-    """random first, the distillation methods alphabetically, full last."""
+    """random first, then the other real subsets, the distillation methods alphabetically, full last."""
     names = {c.method for c in cells}
-    middle = sorted(names - {RANDOM, FULL})
-    return [m for m in [RANDOM] if m in names] + middle + [m for m in [FULL] if m in names]
+    subsets = sorted(m for m in names if is_reference(m) and m not in (RANDOM, FULL))
+    middle = sorted(m for m in names if not is_reference(m))
+    return [m for m in [RANDOM] if m in names] + subsets + middle + [m for m in [FULL] if m in names]
 
 
 def dataset_order(cells: Sequence[Cell]) -> list[str]:
@@ -153,7 +166,7 @@ def dataset_table(cells: Sequence[Cell], dataset: str) -> tuple[list[int | None]
 
 
 def method_label(method: str) -> str:
-    return f"{method} (reference)" if method in (RANDOM, FULL) else method
+    return f"{method} (reference)" if is_reference(method) else method
 
 
 def ipc_label(ipc: int | None) -> str:
@@ -219,7 +232,7 @@ def correlation_points(cells: Sequence[Cell], metric: str = "acc", reference: st
     index = _lookup(cells)
     points: dict[str, list[Point]] = defaultdict(list)
     for cell in cells:
-        if cell.method in (reference, RANDOM, FULL) or cell.ipc is None or not cell.ok:
+        if is_reference(cell.method) or cell.ipc is None or not cell.ok:
             continue
         probe = index.get((cell.dataset, reference, cell.ipc))
         if probe is not None and probe.ok:
