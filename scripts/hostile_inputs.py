@@ -491,7 +491,10 @@ def judge(item: Case, folder: Path, before: dict[str, str], done: subprocess.Com
         problems.append(f"{len(done.stderr.strip().splitlines())} lines on stderr")
     if lost:
         problems.append(f"changed or lost: {', '.join(lost)}")
-    extra = item.check(folder, done)
+    try:
+        extra = item.check(folder, done)
+    except Exception as exc:  # a check that cannot even read the result has found a broken promise
+        extra = f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
     if extra:
         problems.append(extra)
     return problems, lost
