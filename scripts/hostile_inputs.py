@@ -431,7 +431,8 @@ def _(folder: Path) -> list[str]:
     root = image_folder(folder)
     (folder / "secret.png").write_bytes((root / "a" / "0.png").read_bytes())
     (root / "a" / "9.png").symlink_to(folder / "secret.png")
-    return ["distill", str(root), "-m", "random", "--out", str(folder / "out")]
+    return ["distill", str(root), "-m", "random", "--ipc", "1", "--eval-models", "1", "--eval-epochs", "1", "--out", str(folder / "out"),
+            "--device", "cpu", "--no-progress"]
 
 
 # --- values as users type them --------------------------------------------------------------------
