@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Privacy audit and share/receive at reference settings (issue 7), for a GPU machine.
 # Usage (repo root): bash benchmarks/privacy_audit.sh [OUT_DIR]
-# Writes OUT_DIR/*.audit.txt (Markdown), OUT_DIR/*/audit/audit.json and OUT_DIR/*.train.txt; copy the
+# Writes OUT_DIR/*.audit.txt (Markdown), OUT_DIR/*-audit/audit.json and OUT_DIR/*.train.txt; copy the
 # tables into docs/RESULTS.md with the card (nvidia-smi -L) that ran them.
 set -euo pipefail
 OUT=${1:-runs/privacy_gpu}
@@ -27,7 +27,7 @@ for spec in "1 1000" "10 200"; do
   /usr/bin/time -f "distill seconds %e" $M distill breastmnist --method dc --ipc "$ipc" --set init=noise --set iterations="$iters" \
       --out "$run" "${COMMON[@]}"
   /usr/bin/time -f "audit seconds %e" $M audit "$run" --lira-shadows 16 "${COMMON[@]}" > "$run.audit.txt"
-  $M export "$run" --out "$OUT/bundle_dc_ipc${ipc}"
+  $M export "$run" --out "$OUT/bundle_dc_ipc${ipc}" --audit "$run-audit" --data-root "$DATA" --device cuda
   for model in convnet resnet18; do
     $M train "$OUT/bundle_dc_ipc${ipc}" --model "$model" --out "$OUT/bundle_dc_ipc${ipc}.$model.pt" \
         --eval-data "$DATA/breastmnist.npz" --device cuda --no-progress | tee -a "$run.train.txt"

@@ -431,7 +431,8 @@ def _(folder: Path) -> list[str]:
     root = image_folder(folder)
     (folder / "secret.png").write_bytes((root / "a" / "0.png").read_bytes())
     (root / "a" / "9.png").symlink_to(folder / "secret.png")
-    return ["distill", str(root), "-m", "random", "--out", str(folder / "out")]
+    return ["distill", str(root), "-m", "random", "--ipc", "1", "--eval-models", "1", "--eval-epochs", "1", "--out", str(folder / "out"),
+            "--device", "cpu", "--no-progress"]
 
 
 # --- values as users type them --------------------------------------------------------------------
@@ -491,7 +492,10 @@ def judge(item: Case, folder: Path, before: dict[str, str], done: subprocess.Com
         problems.append(f"{len(done.stderr.strip().splitlines())} lines on stderr")
     if lost:
         problems.append(f"changed or lost: {', '.join(lost)}")
-    extra = item.check(folder, done)
+    try:
+        extra = item.check(folder, done)
+    except Exception as exc:  # a check that cannot even read the result has found a broken promise
+        extra = f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
     if extra:
         problems.append(extra)
     return problems, lost

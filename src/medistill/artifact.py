@@ -107,8 +107,8 @@ class SyntheticSet:
     def problem(self) -> str | None:
         """What makes this set unusable (wrong types, shapes or ranges in its tensors or metadata), or None."""
         images, labels = self.images, self.labels
-        if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
-            return f"images must be (N, 1 or 3, S, S) with N >= 1, got {tuple(images.shape)}"
+        if images.ndim != 4 or 0 in images.shape[:2] or images.shape[2] != images.shape[3]:
+            return f"images must be (N, C, S, S) with N, C >= 1, got {tuple(images.shape)}"
         if not images.is_floating_point() or not torch.isfinite(images).all():
             return "images must be finite floats"
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (*self.mean, *self.std)):

@@ -27,9 +27,9 @@ THROUGH_THE_EXECUTABLE = {
     "export gate": ["random subset relabelled `dc` in its header"],
     "audit never writes into a bundle": ["`audit BUNDLE --report BUNDLE/audit`"],
     "memory bombs": ["one label value of 2^40 in an own npz"],
-    "atomic, non-clobbering outputs": ["`distill --out BUNDLE` (a bundle as job folder)", "disk full while `distill` writes its outputs"],
+    "atomic, non-clobbering outputs": ["disk full while `distill` writes its outputs"],
     "one runner per study": ["a second runner on a study folder in use", "a study whose runs fail"],
-    "one line for every bad input": ["1-D image array", "YAML alias bomb (billion laughs) as a study config"],
+    "one line for every bad input": ["YAML alias bomb (billion laughs) as a study config"],
     "downloads": ["a link out of an image folder"],
 }
 NEEDS_A_PROCESS = [c for c in hostile.CASES if c.max_file_bytes is not None or c.topic == "one runner per study"]

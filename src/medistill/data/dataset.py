@@ -232,7 +232,7 @@ def build_dataset(
 
 
 def check_image_arrays(name: str, images: dict[str, Any]) -> None:
-    """One-line DataError unless every split holds pixel values (0-255) shaped (N,H,W) or (N,H,W,C), square, C 1 or 3,
+    """One-line DataError unless every split holds pixel values (0-255) shaped (N,H,W) or (N,H,W,C), square,
     and all splits share one image shape."""
     shapes = {}
     for split, raw in images.items():
@@ -240,8 +240,8 @@ def check_image_arrays(name: str, images: dict[str, Any]) -> None:
         if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "biuf":
             kind = raw.dtype if isinstance(raw, np.ndarray) else type(raw).__name__
             raise DataError(f"{where}: images must be numeric pixel values (0-255), got {kind}")
-        if raw.ndim not in (3, 4) or (raw.ndim == 4 and raw.shape[-1] not in (1, 3)):
-            raise DataError(f"{where}: images must be shaped (N,H,W) or (N,H,W,C) with C 1 or 3, got {raw.shape}")
+        if raw.ndim not in (3, 4) or (raw.ndim == 4 and raw.shape[-1] == 0):
+            raise DataError(f"{where}: images must be shaped (N,H,W) or (N,H,W,C), got {raw.shape}")
         if raw.shape[0] == 0 or raw.shape[1] == 0:
             raise DataError(f"{where} has no images (shape {raw.shape})")
         if raw.shape[1] != raw.shape[2]:
