@@ -15,6 +15,7 @@ from typing import Any, Callable
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
+from medistill.registry import Registry
 from medistill.train.engine import TrainProtocol
 
 DSA_EVAL_EPOCHS = 1000
@@ -53,27 +54,21 @@ class MethodSpec:
         return TrainProtocol(epochs=epochs, augment=self.eval_augment, model=model)
 
 
-_METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry (names are unique)."""
-    if spec.name in _METHODS:
-        raise ValueError(f"method '{spec.name}' is registered twice")
-    _METHODS[spec.name] = spec
-    return spec
+    return METHODS.add(spec.name, spec)
 
 
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name."""
-    key = name.lower()
-    if key not in _METHODS:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(list_methods())}")
-    return _METHODS[key]
+    return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:

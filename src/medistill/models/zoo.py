@@ -16,38 +16,28 @@ from torch import nn
 
 from medistill.errors import ConfigError
 from medistill.models.convnet import ConvNet, make_norm
+from medistill.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelBuilder] = {}
+MODELS: Registry[ModelBuilder] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs)``."""
-    key = name.lower()
-
-    def decorator(builder: ModelBuilder) -> ModelBuilder:
-        if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is already registered")
-        _REGISTRY[key] = builder
-        return builder
-
-    return decorator
+    return MODELS.decorator(name)
 
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def create_model(
     name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any
 ) -> nn.Module:
     """Build a registered model by (case-insensitive) name."""
-    builder = _REGISTRY.get(name.lower())
-    if builder is None:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return builder(in_channels, num_classes, image_size, **kwargs)
+    return MODELS.get(name)(in_channels, num_classes, image_size, **kwargs)
 
 
 class MLP(nn.Module):

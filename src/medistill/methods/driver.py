@@ -1,0 +1,220 @@
+"""The driver: the one resumable loop every distillation method runs in.
+
+A method supplies a `Distiller` (its state and `step(iteration) -> loss`) and a config derived
+from `DistillConfig`; `run_distiller` owns everything around the steps: checkpoints and exact
+resume, evaluation points, the progress bar, the NaN guard, TensorBoard, timings and the
+resulting `SyntheticSet`.
+
+Exact resume: all randomness of iteration i comes from seeds derived from (run seed, i)
+(`iteration_seeds`), so a run resumed after iteration k draws exactly what an uninterrupted
+run draws, and the checkpoint only holds the distiller's state, the loss history and the
+evaluation history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medistill.artifact import SyntheticSet
+from medistill.data.dataset import Dataset
+from medistill.errors import ConfigError, MedistillError
+from medistill.methods.checkpoint import Checkpoint, fingerprint
+from medistill.methods.eval_points import EvalTracker
+from medistill.methods.registry import LOCAL_PATH_SETTINGS, RunContext, get_method, new_set
+from medistill.progress import progress_bar
+
+LOSS_CURVE_POINTS = 100
+HEALTH_CHECK_AT = 20  # iteration after which a distiller may report a badly scaled setup
+
+
+class DivergenceError(MedistillError):
+    """The distillation produced a non-finite loss, gradient or image."""
+
+
+@dataclass
+class DistillConfig:
+    """Settings every distillation method has; each method's config derives from it and sets its reference defaults."""
+
+    iterations: int = 1000
+    lr_img: float = 0.1  # learning rate of the synthetic images
+    momentum: float = 0.5  # of the images' SGD
+    model: str = "convnet"  # the network the method matches through
+    eval_every: int = 0  # evaluation points every N iterations (0 = none; the job evaluates the result anyway)
+    eval_models: int = 1  # networks per evaluation point
+    eval_epochs: int | None = None  # epochs per evaluation point (None = the method's reference protocol)
+    checkpoint_every: int = 10
+    tensorboard: str | None = None  # a log folder for loss, evaluation points and image grids (needs tensorboard)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        if not (math.isfinite(self.lr_img) and self.lr_img > 0):
+            raise ConfigError(f"lr_img must be a positive number, got {self.lr_img}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.eval_every < 0 or self.eval_models < 1 or (self.eval_epochs is not None and self.eval_epochs < 1):
+            raise ConfigError("eval_every must be >= 0, eval_models >= 1 and eval_epochs >= 1")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+
+
+def iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
+    """`count` seeds for the draws of one iteration, from (run seed, iteration) only."""
+    return [int(s) for s in np.random.SeedSequence([seed % 2**64, iteration]).generate_state(count)]
+
+
+class Distiller:
+    """What a method supplies to the driver. Override `step`, `state_dict`, `load_state_dict` and `synthetic_set`;
+    the other hooks have defaults that do nothing."""
+
+    def step(self, iteration: int) -> Tensor:
+        """Run iteration `iteration` (0-based) and return its loss as a 0-d tensor (it may stay on the device)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the iteration, losses and evaluation points that a resumed run needs (tensors, numbers)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def synthetic_set(self) -> tuple[Tensor, Tensor]:
+        """The current images (in the dataset's normalised space) and their labels."""
+        raise NotImplementedError
+
+    def learned_lr(self) -> float | None:
+        """The lr evaluation should train with when the method learns one."""
+        return None
+
+    def status(self) -> dict[str, float]:
+        """Values to show on the progress bar and in TensorBoard at checkpoints (e.g. a learned lr)."""
+        return {}
+
+    def health(self, losses: list[float]) -> list[str]:
+        """Warnings about a badly scaled setup, asked once after `HEALTH_CHECK_AT` iterations."""
+        return []
+
+    def provenance(self, losses: list[float]) -> dict[str, Any]:
+        """Extra `new_set` fields for the result (`hyperparameters`, `extra`)."""
+        return {}
+
+
+def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig, context: RunContext,
+                  distiller: Distiller) -> SyntheticSet:
+    """Run `distiller` for `config.iterations` iterations (checkpointed, resumable) and return its set."""
+    # Local folders are not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
+    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, settings, context.seed))
+    tracker = None
+    if config.eval_every > 0:
+        protocol = get_method(method).default_protocol()
+        if config.eval_epochs is not None:
+            protocol = dataclasses.replace(protocol, epochs=config.eval_epochs)
+        tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+    losses: list[float] = []
+    start = 0
+    state = checkpoint.restore()
+    if state is not None:
+        distiller.load_state_dict(state["distiller"])
+        start, losses = state["iteration"], list(state["losses"])
+        if tracker is not None:
+            tracker.history = list(state["eval_history"])
+        context.log(f"{method}: resuming after iteration {start} of {config.iterations}")
+    board = open_tensorboard(config.tensorboard, resumed_after=start)
+    pending: list[Tensor] = []
+    seconds: list[float] = []  # per iteration run by this call (exact on an accelerator only when each one syncs)
+    total = config.iterations
+    try:
+        with progress_bar(total, f"{method} ipc={ipc}", context.progress) as bar:
+            bar.advance(start)
+            for iteration in range(start, total):
+                tick = time.perf_counter()
+                pending.append(distiller.step(iteration).detach())
+                done = iteration + 1
+                save = done % config.checkpoint_every == 0 or done == total
+                evaluate = tracker is not None and tracker.due(done, total)
+                status: dict[str, Any] = {}
+                if save or evaluate or done == HEALTH_CHECK_AT:  # losses are read here only: no sync per step
+                    read = torch.stack(pending).float().cpu().tolist()
+                    first = done - len(pending)
+                    pending.clear()
+                    for index, value in enumerate(read, first):
+                        if not math.isfinite(value):
+                            raise DivergenceError(f"{method} diverged at iteration {index + 1} (loss {value:.4g}); no result "
+                                                  "is written and the last checkpoint is kept. Lower lr_img")
+                        if board is not None:
+                            board.add_scalar("loss", value, index + 1)
+                    losses.extend(read)
+                    status = {"loss": losses[-1], **distiller.status()}
+                seconds.append(time.perf_counter() - tick)
+                if evaluate:
+                    images, labels = distiller.synthetic_set()
+                    status["acc"] = tracker.run(done, images, labels, lr=distiller.learned_lr())["acc_mean"]
+                if board is not None:
+                    for name, value in status.items():
+                        if name != "loss":
+                            board.add_scalar("eval/acc" if name == "acc" else name, value, done)
+                if save:
+                    checkpoint.save({"iteration": done, "losses": losses, "distiller": distiller.state_dict(),
+                                     "eval_history": tracker.history if tracker is not None else []})
+                    if board is not None:
+                        board.add_image("synthetic", tensorboard_grid(dataset.denormalize(distiller.synthetic_set()[0]), ipc), done)
+                if done == HEALTH_CHECK_AT:
+                    for warning in distiller.health(losses):
+                        context.log(warning)
+                bar.advance(**status)
+    finally:
+        if board is not None:
+            board.close()
+    images, labels = distiller.synthetic_set()
+    if not torch.isfinite(images).all():
+        raise DivergenceError(f"{method} produced non-finite images; the set is not usable")
+    metrics: dict[str, Any] = {
+        "loss_curve": loss_curve(losses),
+        "first_iteration_seconds": seconds[0] if seconds else None,  # includes warm-up and compilation
+        "seconds_per_iteration": float(np.mean(seconds[1:] or seconds)) if seconds else None,
+        **(tracker.summary() if tracker is not None else {}),
+    }
+    return new_set(dataset, images, labels, method=method, ipc=ipc, seed=context.seed, learned_lr=distiller.learned_lr(),
+                   metrics=metrics, **distiller.provenance(losses))
+
+
+def open_tensorboard(directory: str | None, resumed_after: int = 0) -> Any:
+    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing.
+
+    A run resumed after iteration k purges what the killed run logged past k (evaluation points
+    after the last checkpoint), so TensorBoard shows each step once.
+    """
+    if directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("TensorBoard logging needs the 'tensorboard' package: pip install tensorboard") from None
+    return SummaryWriter(str(directory), purge_step=resumed_after + 1 if resumed_after else None)
+
+
+def tensorboard_grid(images: Tensor, ipc: int) -> Tensor:
+    """The synthetic set as one image, one row per class (CHW, pixels in [0, 1])."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.detach().float().cpu(), nrow=ipc, padding=1, pad_value=1.0)
+
+
+def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[list[float]]:
+    """[last iteration of the window, mean loss] over at most `points` equal windows of the history."""
+    if not losses:
+        return []
+    edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).round().astype(int)
+    return [[int(b), float(np.mean(losses[a:b]))] for a, b in zip(edges[:-1], edges[1:])]
+
+
+__all__ = ["DistillConfig", "Distiller", "DivergenceError", "iteration_seeds", "loss_curve", "run_distiller"]
