@@ -1,9 +1,11 @@
-"""The driver: a method defined here, in one class and one registry line, gets resume, evaluation points and the NaN guard."""
+"""The driver: a method defined here, in one class and one registry line, gets resume, evaluation points and the NaN guard.
+
+A method is a settings dataclass (from `DistillConfig`) and a `Distiller`: `images`, `labels`, `optimizers` and `step`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
@@ -32,27 +34,16 @@ class MeanMatching(Distiller):
         self.images = noise_init(dataset, ipc, context.seed).requires_grad_(True)
         self.labels = class_labels(dataset, ipc)
         self.sampler = RealSampler(dataset, config.batch_real)
-        self.optimizer = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
+        self.optimizers = {"images": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)}
 
     def step(self, iteration: int) -> Tensor:
         picks = self.sampler.draw(IterationRandom.for_iteration(self.seed, iteration, self.device).device)
         syn = self.images.view(len(picks), self.ipc, *self.images.shape[1:])
         loss = sum(((self.real[idx].mean(0) - syn[c]) ** 2).sum((1, 2, 3)).mean() for c, idx in enumerate(picks))
-        self.optimizer.zero_grad()
+        self.images.grad = None
         loss.backward()
-        self.optimizer.step()
+        self.optimizers["images"].step()
         return loss.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def synthetic_set(self) -> tuple[Tensor, Tensor]:
-        return self.images.detach(), self.labels
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_pa
     whole = distill("mtt", breast, 1, config, context=RunContext(seed=3))
 
     calls = {"n": 0}
-    original = mtt_module.UNROLLS["bounded"]
+    original = mtt_module.UNROLLS.get("bounded")
 
     def dies_at_five(problem):
         calls["n"] += 1
@@ -79,10 +79,10 @@ def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_pa
             raise KeyboardInterrupt
         return original(problem)
 
-    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", dies_at_five)
+    monkeypatch.setitem(mtt_module.UNROLLS._items, "bounded", dies_at_five)
     with pytest.raises(KeyboardInterrupt):
         distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
-    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", original)
+    monkeypatch.setitem(mtt_module.UNROLLS._items, "bounded", original)
     with pytest.raises(ConfigError, match="--resume"):
         distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
     messages: list[str] = []

@@ -1,4 +1,4 @@
-"""`Registry`: the one name -> item table behind methods, models and study executors."""
+"""`Registry`: the one name -> item table behind methods, models, study executors and every named choice of a setting."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Items by unique, case-insensitive name; an unknown name is a one-line `ConfigError` listing the known ones."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, items: dict[str, T] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        for name, item in (items or {}).items():
+            self.add(name, item)
 
     def add(self, name: str, item: T) -> T:
         key = name.lower()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,9 @@ from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods.checkpoint import Checkpoint, fingerprint
-from medistill.methods.eval_points import EvalTracker
-from medistill.methods.registry import LOCAL_PATH_SETTINGS, RunContext, get_method, new_set
+from medistill.methods.registry import RunContext, get_method, new_set, recorded_settings
 from medistill.progress import progress_bar
+from medistill.train.engine import TrainProtocol, evaluate
 
 LOSS_CURVE_POINTS = 100
 HEALTH_CHECK_AT = 20  # iteration after which a distiller may report a badly scaled setup
@@ -54,16 +54,15 @@ class DistillConfig:
     tensorboard: str | None = None  # a log folder for loss, evaluation points and image grids (needs tensorboard)
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        for name in ("iterations", "checkpoint_every", "eval_models"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr_img) and self.lr_img > 0):
             raise ConfigError(f"lr_img must be a positive number, got {self.lr_img}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.eval_every < 0 or self.eval_models < 1 or (self.eval_epochs is not None and self.eval_epochs < 1):
-            raise ConfigError("eval_every must be >= 0, eval_models >= 1 and eval_epochs >= 1")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if self.eval_every < 0 or (self.eval_epochs is not None and self.eval_epochs < 1):
+            raise ConfigError("eval_every must be >= 0 and eval_epochs >= 1 (or null)")
 
 
 def iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
@@ -72,31 +71,35 @@ def iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
 
 
 class Distiller:
-    """What a method supplies to the driver. Override `step`, `state_dict`, `load_state_dict` and `synthetic_set`;
-    the other hooks have defaults that do nothing."""
+    """What a method supplies to the driver: `images` (the leaf it learns), their `labels`, its `optimizers` by
+    name, and `step`. The state of a checkpoint is the images and the optimisers unless a method adds to it;
+    the other hooks do nothing unless overridden."""
+
+    images: Tensor
+    labels: Tensor
+    optimizers: dict[str, torch.optim.Optimizer]
 
     def step(self, iteration: int) -> Tensor:
         """Run iteration `iteration` (0-based) and return its loss as a 0-d tensor (it may stay on the device)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything besides the iteration, losses and evaluation points that a resumed run needs (tensors, numbers)."""
-        raise NotImplementedError
+        """What a resumed run needs besides the iteration, losses and evaluation points (tensors, numbers)."""
+        return {"images": self.images.detach().cpu(), **{name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.images.device))
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
 
     def synthetic_set(self) -> tuple[Tensor, Tensor]:
         """The current images (in the dataset's normalised space) and their labels."""
-        raise NotImplementedError
+        return self.images.detach(), self.labels
 
     def learned_lr(self) -> float | None:
-        """The lr evaluation should train with when the method learns one."""
+        """The lr evaluation should train with when the method learns one (shown and logged as `lr` at checkpoints)."""
         return None
-
-    def status(self) -> dict[str, float]:
-        """Values to show on the progress bar and in TensorBoard at checkpoints (e.g. a learned lr)."""
-        return {}
 
     def health(self, losses: list[float]) -> list[str]:
         """Warnings about a badly scaled setup, asked once after `HEALTH_CHECK_AT` iterations."""
@@ -111,22 +114,17 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                   distiller: Distiller) -> SyntheticSet:
     """Run `distiller` for `config.iterations` iterations (checkpointed, resumable) and return its set."""
     # Local folders are not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
-    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, settings, context.seed))
-    tracker = None
-    if config.eval_every > 0:
-        protocol = get_method(method).default_protocol()
-        if config.eval_epochs is not None:
-            protocol = dataclasses.replace(protocol, epochs=config.eval_epochs)
-        tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, recorded_settings(config), context.seed))
+    protocol = get_method(method).default_protocol()
+    if config.eval_epochs is not None:
+        protocol = dataclasses.replace(protocol, epochs=config.eval_epochs)
+    tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
     losses: list[float] = []
     start = 0
     state = checkpoint.restore()
     if state is not None:
         distiller.load_state_dict(state["distiller"])
-        start, losses = state["iteration"], list(state["losses"])
-        if tracker is not None:
-            tracker.history = list(state["eval_history"])
+        start, losses, tracker.history = state["iteration"], list(state["losses"]), list(state["eval_history"])
         context.log(f"{method}: resuming after iteration {start} of {config.iterations}")
     board = open_tensorboard(config.tensorboard, resumed_after=start)
     pending: list[Tensor] = []
@@ -139,41 +137,36 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                 tick = time.perf_counter()
                 pending.append(distiller.step(iteration).detach())
                 done = iteration + 1
-                save = done % config.checkpoint_every == 0 or done == total
-                evaluate = tracker is not None and tracker.due(done, total)
+                save, evaluate = done % config.checkpoint_every == 0 or done == total, tracker.due(done, total)
                 status: dict[str, Any] = {}
                 if save or evaluate or done == HEALTH_CHECK_AT:  # losses are read here only: no sync per step
-                    read = torch.stack(pending).float().cpu().tolist()
-                    first = done - len(pending)
-                    pending.clear()
-                    for index, value in enumerate(read, first):
+                    for number, value in enumerate(torch.stack(pending).float().cpu().tolist(), done - len(pending) + 1):
                         if not math.isfinite(value):
-                            raise DivergenceError(f"{method} diverged at iteration {index + 1} (loss {value:.4g}); no result "
+                            raise DivergenceError(f"{method} diverged at iteration {number} (loss {value:.4g}); no result "
                                                   "is written and the last checkpoint is kept. Lower lr_img")
-                        if board is not None:
-                            board.add_scalar("loss", value, index + 1)
-                    losses.extend(read)
-                    status = {"loss": losses[-1], **distiller.status()}
+                        board.add_scalar("loss", value, number)
+                        losses.append(value)
+                    pending.clear()
+                    lr = distiller.learned_lr()
+                    status = {"loss": losses[-1], **({"lr": lr} if lr is not None else {})}
                 seconds.append(time.perf_counter() - tick)
                 if evaluate:
                     images, labels = distiller.synthetic_set()
                     status["acc"] = tracker.run(done, images, labels, lr=distiller.learned_lr())["acc_mean"]
-                if board is not None:
-                    for name, value in status.items():
-                        if name != "loss":
-                            board.add_scalar("eval/acc" if name == "acc" else name, value, done)
+                for name, value in status.items():
+                    if name != "loss":
+                        board.add_scalar("eval/acc" if name == "acc" else name, value, done)
                 if save:
                     checkpoint.save({"iteration": done, "losses": losses, "distiller": distiller.state_dict(),
-                                     "eval_history": tracker.history if tracker is not None else []})
-                    if board is not None:
+                                     "eval_history": tracker.history})
+                    if config.tensorboard is not None:
                         board.add_image("synthetic", tensorboard_grid(dataset.denormalize(distiller.synthetic_set()[0]), ipc), done)
                 if done == HEALTH_CHECK_AT:
                     for warning in distiller.health(losses):
                         context.log(warning)
                 bar.advance(**status)
     finally:
-        if board is not None:
-            board.close()
+        board.close()
     images, labels = distiller.synthetic_set()
     if not torch.isfinite(images).all():
         raise DivergenceError(f"{method} produced non-finite images; the set is not usable")
@@ -181,20 +174,58 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
         "loss_curve": loss_curve(losses),
         "first_iteration_seconds": seconds[0] if seconds else None,  # includes warm-up and compilation
         "seconds_per_iteration": float(np.mean(seconds[1:] or seconds)) if seconds else None,
-        **(tracker.summary() if tracker is not None else {}),
+        **tracker.summary(),
     }
     return new_set(dataset, images, labels, method=method, ipc=ipc, seed=context.seed, learned_lr=distiller.learned_lr(),
                    metrics=metrics, **distiller.provenance(losses))
 
 
+@dataclass
+class EvalTracker:
+    """Evaluation points: scores the set every `every` iterations and at the end (none when `every` is 0)."""
+
+    dataset: Dataset
+    protocol: TrainProtocol
+    every: int
+    num_models: int
+    seed: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def due(self, iteration: int, total: int) -> bool:
+        """Whether to evaluate after `iteration` (1-based) of `total` (never when `every` is 0)."""
+        return self.every > 0 and (iteration == total or iteration % self.every == 0)
+
+    def run(self, iteration: int, images: Tensor, labels: Tensor, lr: float | None) -> dict[str, Any]:
+        scores = evaluate(images.detach(), labels, self.dataset, self.protocol, num_models=self.num_models, seed=self.seed + iteration, lr=lr)
+        point = {"iteration": iteration, "acc_mean": scores.acc_mean, "acc_std": scores.acc_std, "auc_mean": scores.auc_mean, "auc_std": scores.auc_std}
+        self.history.append(point)
+        return point
+
+    def summary(self) -> dict[str, Any]:
+        """`eval_points` (all), `last` and `best` (by mean ACC) for the artifact's metrics."""
+        if not self.history:
+            return {}
+        return {"eval_points": list(self.history), "last": self.history[-1], "best": max(self.history, key=lambda p: p["acc_mean"]),
+                "eval_point_protocol": {**self.protocol.to_dict(), "num_models": self.num_models}}
+
+
+class NoBoard:
+    """Stands in for a SummaryWriter when no TensorBoard folder is asked for."""
+
+    def add_scalar(self, *args: Any) -> None:
+        pass
+
+    add_image = close = add_scalar
+
+
 def open_tensorboard(directory: str | None, resumed_after: int = 0) -> Any:
-    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing.
+    """A TensorBoard SummaryWriter on `directory` (a `NoBoard` when None); a clear error when tensorboard is missing.
 
     A run resumed after iteration k purges what the killed run logged past k (evaluation points
     after the last checkpoint), so TensorBoard shows each step once.
     """
     if directory is None:
-        return None
+        return NoBoard()
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -31,8 +31,9 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, iteration_seeds, run_distiller
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
-from medistill.methods.random import random_subset_indices
+from medistill.methods.pixel_loop import class_labels, real_init
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
+from medistill.registry import Registry
 from medistill.transfer import to_device, to_host_async
 from medistill.zca import ZCA
 
@@ -78,8 +79,7 @@ class MTTConfig(DistillConfig):
                 raise ConfigError(f"mtt setting {name} must be a positive number, got {value}")
         if not (math.isfinite(self.lr_lr) and self.lr_lr >= 0):
             raise ConfigError(f"mtt setting lr_lr must be a number >= 0, got {self.lr_lr}")
-        if self.unroll not in UNROLLS:
-            raise ConfigError(f"unknown unroll '{self.unroll}'; choose one of {', '.join(UNROLLS)}")
+        UNROLLS.get(self.unroll)
         if self.augment is not None:
             DiffAugment(self.augment)  # refuses an unknown op
         last = self.max_start_epoch - 1 + self.expert_epochs
@@ -169,7 +169,7 @@ def bounded_unroll(problem: Unroll) -> UnrollResult:
     return loss.detach(), grad_images, grad_lr
 
 
-UNROLLS: dict[str, Callable[[Unroll], UnrollResult]] = {"plain": plain_unroll, "bounded": bounded_unroll}
+UNROLLS: Registry[Callable[[Unroll], UnrollResult]] = Registry("unroll", {"plain": plain_unroll, "bounded": bounded_unroll})
 
 
 def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> list[torch.Tensor]:
@@ -186,7 +186,7 @@ class MTTDistiller(Distiller):
 
     def __init__(self, dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> None:
         check_ipc(dataset, ipc, "mtt")
-        self.dataset, self.ipc, self.config, self.seed = dataset, ipc, config, context.seed
+        self.config, self.seed = config, context.seed
         device = dataset.device
         use_zca = config.zca and dataset.channels == 3
         if config.zca and not use_zca:
@@ -197,16 +197,15 @@ class MTTDistiller(Distiller):
             dataset, config.expert_settings(use_zca), config.num_experts, root=config.buffer_root,
             parallel=config.experts_parallel, progress=context.progress, log=context.log)
         self.student = FlatModel(new_network(dataset, config.expert_settings(use_zca)))
-        idx = random_subset_indices(dataset, ipc, context.seed).to(device)  # the random baseline's subset
-        real = dataset.train.images[idx]
+        real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
         self.images = (real if self.zca is None else self.zca.whiten(real)).detach().clone().requires_grad_(True)
-        self.labels = dataset.train.labels[idx].clone()
+        self.labels = class_labels(dataset, ipc)
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)
+        self.optimizers = {"opt_img": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum),
+                           "opt_lr": torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)}
         self.augment = DiffAugment(config.augment) if config.augment else None
-        self.lr_clamps = 0
+        self.lr_clamps = torch.zeros((), dtype=torch.long, device=device)  # iterations that ended clamped (kept on the device)
 
     def problem(self, iteration: int) -> Unroll:
         """Draw the expert, start epoch, minibatches and augmentation seeds of iteration `iteration` (counted from 1)."""
@@ -224,7 +223,7 @@ class MTTDistiller(Distiller):
     def step(self, iteration: int) -> torch.Tensor:
         """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""
         number = iteration + 1
-        loss, grad_images, grad_lr = UNROLLS[self.config.unroll](self.problem(number))
+        loss, grad_images, grad_lr = UNROLLS.get(self.config.unroll)(self.problem(number))
         # The guard must stop the run before the update, so it reads the device once per iteration:
         # the loss and the gradients' finiteness in one copy.
         grads_finite = torch.isfinite(grad_images).all() & torch.isfinite(grad_lr)
@@ -234,22 +233,13 @@ class MTTDistiller(Distiller):
                 f"MTT diverged at iteration {number} (loss {value:.4g}, syn_lr {self.syn_lr.item():.4g}); "
                 "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps")
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
-        self.opt_img.step()
-        self.opt_lr.step()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
         with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
-            self._lr_clamps += self.syn_lr < self.config.min_syn_lr
+            self.lr_clamps += self.syn_lr < self.config.min_syn_lr
             self.syn_lr.clamp_(min=self.config.min_syn_lr)
         self.images.grad = self.syn_lr.grad = None
         return loss
-
-    @property
-    def lr_clamps(self) -> int:
-        """How many iterations ended with syn_lr clamped to min_syn_lr (a read from the device)."""
-        return int(self._lr_clamps)
-
-    @lr_clamps.setter
-    def lr_clamps(self, count: int) -> None:
-        self._lr_clamps = torch.tensor(count, device=self.syn_lr.device)
 
     def synthetic_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The synthetic images in the dataset's normalised space, and their labels."""
@@ -259,20 +249,14 @@ class MTTDistiller(Distiller):
     def learned_lr(self) -> float:
         return self.syn_lr.item()
 
-    def status(self) -> dict[str, float]:
-        return {"lr": self.learned_lr()}
-
     def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images.detach().cpu(), "syn_lr": self.syn_lr.item(), "opt_img": self.opt_img.state_dict(),
-                "opt_lr": self.opt_lr.state_dict(), "lr_clamps": self.lr_clamps}
+        return {**super().state_dict(), "syn_lr": self.syn_lr.item(), "lr_clamps": int(self.lr_clamps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         with torch.no_grad():
-            self.images.copy_(state["images"])
             self.syn_lr.fill_(state["syn_lr"])
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.lr_clamps = state["lr_clamps"]
+            self.lr_clamps.fill_(state["lr_clamps"])
 
     def health(self, losses: list[float]) -> list[str]:
         """Signs of a badly scaled setup in the first iterations: the student overshoots, or syn_lr sits on its floor."""
@@ -280,14 +264,14 @@ class MTTDistiller(Distiller):
         if losses and sum(losses) / len(losses) > 2:
             warnings.append(f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
                             "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs")
-        if self.lr_clamps > len(losses) // 2:
-            warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {self.lr_clamps} of {len(losses)} iterations; "
+        if int(self.lr_clamps) > len(losses) // 2:
+            warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {int(self.lr_clamps)} of {len(losses)} iterations; "
                             "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
         return warnings
 
     def provenance(self, losses: list[float]) -> dict[str, Any]:
         # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
-        return {"extra": {"loss": list(losses), "syn_lr_clamps": self.lr_clamps, "zca": self.zca is not None,
+        return {"extra": {"loss": list(losses), "syn_lr_clamps": int(self.lr_clamps), "zca": self.zca is not None,
                           "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"}}}
 
 

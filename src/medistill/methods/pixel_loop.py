@@ -22,6 +22,7 @@ from medistill.methods.driver import DistillConfig, Distiller, iteration_seeds, 
 from medistill.methods.random import random_subset_indices
 from medistill.methods.registry import RunContext, check_ipc
 from medistill.models import create_model
+from medistill.registry import Registry
 from medistill.transfer import pinned
 
 
@@ -38,8 +39,7 @@ class PixelConfig(DistillConfig):
         super().__post_init__()
         if self.batch_real < 1:
             raise ConfigError(f"batch_real must be at least 1, got {self.batch_real}")
-        if self.init not in INITS:
-            raise ConfigError(f"unknown init '{self.init}'; choose one of {', '.join(INITS)}")
+        INITS.get(self.init)
 
 
 def noise_init(dataset: Dataset, ipc: int, seed: int) -> Tensor:
@@ -54,7 +54,7 @@ def real_init(dataset: Dataset, ipc: int, seed: int) -> Tensor:
     return dataset.train.images[random_subset_indices(dataset, ipc, seed).to(dataset.device)].clone()
 
 
-INITS: dict[str, Callable[[Dataset, int, int], Tensor]] = {"noise": noise_init, "real": real_init}
+INITS: Registry[Callable[[Dataset, int, int], Tensor]] = Registry("init", {"noise": noise_init, "real": real_init})
 
 
 def class_labels(dataset: Dataset, ipc: int) -> Tensor:
@@ -136,24 +136,14 @@ class PixelDistiller(Distiller):
     """Images learnt by SGD with momentum, one `step(images, optimizer, rng)` per iteration."""
 
     def __init__(self, dataset: Dataset, ipc: int, config: PixelConfig, seed: int, step: Step, hyperparameters: dict[str, Any]) -> None:
-        self.images = INITS[config.init](dataset, ipc, seed).requires_grad_(True)
+        self.images = INITS.get(config.init)(dataset, ipc, seed).requires_grad_(True)
         self.labels = class_labels(dataset, ipc)
-        self.optimizer = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
+        self.optimizers = {"optimizer": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)}
         self.seed, self.device, self._step, self.hyperparameters = seed, dataset.device, step, hyperparameters
 
     def step(self, iteration: int) -> Tensor:
-        return self._step(self.images, self.optimizer, IterationRandom.for_iteration(self.seed, iteration, self.device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def synthetic_set(self) -> tuple[Tensor, Tensor]:
-        return self.images.detach(), self.labels
+        rng = IterationRandom.for_iteration(self.seed, iteration, self.device)
+        return self._step(self.images, self.optimizers["optimizer"], rng)
 
     def provenance(self, losses: list[float]) -> dict[str, Any]:
         return {"hyperparameters": dict(self.hyperparameters)}

@@ -62,13 +62,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return METHODS.add(spec.name, spec)
 
 
-def get_method(name: str) -> MethodSpec:
-    """Look a method up by name."""
-    return METHODS.get(name)
-
-
-def list_methods() -> list[str]:
-    return METHODS.names()
+get_method = METHODS.get
+list_methods = METHODS.names
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
@@ -119,9 +114,13 @@ def distill(
         config = make_config(spec, config)
     context = context or RunContext()
     result = spec.run(dataset, ipc, config, context)
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
-    result.hyperparameters = {**settings, **result.hyperparameters}
+    result.hyperparameters = {**recorded_settings(config), **result.hyperparameters}
     return result
+
+
+def recorded_settings(config: Any) -> dict[str, Any]:
+    """A method's settings as recorded with its result and checkpoints: all but local paths."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
 
 
 def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int | None, seed: int, **extra: Any) -> SyntheticSet:

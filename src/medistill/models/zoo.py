@@ -21,16 +21,8 @@ from medistill.registry import Registry
 ModelBuilder = Callable[..., nn.Module]
 
 MODELS: Registry[ModelBuilder] = Registry("model")
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs)``."""
-    return MODELS.decorator(name)
-
-
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return MODELS.names()
+register_model = MODELS.decorator  # @register_model(name) on builder(in_channels, num_classes, image_size, **kwargs)
+list_models = MODELS.names
 
 
 def create_model(

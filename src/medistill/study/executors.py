@@ -24,15 +24,8 @@ class Executor(Protocol):
 
 
 EXECUTORS: Registry[Callable[..., Executor]] = Registry("executor")
-
-
-def register_executor(name: str) -> Callable[[Callable[..., Executor]], Callable[..., Executor]]:
-    """Class decorator: make an executor available under `name`."""
-    return EXECUTORS.decorator(name)
-
-
-def list_executors() -> list[str]:
-    return EXECUTORS.names()
+register_executor = EXECUTORS.decorator  # class decorator: @register_executor(name)
+list_executors = EXECUTORS.names
 
 
 def create_executor(name: str, **options: Any) -> Executor:
