@@ -85,13 +85,13 @@ class Distiller:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the iteration, losses and evaluation points (tensors, numbers)."""
-        return {"images": self.images.detach().cpu(), **{name: opt.state_dict() for name, opt in self.optimizers.items()}}
+        return {"images": self.images.detach().cpu(), "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             self.images.copy_(state["images"].to(self.images.device))
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
+            opt.load_state_dict(state["optimizers"][name])
 
     def synthetic_set(self) -> tuple[Tensor, Tensor]:
         """The current images (in the dataset's normalised space) and their labels."""
@@ -105,8 +105,9 @@ class Distiller:
         """Warnings about a badly scaled setup, asked once after `HEALTH_CHECK_AT` iterations."""
         return []
 
-    def provenance(self, losses: list[float]) -> dict[str, Any]:
-        """Extra `new_set` fields for the result (`hyperparameters`, `extra`)."""
+    def finish(self, losses: list[float]) -> dict[str, Any]:
+        """Called once after the last iteration: checks the result (raising if unusable) and returns extra
+        `new_set` fields (`hyperparameters`, `extra`)."""
         return {}
 
 
@@ -177,7 +178,7 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
         **tracker.summary(),
     }
     return new_set(dataset, images, labels, method=method, ipc=ipc, seed=context.seed, learned_lr=distiller.learned_lr(),
-                   metrics=metrics, **distiller.provenance(losses))
+                   metrics=metrics, **distiller.finish(losses))
 
 
 @dataclass

@@ -269,7 +269,7 @@ class MTTDistiller(Distiller):
                             "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
         return warnings
 
-    def provenance(self, losses: list[float]) -> dict[str, Any]:
+    def finish(self, losses: list[float]) -> dict[str, Any]:
         # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
         return {"extra": {"loss": list(losses), "syn_lr_clamps": int(self.lr_clamps), "zca": self.zca is not None,
                           "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"}}}

@@ -23,6 +23,7 @@ from medistill.methods.random import random_subset_indices
 from medistill.methods.registry import RunContext, check_ipc
 from medistill.models import create_model
 from medistill.registry import Registry
+from medistill.runtime import autocast  # the one bf16 switch, here too for the methods built on this module
 from medistill.transfer import pinned
 
 
@@ -145,7 +146,7 @@ class PixelDistiller(Distiller):
         rng = IterationRandom.for_iteration(self.seed, iteration, self.device)
         return self._step(self.images, self.optimizers["optimizer"], rng)
 
-    def provenance(self, losses: list[float]) -> dict[str, Any]:
+    def finish(self, losses: list[float]) -> dict[str, Any]:
         return {"hyperparameters": dict(self.hyperparameters)}
 
 
@@ -157,4 +158,4 @@ def run_pixel_loop(method: str, dataset: Dataset, ipc: int, config: PixelConfig,
     return run_distiller(method, dataset, ipc, config, context, distiller)
 
 
-__all__ = ["FreshNetwork", "INITS", "IterationRandom", "PixelConfig", "PixelDistiller", "RealSampler", "class_labels", "run_pixel_loop"]
+__all__ = ["FreshNetwork", "INITS", "autocast", "IterationRandom", "PixelConfig", "PixelDistiller", "RealSampler", "class_labels", "run_pixel_loop"]
