@@ -145,8 +145,9 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                         if not math.isfinite(value):
                             raise DivergenceError(f"{method} diverged at iteration {number} (loss {value:.4g}); no result "
                                                   "is written and the last checkpoint is kept. Lower lr_img")
-                        board.add_scalar("loss", value, number)
                         losses.append(value)
+                        if board is not None:
+                            board.add_scalar("loss", value, number)
                     pending.clear()
                     lr = distiller.learned_lr()
                     status = {"loss": losses[-1], **({"lr": lr} if lr is not None else {})}
@@ -154,20 +155,22 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                 if evaluate:
                     images, labels = distiller.synthetic_set()
                     status["acc"] = tracker.run(done, images, labels, lr=distiller.learned_lr())["acc_mean"]
-                for name, value in status.items():
-                    if name != "loss":
-                        board.add_scalar("eval/acc" if name == "acc" else name, value, done)
+                if board is not None:
+                    for name, value in status.items():
+                        if name != "loss":
+                            board.add_scalar("eval/acc" if name == "acc" else name, value, done)
                 if save:
                     checkpoint.save({"iteration": done, "losses": losses, "distiller": distiller.state_dict(),
                                      "eval_history": tracker.history})
-                    if config.tensorboard is not None:
+                    if board is not None:
                         board.add_image("synthetic", tensorboard_grid(dataset.denormalize(distiller.synthetic_set()[0]), ipc), done)
                 if done == HEALTH_CHECK_AT:
                     for warning in distiller.health(losses):
                         context.log(warning)
                 bar.advance(**status)
     finally:
-        board.close()
+        if board is not None:
+            board.close()
     images, labels = distiller.synthetic_set()
     if not torch.isfinite(images).all():
         raise DivergenceError(f"{method} produced non-finite images; the set is not usable")
@@ -210,23 +213,14 @@ class EvalTracker:
                 "eval_point_protocol": {**self.protocol.to_dict(), "num_models": self.num_models}}
 
 
-class NoBoard:
-    """Stands in for a SummaryWriter when no TensorBoard folder is asked for."""
-
-    def add_scalar(self, *args: Any) -> None:
-        pass
-
-    add_image = close = add_scalar
-
-
 def open_tensorboard(directory: str | None, resumed_after: int = 0) -> Any:
-    """A TensorBoard SummaryWriter on `directory` (a `NoBoard` when None); a clear error when tensorboard is missing.
+    """A TensorBoard SummaryWriter on `directory`, None when not asked for; a clear error when tensorboard is missing.
 
     A run resumed after iteration k purges what the killed run logged past k (evaluation points
     after the last checkpoint), so TensorBoard shows each step once.
     """
     if directory is None:
-        return NoBoard()
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
