@@ -22,13 +22,15 @@ from medistill.data import load_dataset
 from medistill.methods import RunContext, distill
 
 PIXEL = {"iterations": 4, "checkpoint_every": 1, "eval_every": 2, "eval_epochs": 1, "batch_real": 16}
-RUNS = {
-    "dc": {**PIXEL, "outer_loop": 2, "inner_loop": 1},
-    "dsa": {**PIXEL, "outer_loop": 2, "inner_loop": 1},
-    "dm": PIXEL,
-    "mtt": {"iterations": 5, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2, "num_experts": 2, "buffer_epochs": 3,
-            "lr_img": 10.0, "lr_lr": 1e-6, "model_kwargs": {"width": 16}, "checkpoint_every": 2, "eval_every": 2,
-            "eval_epochs": 1, "unroll": "bounded"},
+MTT = {"iterations": 5, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2, "num_experts": 2, "buffer_epochs": 3,
+       "lr_img": 10.0, "lr_lr": 1e-6, "model_kwargs": {"width": 16}, "checkpoint_every": 2, "eval_every": 2,
+       "eval_epochs": 1, "unroll": "bounded"}
+RUNS = {  # label: (method, settings)
+    "dc": ("dc", {**PIXEL, "outer_loop": 2, "inner_loop": 1}),
+    "dsa": ("dsa", {**PIXEL, "outer_loop": 2, "inner_loop": 1}),
+    "dm": ("dm", PIXEL),
+    "mtt": ("mtt", MTT),
+    "mtt-zca": ("mtt", {**MTT, "zca": True}),
 }
 KILL_AT_STEP = 5  # the optimiser step (any SGD in the process) at which the killed run is stopped
 
@@ -70,13 +72,13 @@ def main() -> None:
     dataset = load_dataset("breastmnist", root=os.environ.get("MEDISTILL_DATA"), progress=False)
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method, settings in RUNS.items():
+        for label, (method, settings) in RUNS.items():
             if method == "mtt":
                 settings = {**settings, "buffer_root": str(Path(tmp) / "experts")}
                 distill(method, dataset, 2, {**settings, "iterations": 1}, context=RunContext(seed=5))  # build the buffer first
             whole = digest(distill(method, dataset, 2, settings, context=RunContext(seed=5)))
-            resumed = killed_then_resumed(method, dataset, settings, Path(tmp) / method)
-            out[method] = {"whole": whole, "resumed_equals_whole": resumed == whole}
+            resumed = killed_then_resumed(method, dataset, settings, Path(tmp) / label)
+            out[label] = {"whole": whole, "resumed_equals_whole": resumed == whole}
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -23,7 +23,7 @@ def _check_forward_backward(model: nn.Module, in_channels: int, size: int, batch
 
 
 def test_registry_has_required_models() -> None:
-    required = {"convnet", "convnet_bn", "mlp", "lenet", "alexnet", "vgg11", "resnet18"}
+    required = {"convnet", "convnet_bn", "mlp", "lenet", "alexnet", "vgg11", "resnet18", "resnet18_bn"}
     assert required <= set(list_models())
     assert list_models() == sorted(list_models())
 
@@ -63,22 +63,22 @@ def test_convnet_rgb_28_does_not_crash() -> None:
     assert model(torch.randn(2, 3, 28, 28)).shape == (2, NUM_CLASSES)
 
 
-@pytest.mark.parametrize(("size", "expected"), [(32, 128 * 4 * 4), (28, 128 * 3 * 3)])
-def test_convnet_embed_size(size: int, expected: int) -> None:
-    model = ConvNet(1, NUM_CLASSES, size)
-    assert model.embed(torch.randn(2, 1, size, size)).shape == (2, expected)
+@pytest.mark.parametrize(("channels", "size", "expected"), [(1, 32, 128 * 4 * 4), (1, 28, 128 * 4 * 4), (3, 64, 128 * 8 * 8)])
+def test_convnet_embed_size(channels: int, size: int, expected: int) -> None:
+    model = ConvNet(channels, NUM_CLASSES, size)
+    assert model.embed(torch.randn(2, channels, size, size)).shape == (2, expected)
     assert model.embed_dim == expected
 
 
 def test_convnet_no_pooling_keeps_spatial_size() -> None:
-    model = ConvNet(1, NUM_CLASSES, 8, width=4, pooling="none")
+    model = ConvNet(3, NUM_CLASSES, 8, width=4, pooling="none")
     assert model.embed_dim == 4 * 8 * 8
 
 
 def test_convnet_minimum_size() -> None:
-    assert ConvNet(1, NUM_CLASSES, 8, width=4).embed_dim == 4
+    assert ConvNet(3, NUM_CLASSES, 8, width=4).embed_dim == 4
     with pytest.raises(ConfigError, match="too small"):
-        ConvNet(1, NUM_CLASSES, 7)
+        ConvNet(3, NUM_CLASSES, 7)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_unknown_model_lists_available() -> None:
 
 
 def test_create_model_is_case_insensitive_and_forwards_kwargs() -> None:
-    model = create_model("ConvNet", 1, NUM_CLASSES, 32, width=8, depth=2)
+    model = create_model("ConvNet", 3, NUM_CLASSES, 32, width=8, depth=2)
     assert isinstance(model, ConvNet)
     assert model.embed_dim == 8 * 8 * 8
     assert isinstance(create_model("convnet_bn", 1, NUM_CLASSES, 32).features[1], nn.BatchNorm2d)

@@ -59,7 +59,7 @@ def test_bounded_unroll_gradients_equal_plain(breast, buffer_root: Path, augment
 
 
 def test_loss_decreases_on_a_fixed_problem(breast, buffer_root: Path) -> None:
-    config = tiny(buffer_root, iterations=12, num_experts=1, max_start_epoch=1, dsa_strategy=None, lr_img=1.0, lr_lr=0.0)
+    config = tiny(buffer_root, iterations=12, num_experts=1, max_start_epoch=1, dsa_strategy=None, lr_img=10.0, lr_lr=0.0)
     result = distill("mtt", breast, 1, config, context=RunContext())
     losses = result.extra["loss"]
     assert len(losses) == 12
@@ -125,16 +125,17 @@ def test_pipeline_evaluates_with_the_learned_lr(breast, buffer_root: Path, tmp_p
     assert record["eval_protocol"]["augment"] == "color_crop_cutout_flip_scale_rotate"
 
 
-def test_zca_is_ignored_on_grayscale_and_round_trips_on_rgb(breast, medmnist_root: Path, buffer_root: Path) -> None:
+def test_zca_runs_on_grayscale_with_a_warning_and_round_trips_on_rgb(breast, medmnist_root: Path, buffer_root: Path) -> None:
     messages: list[str] = []
     gray = distill("mtt", breast, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext(log=messages.append))
-    assert gray.extra["zca"] is False and any("ZCA ignored" in m for m in messages)
+    assert gray.extra["zca"] is True and any("ZCA on the 1-channel" in m for m in messages)
 
     from medistill.data import load_dataset
 
     rgb = load_dataset("breastmnist", root=medmnist_root, channels=3, image_size=16, progress=False)  # small covariance
-    zca = ZCA.fit(rgb.train.images)
-    torch.testing.assert_close(zca.unwhiten(zca.whiten(rgb.test.images)), rgb.test.images, atol=1e-3, rtol=1e-3)
+    zca = ZCA.for_dataset(rgb)
+    torch.testing.assert_close(zca.unwhiten_normalised(rgb, zca.whiten_normalised(rgb, rgb.test.images)), rgb.test.images,
+                               atol=1e-3, rtol=1e-3)
     result = distill("mtt", rgb, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext())
     assert result.extra["zca"] is True and torch.isfinite(result.images).all()
 
@@ -167,3 +168,39 @@ def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_
     assert scalars["lr"][-1] == (4, pytest.approx(result.learned_lr))
     assert [step for step, _, _ in images["synthetic"]] == [2, 4]
     assert "tensorboard" not in result.hyperparameters and "buffer_root" not in result.hyperparameters
+
+
+@pytest.mark.parametrize(("ipc", "preset"), [(1, 1), (2, 1), (10, 10), (7, 10), (50, 50), (200, 50)])
+def test_without_settings_mtt_runs_the_stable_preset_of_the_ipc(ipc: int, preset: int) -> None:
+    from medistill.methods import get_method
+    from medistill.methods.mtt_presets import STABLE_PRESETS
+    from medistill.methods.registry import resolve_config
+
+    spec = get_method("mtt")
+    assert resolve_config(spec, ipc, None) == MTTConfig(**STABLE_PRESETS[preset])
+    overridden = resolve_config(spec, ipc, {"iterations": 3, "lr-img": 7.0})
+    assert (overridden.iterations, overridden.lr_img, overridden.syn_steps) == (3, 7.0, STABLE_PRESETS[preset]["syn_steps"])
+    explicit = MTTConfig(lr_img=3.0)
+    assert resolve_config(spec, ipc, explicit) is explicit
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_preset_files_hold_the_stable_presets(ipc: int) -> None:
+    from medistill.configfile import read_yaml
+    from medistill.methods.mtt_presets import STABLE_PRESETS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"mtt-28-ipc{ipc}.yaml"
+    assert read_yaml(path) == STABLE_PRESETS[ipc]
+
+
+def test_a_diverged_run_shows_as_diverged_in_the_study_table() -> None:
+    from medistill.study.analysis import cells_from_records, format_score
+    from medistill.study.store import FAILED
+
+    def record(key: str, error: str) -> dict:
+        return {"key": key, "status": FAILED, "dataset_label": "breastmnist", "spec": {"method": "mtt", "ipc": 1, "seed": 0},
+                "error": {"type": error, "message": "x"}}
+
+    (diverged,) = cells_from_records([record("a", "DivergenceError")])
+    (crashed,) = cells_from_records([record("a", "DivergenceError"), record("b", "RuntimeError")])
+    assert format_score(diverged, "acc") == "diverged" and format_score(crashed, "acc") == "failed"

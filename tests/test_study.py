@@ -326,7 +326,7 @@ def test_simulation_sets_are_built_first_and_run_like_any_dataset(tiny_data, tmp
     assert [s["name"] for s in record["result"]["source"]["provenance"]["sources"]] == ["breast_small", "pneumonia_small"]
 
 
-@pytest.mark.parametrize("name", ["quick", "paper-per-dataset", "paper-simulation"])
+@pytest.mark.parametrize("name", ["quick", "paper-per-dataset", "paper-simulation", "paper-per-dataset-stable", "paper-simulation-stable"])
 def test_presets_parse_against_the_registered_methods(name):
     study = load_study(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert study.runs and {r.method for r in study.runs} >= {"random", "full"}

@@ -1,10 +1,14 @@
 """Differentiable Siamese augmentation (DSA, Zhao & Bilen, ICML 2021).
 
 Every op is differentiable w.r.t. the input images, so synthetic images can be
-optimised through the augmentation. With ``siamese_seed`` one parameter draw is
-shared by the whole batch, so a real and a synthetic batch augmented with the
-same seed get the identical transform (gradient matching, distribution matching,
-MTT). Without it each sample gets its own draw (evaluation-time augmentation).
+optimised through the augmentation. Each call draws ONE family of the strategy
+uniformly at random (the reference's single mode) and applies it; ``color`` is one
+family among the others (brightness, saturation and contrast together). With
+``siamese_seed`` the family and one parameter draw are shared by the whole batch, so
+a real and a synthetic batch augmented with the same seed get the identical
+transform (gradient matching, distribution matching, MTT). Without it the family is
+drawn once per call and each sample gets its own parameter draw (evaluation-time
+augmentation).
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ from medistill.errors import ConfigError
 from medistill.transfer import to_device
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-COLOR = "color"
-GEOMETRIC_OPS = ("crop", "cutout", "flip", "scale", "rotate")
-VALID_OPS = (COLOR, *GEOMETRIC_OPS)
+VALID_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
 @dataclass
@@ -93,10 +95,14 @@ def _crop(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
 
 
 def _cutout(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
-    """Zero a ``cutout * size`` square centred anywhere in the image (it may overhang)."""
+    """Zero a ``cutout * size`` square centred anywhere in the image (it may overhang).
+
+    The centre is uniform over the rows (columns), plus one more position for an even square,
+    as in the reference.
+    """
     h, w = x.shape[2:]
     ch, cw = int(h * p.cutout + 0.5), int(w * p.cutout + 0.5)
-    top, left = draw.randint((0, h), (0, w))
+    top, left = draw.randint((0, h + 1 - ch % 2), (0, w + 1 - cw % 2))
     top = (top - ch // 2).view(-1, 1, 1)
     left = (left - cw // 2).view(-1, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, -1, 1)
@@ -129,7 +135,7 @@ def _rotate(x: Tensor, draw: _Draw, p: DSAParams) -> Tensor:
 
 
 _OPS = {
-    COLOR: _color,
+    "color": _color,
     "crop": _crop,
     "cutout": _cutout,
     "flip": _flip,
@@ -141,8 +147,8 @@ _OPS = {
 class DiffAugment:
     """A DSA strategy such as ``"color_crop_cutout_flip_scale_rotate"``.
 
-    Each call applies colour (if listed) and then one other listed op drawn at
-    random, as the reference DSA does. ``"none"`` or ``""`` is the identity.
+    Each call applies one listed family drawn uniformly at random (``color`` counts as
+    one family), as the reference DSA does. ``"none"`` or ``""`` is the identity.
     """
 
     def __init__(self, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None) -> None:
@@ -155,9 +161,7 @@ class DiffAugment:
                 f"unknown augmentation op(s) {', '.join(repr(n) for n in unknown)} in strategy "
                 f"'{strategy}'; valid ops are {', '.join(VALID_OPS)} (joined by '_'), or 'none'"
             )
-        names = list(dict.fromkeys(names))
-        self.use_color = COLOR in names
-        self.geometric = [n for n in names if n != COLOR]
+        self.families = list(dict.fromkeys(names))
 
     def __call__(
         self,
@@ -171,17 +175,13 @@ class DiffAugment:
         that seed and one draw is shared by the batch; otherwise every sample gets
         its own draw from ``generator`` (a CPU generator, or the global RNG if None).
         """
-        if not self.use_color and not self.geometric:
+        if not self.families:
             return x
         if siamese_seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(siamese_seed)
+        pick = int(torch.randint(len(self.families), (1,), generator=generator))
         draw = _Draw(x, generator, shared=siamese_seed is not None)
-        if self.use_color:
-            x = _color(x, draw, self.params)
-        if self.geometric:
-            pick = int(torch.randint(len(self.geometric), (1,), generator=generator))
-            x = _OPS[self.geometric[pick]](x, draw, self.params)
-        return x
+        return _OPS[self.families[pick]](x, draw, self.params)
 
     def siamese_pair(self, real: Tensor, syn: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         """Apply the identical transform, drawn from ``seed``, to a real and a synthetic batch."""

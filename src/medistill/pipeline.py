@@ -26,6 +26,7 @@ from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
 from medistill.models import list_models
 from medistill.train import Scores, TrainProtocol, evaluate
+from medistill.zca import ZCA, whitened_dataset
 
 RESULT_NAME = "result.json"
 GRID_NAME = "grid.png"
@@ -69,23 +70,43 @@ class JobResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol, *, num_models: int, seed: int, progress: bool) -> Scores:
-    """Evaluate a set (in the dataset's normalisation) with the given protocol."""
+def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol, *, num_models: int, seed: int, progress: bool,
+              zca_space: bool = True) -> Scores:
+    """Evaluate a set with the given protocol, in the dataset's normalisation.
+
+    A set learnt in ZCA space (MTT with ZCA; stored un-whitened) is scored in ZCA space, as the MTT
+    reference scores it: the set and every split are whitened with the transform fitted on the
+    training pixels. `zca_space=False` scores it as stored instead (what a receiver without the
+    transform gets).
+    """
     images = renormalize(synthetic, dataset)
+    if zca_space and synthetic.extra.get("zca") is True:
+        zca = ZCA.for_dataset(dataset)
+        images, dataset = zca.whiten_normalised(dataset, images.to(dataset.device)), whitened_dataset(dataset, zca)
     return evaluate(images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress)
 
 
+STATS_TOLERANCE = 1e-6  # relative: stats that differ by less are the same normalisation written on another machine
+
+
 def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
-    """The set's images in the dataset's normalisation (identity when the stats agree)."""
+    """The set's images in the dataset's normalisation: unchanged when the stats agree within
+    `STATS_TOLERANCE`, else mapped through pixel space without clamping (a set learnt from noise may
+    hold pixels outside [0, 1], and they are part of what it learnt)."""
     if synthetic.images.shape[1:] != dataset.train.images.shape[1:]:
         raise ConfigError(
             f"the set's images are {tuple(synthetic.images.shape[1:])} but the dataset's are {tuple(dataset.train.images.shape[1:])}"
         )
-    if synthetic.mean == dataset.mean and synthetic.std == dataset.std:
+    if len(synthetic.mean) != len(dataset.mean) or len(synthetic.std) != len(dataset.std):
+        raise ConfigError(f"the set has {len(synthetic.mean)} channel statistics but the dataset {len(dataset.mean)}")
+    stats = torch.tensor([*synthetic.mean, *synthetic.std], dtype=torch.float64)
+    target = torch.tensor([*dataset.mean, *dataset.std], dtype=torch.float64)
+    if torch.allclose(stats, target, rtol=STATS_TOLERANCE, atol=0.0):
         return synthetic.images
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
-    return (synthetic.pixels() - mean) / std
+    images = synthetic.images.detach().cpu().double()
+    pixels = images * stats[len(synthetic.mean):].view(1, -1, 1, 1) + stats[: len(synthetic.mean)].view(1, -1, 1, 1)
+    converted = (pixels - target[: len(dataset.mean)].view(1, -1, 1, 1)) / target[len(dataset.mean):].view(1, -1, 1, 1)
+    return converted.to(synthetic.images.dtype)
 
 
 def load_source_dataset(synthetic: SyntheticSet, *, root: str | Path | None = None, device: torch.device | str = "cpu",

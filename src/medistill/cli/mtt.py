@@ -32,7 +32,7 @@ def experts(
     augment: str = typer.Option(DEFAULT_STRATEGY, "--augment", help="DSA strategy for the experts, or 'none'."),
     model: str = typer.Option("convnet", "--model", help="Expert architecture (one without batch norm)."),
     model_args: list[str] = typer.Option([], "--model-arg", help="Architecture setting KEY=VALUE, e.g. width=64 (repeatable)."),
-    zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (RGB only)."),
+    zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (kornia ZCA, eps 0.1, fitted on [0, 1] pixels)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store trajectories in fp16 (half the disk)."),
     parallel: int = typer.Option(10, "--parallel", help="Experts trained at once (stacked)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."),

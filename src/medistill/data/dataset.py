@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from medistill.errors import ConfigError, DataError
 
@@ -132,17 +133,35 @@ def prepare_images(raw: np.ndarray, channels: int | None = None, image_size: int
     """uint8 (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0,1], with the channel count and size asked for.
 
     Grayscale is repeated to RGB when 3 channels are asked for; RGB is reduced to its
-    luminance when 1 is asked for; resizing is bilinear with antialiasing.
+    luminance when 1 is asked for. Resizing is done the way the feasibility study did it (torchvision
+    ``Resize`` + ``CenterCrop`` on PIL images): PIL bilinear on the uint8 image, shorter side to
+    `image_size`, then a centre crop to a square.
     """
     if raw.ndim == 3:
         raw = raw[..., None]
     if raw.ndim != 4:
         raise DataError(f"expected images shaped (N,H,W) or (N,H,W,C), got {raw.shape}")
+    if image_size is not None and (image_size, image_size) != raw.shape[1:3]:
+        raw = resize_uint8(raw, image_size)
     images = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float().div_(255.0)
     images = convert_channels(images, channels)
-    if image_size is not None and image_size != images.shape[-1]:
-        images = resize(images, image_size)
     return images.contiguous()
+
+
+def resize_uint8(raw: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 (N,H,W,C) -> (N,S,S,C): PIL bilinear with the shorter side to S, then a centre crop to S x S."""
+    if image_size < 8:
+        raise ConfigError(f"image size {image_size} is too small; use 8 or more")
+    height, width = raw.shape[1:3]
+    new_w, new_h = (image_size, int(image_size * height / width)) if width <= height else (int(image_size * width / height), image_size)
+    left, top = int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0))
+    box = (left, top, left + image_size, top + image_size)
+    out = np.empty((raw.shape[0], image_size, image_size, raw.shape[3]), dtype=np.uint8)
+    for i, image in enumerate(raw):
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR).crop(box))
+        out[i] = resized.reshape(image_size, image_size, -1)
+    return out
 
 
 def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:

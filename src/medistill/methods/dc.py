@@ -12,6 +12,12 @@ IPC is interpolated linearly between the neighbouring rows and rounded (below th
 above the last, the end row is used), so IPC 3 -> (3, 12), 7 -> (7, 34), 15 -> (15, 38),
 100 -> (50, 10). `outer_loop` / `inner_loop` settings override the table.
 
+Batch-norm networks (e.g. `convnet_bn`): before each match the network runs `BN_IMAGES_PER_CLASS`
+real images per class in train mode (updating the running statistics with the layers' momentum),
+and its batch-norm layers are then put in eval mode, so the match uses those frozen statistics
+rather than the statistics of a 1-image synthetic batch (the reference does this); the inner
+training runs the whole network in train mode again.
+
 Per-class work, two ways (`class_batching`): "loop" runs one forward/backward pair per class
 (the reference's order of work); "vmap" computes every class's gradient in one batched call
 with `torch.func` (classes padded to the largest real batch with zero weight). Which is faster
@@ -26,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from medistill.artifact import SyntheticSet
@@ -49,6 +55,7 @@ from medistill.runtime import autocast
 # The reference's (IPC, outer_loop, inner_loop) rows.
 LOOP_TABLE: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (10, 10, 50), (20, 20, 25), (30, 30, 20), (40, 40, 15), (50, 50, 10))
 CLASS_BATCHING = ("loop", "vmap")
+BN_IMAGES_PER_CLASS = 16  # real images per class whose statistics batch-norm layers are frozen at
 
 
 def loops_for_ipc(ipc: int) -> tuple[int, int]:
@@ -114,6 +121,8 @@ class GradientMatching:
         self.distance = get_distance(config.distance)
         strategy = getattr(config, "dsa_strategy", None)
         self.augment = DiffAugment(strategy) if strategy else None
+        self.batch_norms = [m for m in self.network.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bn_sampler = RealSampler(dataset, BN_IMAGES_PER_CLASS) if self.batch_norms else None
         self.syn_labels = class_labels(dataset, ipc)
         self.net_optimizer = torch.optim.SGD(self.network.module.parameters(), lr=config.lr_net)
         self.match: Callable[[Tensor, list[Tensor], IterationRandom], Tensor] = (
@@ -122,9 +131,10 @@ class GradientMatching:
 
     def step(self, images: Tensor, optimizer: torch.optim.Optimizer, rng: IterationRandom) -> Tensor:
         """One iteration: a fresh network, `outer` matches with an image step each, inner training between."""
-        self.network.reset(rng.net_seed)
+        self.network.reset(rng.net_seed).train()
         total = torch.zeros((), device=self.device)
         for outer in range(self.outer):
+            self.freeze_batch_norm(rng)
             loss = self.match(images, self.sampler.draw(rng.device), rng)
             (images.grad,) = torch.autograd.grad(loss, [images])
             optimizer.step()
@@ -132,6 +142,18 @@ class GradientMatching:
             if outer < self.outer - 1:
                 self.train_network(images.detach(), rng)
         return total / (self.num_classes * self.outer)
+
+    def freeze_batch_norm(self, rng: IterationRandom) -> None:
+        """Batch-norm networks only: update the running statistics with one train-mode pass of real images
+        of every class (the layers' own momentum, as the reference), then freeze them (eval mode)."""
+        if self.bn_sampler is None:
+            return
+        real = self.real[torch.cat(self.bn_sampler.draw(rng.device))]
+        module = self.network.module.train()
+        with torch.no_grad():
+            module(real)
+        for norm in self.batch_norms:
+            norm.eval()
 
     def _pair(self, real: Tensor, syn: Tensor, rng: IterationRandom) -> tuple[Tensor, Tensor]:
         """The real and synthetic batch of one class, with one shared DSA draw when augmenting."""
@@ -178,6 +200,7 @@ class GradientMatching:
     def train_network(self, images: Tensor, rng: IterationRandom) -> None:
         """`inner` epochs of SGD on the (detached) synthetic set, shuffled, DSA per sample when augmenting."""
         n, batch = images.shape[0], self.config.batch_train
+        self.network.module.train()
         for _ in range(self.inner):
             order = torch.randperm(n, generator=rng.device, device=self.device)
             for start in range(0, n, batch):

@@ -97,6 +97,10 @@ class Distiller:
         """The current images (in the dataset's normalised space) and their labels."""
         return self.images.detach(), self.labels
 
+    def evaluation_dataset(self, dataset: Dataset) -> Dataset:
+        """The dataset evaluation points train and test on, in the space `images` are learnt in."""
+        return dataset
+
     def learned_lr(self) -> float | None:
         """The lr evaluation should train with when the method learns one (shown and logged as `lr` at checkpoints)."""
         return None
@@ -119,7 +123,7 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
     protocol = get_method(method).default_protocol()
     if config.eval_epochs is not None:
         protocol = dataclasses.replace(protocol, epochs=config.eval_epochs)
-    tracker = EvalTracker(dataset, protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+    tracker = EvalTracker(distiller.evaluation_dataset(dataset), protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
     losses: list[float] = []
     start = 0
     state = checkpoint.restore()
@@ -152,9 +156,8 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                     lr = distiller.learned_lr()
                     status = {"loss": losses[-1], **({"lr": lr} if lr is not None else {})}
                 seconds.append(time.perf_counter() - tick)
-                if evaluate:
-                    images, labels = distiller.synthetic_set()
-                    status["acc"] = tracker.run(done, images, labels, lr=distiller.learned_lr())["acc_mean"]
+                if evaluate:  # the images as learnt, on evaluation_dataset()
+                    status["acc"] = tracker.run(done, distiller.images.detach(), distiller.labels, lr=distiller.learned_lr())["acc_mean"]
                 if board is not None:
                     for name, value in status.items():
                         if name != "loss":

@@ -42,6 +42,9 @@ CACHE_ENV = "MEDISTILL_CACHE"
 DEFAULT_CACHE = "~/.cache/medistill"
 MANIFEST = "buffer.json"
 TRAJECTORY_KEY = "trajectory"
+# Raised whenever the same settings would train different experts, so an old buffer is never reused
+# silently: 2 = one DSA family per call, ZCA fitted on [0, 1] pixels.
+TRAINING_VERSION = 2
 
 
 class FlatModel:
@@ -102,8 +105,9 @@ class ExpertSettings:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """A folder name that is unique to these settings."""
-        digest = hashlib.md5(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        """A folder name that is unique to these settings (and to how experts are trained: `TRAINING_VERSION`)."""
+        identity = {**self.to_dict(), "training_version": TRAINING_VERSION}
+        digest = hashlib.md5(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.model}-T{self.epochs}-{digest}"
 
 
@@ -144,14 +148,14 @@ def init_expert(dataset: Dataset, settings: ExpertSettings, seed: int) -> nn.Mod
 
 
 def training_data(dataset: Dataset, zca: ZCA | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training images the experts (and the MTT student) see: normalised, whitened when ZCA is on."""
-    images = dataset.train.images if zca is None else zca.whiten(dataset.train.images)
+    """The training images the experts (and the MTT student) see: normalised, or whitened from pixels when ZCA is on."""
+    images = dataset.train.images if zca is None else zca.whiten_normalised(dataset, dataset.train.images)
     return images, dataset.train.labels
 
 
 def fit_zca(dataset: Dataset, settings: ExpertSettings) -> ZCA | None:
-    """The ZCA transform of the training set when the settings ask for it."""
-    return ZCA.fit(dataset.train.images) if settings.zca else None
+    """The ZCA transform of the training set (as [0, 1] pixels) when the settings ask for it."""
+    return ZCA.for_dataset(dataset) if settings.zca else None
 
 
 def train_experts(
@@ -201,7 +205,7 @@ def train_experts(
 def expert_accuracy(flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset, zca: ZCA | None,
                     batch_size: int = 1024) -> list[float]:
     """Test accuracy of each stacked expert (in the space it was trained in)."""
-    images = dataset.test.images if zca is None else zca.whiten(dataset.test.images)
+    images = dataset.test.images if zca is None else zca.whiten_normalised(dataset, dataset.test.images)
     forward = vmap(flat_model, in_dims=(0, None))
     correct = torch.zeros(flats.shape[0], device=flats.device)
     for start in range(0, images.shape[0], batch_size):
@@ -279,8 +283,6 @@ def build_buffer(
         raise ConfigError(f"the number of experts must be at least 1, got {num_experts}")
     if parallel < 1:
         raise ConfigError(f"experts trained at once must be at least 1, got {parallel}")
-    if settings.zca and dataset.channels != 3:
-        raise ConfigError(f"ZCA is for RGB images; '{dataset.name}' has {dataset.channels} channel(s)")
     directory = buffer_dir(dataset, settings, root)
     directory.mkdir(parents=True, exist_ok=True)
     flat_model = FlatModel(new_network(dataset, settings))
@@ -317,8 +319,13 @@ def _write_manifest(directory: Path, dataset: Dataset, settings: ExpertSettings,
         "num_params": flat_model.num_params,
     }
     path = directory / MANIFEST
-    if path.exists() and json.loads(path.read_text()).get("settings") != manifest["settings"]:
-        raise DataError(f"{path} was written with other settings; remove the folder or choose another root")
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing.get("settings") != manifest["settings"]:
+            raise DataError(f"{path} was written with other settings; remove the folder or choose another root")
+        if existing.get("parameters") != manifest["parameters"]:
+            raise DataError(f"{path} holds experts of another network layout ({existing.get('num_params')} parameters, "
+                            f"this network has {manifest['num_params']}); remove the folder or choose another root")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, path)

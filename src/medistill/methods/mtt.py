@@ -13,7 +13,9 @@ graph at a time and carrying the adjoint lambda_k = dL/dtheta_k (lambda_k = lamb
 H_k lambda_{k+1}). Both give the same gradients; the second needs the memory of one step.
 
 Guards: a non-finite loss or gradient stops the run with a clear error (the last checkpoint is kept,
-no result is written); `syn_lr` is clamped to a positive floor, so it can never turn negative.
+no result is written); `syn_lr` is clamped to a positive floor `min_syn_lr`, so it can never turn negative
+(`min_syn_lr: null` leaves it free, as the reference does; a run whose syn_lr ends at or below zero has
+diverged and is refused the same way).
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, iteration_seeds, run_distiller
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
+from medistill.methods.mtt_presets import stable_preset
 from medistill.methods.pixel_loop import class_labels, real_init
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
 from medistill.registry import Registry
 from medistill.transfer import to_device, to_host_async
-from medistill.zca import ZCA
+from medistill.zca import ZCA, whitened_dataset
 
 
 @dataclass
 class MTTConfig(DistillConfig):
-    """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there)."""
+    """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there).
+
+    `distill("mtt", ...)` with settings given as a mapping (or none) starts from the stable preset of
+    the requested IPC (`mtt_presets.stable_preset`) instead; an `MTTConfig` is used as it is.
+    """
 
     iterations: int = 1000
     syn_steps: int = 10  # student steps per iteration
@@ -50,10 +57,10 @@ class MTTConfig(DistillConfig):
     lr_lr: float = 1e-7
     lr_teacher: float = 0.01  # the experts' lr
     syn_lr_init: float | None = 0.001  # syn_lr's initial value (None: lr_teacher, as the reference)
-    min_syn_lr: float = 1e-4  # syn_lr is clamped to at least this
+    min_syn_lr: float | None = 1e-4  # syn_lr is clamped to at least this (None: no floor, as the reference)
     batch_syn: int | None = None  # synthetic minibatch per student step (None: the whole set)
     dsa_strategy: str | None = DEFAULT_STRATEGY  # DSA for the student and the experts; "none" (or null) switches it off
-    zca: bool = False  # RGB only; ignored with a warning on 1-channel data
+    zca: bool = False  # kornia-style ZCA as the reference (a warning on 1-channel data)
     unroll: str = "plain"  # "plain" or "bounded" (memory independent of syn_steps)
     num_experts: int = 20
     buffer_epochs: int = 30
@@ -71,10 +78,13 @@ class MTTConfig(DistillConfig):
                 raise ConfigError(f"mtt setting {name} must be at least 1, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
-        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init >= self.min_syn_lr):
-            raise ConfigError(f"mtt setting syn_lr_init must be a number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
+        floor = self.min_syn_lr if self.min_syn_lr is not None else 0.0
+        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor):
+            raise ConfigError(f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
         for name in ("lr_teacher", "min_syn_lr"):
             value = getattr(self, name)
+            if name == "min_syn_lr" and value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"mtt setting {name} must be a positive number, got {value}")
         if not (math.isfinite(self.lr_lr) and self.lr_lr >= 0):
@@ -188,17 +198,17 @@ class MTTDistiller(Distiller):
         check_ipc(dataset, ipc, "mtt")
         self.config, self.seed = config, context.seed
         device = dataset.device
-        use_zca = config.zca and dataset.channels == 3
-        if config.zca and not use_zca:
-            context.log(f"warning: ZCA ignored: '{dataset.name}' has {dataset.channels} channel(s); ZCA is for RGB "
-                        "(MTT with ZCA diverged on grayscale BreastMNIST in the feasibility study)")
-        self.zca = ZCA.fit(dataset.train.images) if use_zca else None
+        if config.zca and dataset.channels == 1:
+            context.log(f"warning: ZCA on the 1-channel '{dataset.name}': the feasibility study's MTT with ZCA diverged on "
+                        "grayscale BreastMNIST (the stable presets switch it off)")
+        self.dataset = dataset
+        self.zca = ZCA.for_dataset(dataset) if config.zca else None
         self.buffer: ExpertBuffer = build_buffer(
-            dataset, config.expert_settings(use_zca), config.num_experts, root=config.buffer_root,
+            dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
             parallel=config.experts_parallel, progress=context.progress, log=context.log)
-        self.student = FlatModel(new_network(dataset, config.expert_settings(use_zca)))
+        self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
-        self.images = (real if self.zca is None else self.zca.whiten(real)).detach().clone().requires_grad_(True)
+        self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)
         self.labels = class_labels(dataset, ipc)
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
@@ -235,16 +245,21 @@ class MTTDistiller(Distiller):
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
         for optimizer in self.optimizers.values():
             optimizer.step()
-        with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
-            self.lr_clamps += self.syn_lr < self.config.min_syn_lr
-            self.syn_lr.clamp_(min=self.config.min_syn_lr)
+        if self.config.min_syn_lr is not None:
+            with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
+                self.lr_clamps += self.syn_lr < self.config.min_syn_lr
+                self.syn_lr.clamp_(min=self.config.min_syn_lr)
         self.images.grad = self.syn_lr.grad = None
         return loss
 
     def synthetic_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The synthetic images in the dataset's normalised space, and their labels."""
+        """The synthetic images in the dataset's normalised space (un-whitened when ZCA is on), and their labels."""
         images = self.images.detach()
-        return (images if self.zca is None else self.zca.unwhiten(images)), self.labels
+        return (images if self.zca is None else self.zca.unwhiten_normalised(self.dataset, images)), self.labels
+
+    def evaluation_dataset(self, dataset: Dataset) -> Dataset:
+        """The dataset in the space the images are learnt in (ZCA space when on, as the reference scores them)."""
+        return dataset if self.zca is None else whitened_dataset(dataset, self.zca)
 
     def learned_lr(self) -> float:
         return self.syn_lr.item()
@@ -270,6 +285,8 @@ class MTTDistiller(Distiller):
         return warnings
 
     def finish(self, losses: list[float]) -> dict[str, Any]:
+        if not self.syn_lr.item() > 0:
+            raise DivergenceError(f"MTT's learned lr ended at {self.syn_lr.item():.4g} (not positive); the set is not usable")
         # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
         return {"extra": {"loss": list(losses), "syn_lr_clamps": int(self.lr_clamps), "zca": self.zca is not None,
                           "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"}}}
@@ -288,6 +305,7 @@ SPEC = register_method(
         summary="matching training trajectories (learned lr; builds an expert buffer first if needed)",
         eval_augment=DEFAULT_STRATEGY,
         supports_multilabel=False,
+        ipc_defaults=stable_preset,
     )
 )
 

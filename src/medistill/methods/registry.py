@@ -47,6 +47,8 @@ class MethodSpec:
     supports_multilabel: bool = True
     demo_rank: int | None = None  # lower = preferred by `medistill demo`; None = never used there
     demo_settings: dict[str, Any] = field(default_factory=dict)  # settings sized for a laptop CPU
+    # Settings under the caller's for an IPC, for a method whose reference has no single default (MTT)
+    ipc_defaults: Callable[[int], dict[str, Any]] | None = None
 
     def default_protocol(self, model: str = "convnet") -> TrainProtocol:
         """The reference evaluation protocol: 1000 epochs with DSA, else 300 without."""
@@ -77,6 +79,14 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> An
         return spec.config_class(**overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad settings for method '{spec.name}': {exc}") from None
+
+
+def resolve_config(spec: MethodSpec, ipc: int, config: dict[str, Any] | Any | None) -> Any:
+    """A config instance as it is; else the method's config from its IPC defaults (if any) updated by `config`."""
+    if isinstance(config, spec.config_class):
+        return config
+    given = {k.replace("-", "_"): v for k, v in (config or {}).items()}
+    return make_config(spec, {**(spec.ipc_defaults(ipc) if spec.ipc_defaults else {}), **given})
 
 
 def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: bool = True) -> None:
@@ -110,8 +120,7 @@ def distill(
     spec = get_method(method)
     if dataset.is_multilabel and not spec.supports_multilabel:
         raise ConfigError(f"method '{spec.name}' does not support the multi-label dataset '{dataset.name}'")
-    if not isinstance(config, spec.config_class):
-        config = make_config(spec, config)
+    config = resolve_config(spec, ipc, config)
     context = context or RunContext()
     result = spec.run(dataset, ipc, config, context)
     result.hyperparameters = {**recorded_settings(config), **result.hyperparameters}
@@ -142,5 +151,5 @@ def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int
 
 __all__ = [
     "MethodSpec", "RunContext", "check_ipc", "distill", "get_method", "list_methods", "make_config",
-    "new_set", "register_method",
+    "new_set", "register_method", "resolve_config",
 ]

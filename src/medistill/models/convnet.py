@@ -53,12 +53,23 @@ def make_pool(pooling: str) -> nn.Module:
     return nn.Identity()
 
 
+def first_padding(in_channels: int, image_size: int) -> int:
+    """The first conv's padding: 3 for 28-px input or 1-channel input, else 1.
+
+    This is the reference geometry: it pads a 1-channel image by 3, so a 28x28 MNIST-like image
+    becomes 32x32 after the first conv (32 -> 16 -> 8 -> 4 with depth 3) and a 1-channel 32x32
+    image 36x36 (36 -> 18 -> 9 -> 4). The reference crashes on 3-channel 28x28 input; padding it
+    by 3 as well gives the same 28 -> 32 geometry for every channel count.
+    """
+    return 3 if image_size == 28 or in_channels == 1 else 1
+
+
 class ConvNet(nn.Module):
     """``depth`` blocks of conv3x3 -> norm -> activation -> pool2x2, then one linear layer.
 
-    The classifier's input size is derived from ``in_channels``, ``image_size``
-    and the pooling, so any channel count and any square size works as long as
-    the feature map does not shrink to nothing (size >= 2**depth with pooling).
+    The first conv is padded as `first_padding` says, the others by 1. The classifier's input
+    size is derived from the padding and the pooling, so any channel count and any square size
+    works as long as the feature map does not shrink to nothing.
     """
 
     def __init__(
@@ -80,9 +91,11 @@ class ConvNet(nn.Module):
 
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
-        for _ in range(depth):
+        for index in range(depth):
+            padding = first_padding(in_channels, image_size) if index == 0 else 1
+            size += 2 * padding - 2
             layers += [
-                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                nn.Conv2d(channels, width, kernel_size=3, padding=padding),
                 make_norm(norm, width),
                 make_activation(activation),
                 make_pool(pooling),
@@ -93,7 +106,7 @@ class ConvNet(nn.Module):
         if size < 1:
             raise ConfigError(
                 f"image size {image_size} is too small for a ConvNet of depth {depth} "
-                f"with pooling (need at least {2**depth})"
+                "with pooling"
             )
         self.features = nn.Sequential(*layers)
         self.embed_dim = width * size * size

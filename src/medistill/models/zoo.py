@@ -182,9 +182,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18: 3x3 stride-1 stem, no max pool, adaptive average pool."""
+    """CIFAR-style ResNet-18: 3x3 stride-1 stem, no max pool, adaptive average pool.
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, norm: str = "batch"):
+    Instance norm by default, as the reference's ``ResNet18`` (``ResNet18BN`` is the batch-norm one).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, norm: str = "instance"):
         super().__init__()
         del image_size  # the adaptive pool makes the network size-agnostic
         self.stem = nn.Sequential(
@@ -259,5 +262,11 @@ def vgg11_bn(in_channels: int, num_classes: int, image_size: int, **kwargs: Any)
 
 @register_model("resnet18")
 def resnet18(in_channels: int, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
-    """CIFAR-style ResNet-18 with batch norm."""
+    """CIFAR-style ResNet-18 with instance norm (the reference's ResNet18)."""
     return ResNet18(in_channels, num_classes, image_size, **kwargs)
+
+
+@register_model("resnet18_bn")
+def resnet18_bn(in_channels: int, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
+    """CIFAR-style ResNet-18 with batch norm (the reference's ResNet18BN)."""
+    return ResNet18(in_channels, num_classes, image_size, **{"norm": "batch", **kwargs})

@@ -41,6 +41,7 @@ class Cell:
     auc: list[float] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # finished runs
     failed_keys: list[str] = field(default_factory=list)
+    diverged_keys: list[str] = field(default_factory=list)  # failed runs whose method diverged (a result, not a crash)
     seeds: list[int] = field(default_factory=list)
 
     def mean(self, metric: str) -> float:
@@ -70,6 +71,9 @@ class Point:
     y: float
 
 
+DIVERGED_ERROR = "DivergenceError"  # the error a method raises when its loss or gradients turn non-finite
+
+
 def cells_from_records(records: Iterable[dict[str, Any]]) -> list[Cell]:
     """Group run records into cells (failed runs kept as failed keys)."""
     cells: dict[tuple[str, str, int | None], Cell] = {}
@@ -84,6 +88,8 @@ def cells_from_records(records: Iterable[dict[str, Any]]) -> list[Cell]:
             cell.seeds.append(spec["seed"])
         elif record["status"] == FAILED:
             cell.failed_keys.append(record["key"])
+            if (record.get("error") or {}).get("type") == DIVERGED_ERROR:
+                cell.diverged_keys.append(record["key"])
     return list(cells.values())
 
 
@@ -106,10 +112,12 @@ def ipc_order(cells: Sequence[Cell], dataset: str | None = None) -> list[int]:
 
 
 def format_score(cell: Cell | None, metric: str) -> str:
-    """"0.849 ± 0.009", "failed" or "–"."""
+    """"0.849 ± 0.009", "diverged" (every run of the cell diverged), "failed" or "–"."""
     if cell is None:
         return "–"
     if not cell.ok:
+        if cell.failed_keys and len(cell.diverged_keys) == len(cell.failed_keys):
+            return "diverged"
         return "failed" if cell.failed_keys else "–"
     return f"{cell.mean(metric):.3f} ± {cell.std(metric):.3f}"
 

@@ -1,8 +1,9 @@
 """The evaluation engine: train K fresh networks on a (synthetic) training set, score them on the test split.
 
-This is the only place networks are trained for scoring. Protocol (ALGORITHMS.md): SGD lr 0.01,
-momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 at the half-way epoch, optional DSA
-augmentation (non-Siamese, a fresh draw per sample).
+This is the only place networks are trained for scoring. The reference protocol (docs/ALGORITHMS.md):
+SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256; `epochs + 1` epochs (0..epochs), and after
+epoch `epochs // 2 + 1` a NEW SGD optimiser at lr x0.1 (so the momentum buffer starts again from
+zero); optional DSA augmentation (non-Siamese, a fresh draw per sample).
 
 The K networks are trained one after the other (`train_model`) or in lockstep (`stacked.train_stacked`);
 both give the same networks for the same seeds. On CUDA the stacked path is the default for models
@@ -58,9 +59,19 @@ class TrainProtocol:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def lr_at(self, epoch: int, base_lr: float) -> float:
-        """The learning rate of an epoch: `base_lr`, x0.1 from the half-way epoch on (when epochs > 1)."""
-        return base_lr * 0.1 if self.epochs > 1 and epoch >= self.epochs // 2 else base_lr
+    @property
+    def total_epochs(self) -> int:
+        """Epochs actually trained: `epochs + 1` (epochs 0..epochs), as the reference loop runs."""
+        return self.epochs + 1
+
+    @property
+    def lr_drop_epoch(self) -> int:
+        """After this epoch the lr is multiplied by 0.1 through a fresh optimiser (momentum reset)."""
+        return self.epochs // 2 + 1
+
+    def optimizer(self, params: Any, lr: float) -> torch.optim.SGD:
+        """A new SGD optimiser of this protocol at `lr` (with an empty momentum buffer)."""
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 def model_seeds(seed: int, count: int) -> list[int]:
@@ -88,13 +99,11 @@ def train_model(
     model = init_model(protocol, dataset, seed, device)
     stream = ModelStream(seed, make_augment(protocol))
     base_lr = protocol.lr if lr is None else float(lr)
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
+    optimizer = protocol.optimizer(model.parameters(), base_lr)
     criterion = loss_function(dataset.task)
     model.train()
     n = images.shape[0]
-    for epoch in range(protocol.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = protocol.lr_at(epoch, base_lr)
+    for epoch in range(protocol.total_epochs):
         order = to_device(stream.epoch_order(n), device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
@@ -104,6 +113,8 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if epoch == protocol.lr_drop_epoch:
+            optimizer = protocol.optimizer(model.parameters(), base_lr * 0.1)
         if on_epoch is not None:
             on_epoch()
     return model
@@ -149,7 +160,7 @@ def evaluate(
         stacked = dataset.device.type == "cuda"
     seeds = model_seeds(seed, num_models)
     scores = Scores()
-    with progress_bar(num_models * protocol.epochs, f"evaluate {protocol.model} x{num_models}", progress) as bar:
+    with progress_bar(num_models * protocol.total_epochs, f"evaluate {protocol.model} x{num_models}", progress) as bar:
         if stacked and protocol_can_stack(protocol, dataset):
             size = stack_group_size(num_models, min(protocol.batch_size, images.shape[0]), dataset.image_size)
             for start in range(0, num_models, size):

@@ -241,12 +241,10 @@ def train_stacked(
     augment = make_augment(protocol)
     streams = [ModelStream(seed, augment) for seed in seeds]
     base_lr = protocol.lr if lr is None else float(lr)
-    optimizer = torch.optim.SGD(list(stack.params.values()), lr=base_lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
+    optimizer = protocol.optimizer(list(stack.params.values()), base_lr)
     stack.template.train()
     n = images.shape[0]
-    for epoch in range(protocol.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = protocol.lr_at(epoch, base_lr)
+    for epoch in range(protocol.total_epochs):
         orders = to_device(torch.stack([stream.epoch_order(n) for stream in streams]), device)
         for start in range(0, n, protocol.batch_size):
             idx = orders[:, start : start + protocol.batch_size]
@@ -258,6 +256,8 @@ def train_stacked(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if epoch == protocol.lr_drop_epoch:
+            optimizer = protocol.optimizer(list(stack.params.values()), base_lr * 0.1)
         if on_epoch is not None:
             on_epoch()
     return stack
