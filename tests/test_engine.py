@@ -15,7 +15,7 @@ import medistill.train.engine as engine
 from medistill.data import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, load_dataset, write_npz_dataset
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill
-from medistill.train import Scores, TrainProtocol, evaluate, loss_function, predict_scores, score, train_model
+from medistill.train import Scores, TrainProtocol, evaluate, loss_function, predict_scores, score
 
 QUICK = TrainProtocol(epochs=3)
 
