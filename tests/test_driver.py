@@ -13,9 +13,10 @@ from torch import Tensor
 
 from medistill.errors import ConfigError
 from medistill.methods import MethodSpec, RunContext, distill, register_method
+from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, run_distiller
 from medistill.methods.pixel_loop import IterationRandom, RealSampler, class_labels, noise_init
-from medistill.methods.registry import METHODS
+from medistill.methods.registry import METHODS, recorded_settings
 from test_dm import tiny_dataset
 
 
@@ -95,10 +96,11 @@ def test_a_new_method_resumes_exactly(mean_matching, tmp_path, monkeypatch) -> N
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(mean_matching, tmp_path) -> None:
-    settings = {"iterations": 40, "checkpoint_every": 1, "lr_img": 1e30}
+    settings, data = {"iterations": 40, "checkpoint_every": 1, "lr_img": 1e30}, tiny_dataset()
     with pytest.raises(DivergenceError, match=r"diverged at iteration (\d+)") as caught:
-        distill("mean-matching", tiny_dataset(), 1, settings, context=RunContext(checkpoint_dir=tmp_path))
+        distill("mean-matching", data, 1, settings, context=RunContext(checkpoint_dir=tmp_path))
     diverged = int(caught.value.args[0].split("iteration ")[1].split(" ")[0])
-    state = torch.load(tmp_path / "state.pt", weights_only=False)["state"]
+    run = fingerprint("mean-matching", data.source.md5, data.name, 1, recorded_settings(MeanMatchingConfig(**settings)), 0)
+    state = Checkpoint(RunContext(checkpoint_dir=tmp_path, resume=True), run).restore()
     assert state["iteration"] == diverged - 1
     assert torch.isfinite(torch.tensor(state["losses"])).all()
