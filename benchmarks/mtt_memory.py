@@ -86,11 +86,11 @@ def run_case(args: argparse.Namespace, ipc: int, syn_steps: int, unroll: str) ->
         else:
             base = proc_status_mb("VmRSS")
             reset_peak_rss()
-        distiller.step()
+        distiller.step(0)
         sync()
         start = time.perf_counter()
-        for _ in range(args.iterations):
-            distiller.step()
+        for iteration in range(1, args.iterations + 1):
+            distiller.step(iteration)
         sync()
         record["seconds_per_iteration"] = (time.perf_counter() - start) / args.iterations
         if device.type == "cuda":

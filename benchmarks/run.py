@@ -38,13 +38,13 @@ import torch
 
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data import load_dataset
+from medistill.data.medmnist import resolve_data_root
 from medistill.data.dataset import BINARY, MULTI_CLASS, DataSource, Dataset, build_dataset
 from medistill.methods import RunContext, distill, get_method, list_methods
 from medistill.runtime import resolve_device
 from medistill.train import TrainProtocol, evaluate, model_seeds, train_model, train_stacked
 from medistill.train.stacked import BACKENDS
 
-DEFAULT_DATA = Path(os.environ.get("MEDISTILL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"))
 ORGANAMNIST_TEST = 17_778  # test images of the largest 11-class MedMNIST set
 
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="a small grid that a laptop CPU finishes in minutes")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of: {', '.join(SECTIONS)}")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with breastmnist.npz")
+    parser.add_argument("--data", type=Path, default=None, help="folder with breastmnist.npz (default: $MEDISTILL_DATA, else the medmnist cache)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=args.data)
+    settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=resolve_data_root(args.data))
     report: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "hardware": hardware(settings.device), "sections": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

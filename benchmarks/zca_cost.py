@@ -1,7 +1,7 @@
 """What un-whitening costs a ZCA set: MTT with ZCA on BreastMNIST at IPC 1 and 10 (reduced budget), each set
 scored in ZCA space (the reference's way, the default) and as stored, un-whitened; prints JSON.
 
-    python benchmarks/zca_cost.py --buffer-root runs/zca/experts [--data-root ../shared/data/medmnist]
+    python benchmarks/zca_cost.py --buffer-root runs/zca/experts [--data-root $MEDISTILL_DATA]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from medistill.data.download import md5sum
 from medistill.data.medmnist import DATA_ENV, MIRROR_ENV, file_name, url_and_md5
 from medistill.errors import ConfigError, DataError
 
-# The list of the MedMNIST 2D flags; every piece of metadata is then read from medmnist.INFO.
+# The twelve MedMNIST 2D flags, written out; every piece of metadata is then read from medmnist.INFO.
 EXPECTED_FLAGS = {
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",

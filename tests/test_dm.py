@@ -178,11 +178,6 @@ def test_tensorboard_missing_says_what_to_install(tmp_path, monkeypatch) -> None
         distill("dm", tiny_dataset(), 1, settings)
 
 
-def test_mtt_has_no_tensorboard_setting() -> None:
-    with pytest.raises(ConfigError, match="no setting.*tensorboard"):
-        distill("mtt", tiny_dataset(), 1, {"tensorboard": "tb"})
-
-
 def test_demo_settings_are_valid_settings() -> None:
     from medistill.methods import get_method, make_config
 

@@ -15,7 +15,6 @@ import pytest
 from medistill.data.download import download_file, md5sum, verify_file
 from medistill.errors import DataError
 
-BREAST_NPZ = Path(__file__).resolve().parents[1].parent / "shared/data/medmnist/breastmnist.npz"
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -132,8 +131,7 @@ def test_md5sum_matches_hashlib(tmp_path: Path) -> None:
         verify_file(path, "f" * 32)
 
 
-@pytest.mark.skipif(not BREAST_NPZ.exists(), reason="shared breastmnist.npz not present")
-def test_md5sum_of_real_breastmnist() -> None:
+def test_md5sum_of_real_breastmnist(medmnist_root: Path) -> None:
     import medmnist
 
-    assert md5sum(BREAST_NPZ) == medmnist.INFO["breastmnist"]["MD5"]
+    assert md5sum(medmnist_root / "breastmnist.npz") == medmnist.INFO["breastmnist"]["MD5"]

@@ -152,7 +152,9 @@ def test_bad_settings_are_config_errors(breast, breast_ipc10) -> None:
 def test_random_ipc10_learns_breastmnist(breast, breast_ipc10) -> None:
     scores = evaluate(breast_ipc10.images, breast_ipc10.labels, breast, TrainProtocol(epochs=10), num_models=2, seed=0)
     assert isinstance(scores, Scores)
-    assert scores.acc_mean > 0.5 and scores.auc_mean > 0.5
+    # AUC, not ACC: at this small budget ACC stays near or below the majority-class rate of BreastMNIST's
+    # test split, which any constant predictor reaches; an AUC well above chance (0.5) shows learning.
+    assert scores.auc_mean > 0.65 and min(scores.auc) > 0.6
     assert scores.acc_std == pytest.approx(float(np.std(scores.acc)))
     summary = scores.summary()
     assert summary["test_acc"] == scores.acc and summary["test_auc_mean"] == pytest.approx(np.mean(scores.auc))

@@ -103,7 +103,7 @@ def test_create_model_is_case_insensitive_and_forwards_kwargs() -> None:
 
 
 def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "_REGISTRY", dict(zoo._REGISTRY))
+    monkeypatch.setattr(zoo.MODELS, "_items", dict(zoo.MODELS._items))
 
     @register_model("tiny")
     def tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:

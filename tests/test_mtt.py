@@ -46,7 +46,7 @@ def test_distill_builds_the_buffer_first_then_reuses_it(breast, buffer_root: Pat
 
 @pytest.mark.parametrize("augment", [None, "color_crop_cutout_flip_scale_rotate"])
 def test_bounded_unroll_gradients_equal_plain(breast, buffer_root: Path, augment) -> None:
-    config = tiny(buffer_root, syn_steps=7, batch_syn=3, augment=augment)
+    config = tiny(buffer_root, syn_steps=7, batch_syn=3, dsa_strategy=augment)
     distiller = MTTDistiller(breast, 2, config, RunContext())
     p = distiller.problem(1)
     images = p.images.detach().double().requires_grad_(True)
@@ -60,7 +60,7 @@ def test_bounded_unroll_gradients_equal_plain(breast, buffer_root: Path, augment
 
 
 def test_loss_decreases_on_a_fixed_problem(breast, buffer_root: Path) -> None:
-    config = tiny(buffer_root, iterations=12, num_experts=1, max_start_epoch=1, augment=None, lr_img=10.0, lr_lr=0.0)
+    config = tiny(buffer_root, iterations=12, num_experts=1, max_start_epoch=1, dsa_strategy=None, lr_img=10.0, lr_lr=0.0)
     result = distill("mtt", breast, 1, config, context=RunContext())
     losses = result.extra["loss"]
     assert len(losses) == 12
@@ -72,7 +72,7 @@ def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_pa
     whole = distill("mtt", breast, 1, config, context=RunContext(seed=3))
 
     calls = {"n": 0}
-    original = mtt_module.UNROLLS["bounded"]
+    original = mtt_module.UNROLLS.get("bounded")
 
     def dies_at_five(problem):
         calls["n"] += 1
@@ -80,15 +80,15 @@ def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_pa
             raise KeyboardInterrupt
         return original(problem)
 
-    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", dies_at_five)
+    monkeypatch.setitem(mtt_module.UNROLLS._items, "bounded", dies_at_five)
     with pytest.raises(KeyboardInterrupt):
         distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
-    monkeypatch.setitem(mtt_module.UNROLLS, "bounded", original)
+    monkeypatch.setitem(mtt_module.UNROLLS._items, "bounded", original)
     with pytest.raises(ConfigError, match="--resume"):
         distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path))
     messages: list[str] = []
     resumed = distill("mtt", breast, 1, config, context=RunContext(seed=3, checkpoint_dir=tmp_path, resume=True, log=messages.append))
-    assert any("resuming MTT at iteration 4" in m for m in messages)
+    assert any("mtt: resuming after iteration 4" in m for m in messages)
     assert torch.equal(resumed.images, whole.images)
     assert resumed.learned_lr == whole.learned_lr
     assert resumed.extra["loss"] == whole.extra["loss"]
@@ -113,7 +113,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_state(breas
     diverged = int(re.search(r"iteration (\d)", str(caught.value)).group(1))
     state = read_state(tmp_path / CHECKPOINT_NAME)["state"]
     assert state["iteration"] == diverged - 1
-    assert torch.isfinite(state["images"]).all()
+    assert torch.isfinite(state["distiller"]["images"]).all()
 
 
 def test_pipeline_evaluates_with_the_learned_lr(breast, buffer_root: Path, tmp_path: Path) -> None:
@@ -152,10 +152,23 @@ def test_bad_settings_are_refused(breast, buffer_root: Path) -> None:
 
 def test_badly_scaled_setups_are_reported(breast, buffer_root: Path) -> None:
     messages: list[str] = []
-    config = tiny(buffer_root, iterations=20, syn_steps=8, syn_lr_init=0.05, lr_lr=1e-3, augment=None)
+    config = tiny(buffer_root, iterations=20, syn_steps=8, syn_lr_init=0.05, lr_lr=1e-3, dsa_strategy=None)
     result = distill("mtt", breast, 1, config, context=RunContext(log=messages.append))
     assert sum(result.extra["loss"][:20]) / 20 > 2 or result.extra["syn_lr_clamps"] > 10
     assert any(m.startswith("warning: ") and ("student moves much further" in m or "clamped" in m) for m in messages)
+
+
+def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_root: Path, tmp_path: Path) -> None:
+    from test_dm import read_tensorboard
+
+    config = tiny(buffer_root, iterations=4, checkpoint_every=2, eval_every=2, eval_epochs=1, tensorboard=str(tmp_path / "tb"))
+    result = distill("mtt", breast, 1, config, context=RunContext(seed=1))
+    scalars, images = read_tensorboard(tmp_path / "tb")
+    assert [value for _, value in scalars["loss"]] == pytest.approx(result.extra["loss"])
+    assert [step for step, _ in scalars["eval/acc"]] == [2, 4]
+    assert scalars["lr"][-1] == (4, pytest.approx(result.learned_lr))
+    assert [step for step, _, _ in images["synthetic"]] == [2, 4]
+    assert "tensorboard" not in result.hyperparameters and "buffer_root" not in result.hyperparameters
 
 
 @pytest.mark.parametrize(("ipc", "preset"), [(1, 1), (2, 1), (10, 10), (7, 10), (50, 50), (200, 50)])

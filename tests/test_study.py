@@ -18,7 +18,6 @@ import yaml
 from medistill.artifact import SyntheticSet
 from medistill.data import write_npz_dataset
 from medistill.errors import ConfigError
-from medistill.methods import list_methods
 from medistill.methods.checkpoint import read_state
 from medistill.study import (
     ResultStore, RunEnv, RunSpec, execute, fit_predictor, load_study, parse_study, predict, run_study, write_report,
@@ -141,8 +140,6 @@ def test_bad_configs_are_refused(tmp_path, config, message):
 
 
 def test_settings_of_a_registered_method_are_checked_before_any_run(tmp_path):
-    if "dm" not in list_methods():
-        pytest.skip("needs the dm method")
     with pytest.raises(ConfigError, match="no setting"):
         parse_study({"datasets": ["breastmnist"], "methods": {"dm": {"settings": {"iteratoins": 5}}}}, base=tmp_path)
 
@@ -224,8 +221,6 @@ DM_ITERATIONS = 60
 @pytest.fixture(scope="module")
 def dm_study(tiny_data, tmp_path_factory):
     """One checkpointing run (DM, a checkpoint every iteration) and that study run to the end in one go."""
-    if "dm" not in list_methods():
-        pytest.skip("needs the dm method")
     config = tiny_config(tiny_data, file="dm.yaml", ipcs=[2], seeds=[0],
                          methods={"dm": {"settings": {"iterations": DM_ITERATIONS, "batch_real": 8, "checkpoint_every": 1}}})
     out = tmp_path_factory.mktemp("dm-study")
@@ -300,8 +295,6 @@ def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
 # --- predictor ------------------------------------------------------------------------------------
 
 def test_predictor_fits_the_study_and_predicts_from_a_fresh_random_run(tiny_data, tmp_path):
-    if "dm" not in list_methods():
-        pytest.skip("needs the dm method")
     config = tiny_config(tiny_data, datasets=["breast_small.npz", "pneumonia_small.npz"], seeds=[0],
                          methods={"random": None, "dm": {"settings": {"iterations": 2, "batch_real": 8}}})
     out = tmp_path / "p"

@@ -64,6 +64,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded independently of the global RNG."""
-    return torch.Generator(device=device).manual_seed(seed)
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on `device` when enabled (a no-op context otherwise): the one mixed-precision switch."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

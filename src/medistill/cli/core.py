@@ -30,9 +30,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 def datasets(data_root: Optional[Path] = DataRoot) -> None:
     """List the MedMNIST 2D datasets and whether their files are in the data root."""
     root = resolve_data_root(data_root)
-    table = Table(title=f"MedMNIST 2D datasets (data root: {root})")
-    for column in ("flag", "task", "classes", "channels", "train/val/test", "sizes", "license", "cached"):
-        table.add_column(column)
+    table = Table("flag", "task", "classes", "channels", "train/val/test", "sizes", "license", "cached",
+                  title=f"MedMNIST 2D datasets (data root: {root})")
     for flag in FLAGS:
         info = dataset_info(flag)
         n = info["n_samples"]
@@ -114,9 +113,7 @@ def evaluate(
     if unknown or not names:
         raise ConfigError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(list_models())}")
     data = load_source_dataset(synthetic, root=data_root, device=resolve_device(device), progress=progress)
-    table = Table(title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")
-    for column in ("model", "ACC", "AUC", "epochs", "augment"):
-        table.add_column(column)
+    table = Table("model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")
     report = {}
     for name in names:
         protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment).protocol_for(synthetic.method)
@@ -135,9 +132,7 @@ def methods() -> None:
     """List the registered methods."""
     from medistill.methods import get_method, list_methods
 
-    table = Table(title="methods")
-    for column in ("name", "output", "evaluated with", "summary"):
-        table.add_column(column)
+    table = Table("name", "output", "evaluated with", "summary", title="methods")
     for name in list_methods():
         spec = get_method(name)
         protocol = spec.default_protocol()

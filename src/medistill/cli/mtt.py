@@ -6,31 +6,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset
-from medistill.configfile import parse_value
-from medistill.errors import ConfigError
+from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset, parse_pairs
 from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
-
-
-def parse_model_args(pairs: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` architecture settings, values parsed as YAML scalars."""
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--model-arg expects KEY=VALUE, got '{pair}'")
-        settings[key.strip()] = parse_value(value)
-    return settings
 
 
 @app.command()
@@ -60,7 +47,7 @@ def experts(
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     settings = ExpertSettings(epochs=epochs, lr_teacher=lr_teacher, batch_size=batch_size,
                               augment=None if augment.lower() == "none" else augment, model=model,
-                              model_kwargs=parse_model_args(model_args), zca=zca, seed=seed, fp16=fp16)
+                              model_kwargs=parse_pairs(model_args, "--model-arg"), zca=zca, seed=seed, fp16=fp16)
     folder = buffer_dir(data, settings, out)
     on_interrupt(lambda: f"Kept: every finished expert in {folder}. The same command trains only the missing ones: {rerun_command()}")
     start = time.perf_counter()

@@ -36,9 +36,15 @@ def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, A
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
         settings.update(loaded)
+    return {**settings, **parse_pairs(pairs, "--set")}
+
+
+def parse_pairs(pairs: list[str], option: str) -> dict[str, Any]:
+    """`KEY=VALUE` options as a mapping, values parsed as YAML scalars."""
+    settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE, got '{pair}'")
         settings[key.strip()] = parse_value(value)
     return settings

@@ -45,12 +45,12 @@ from medistill.methods.pixel_loop import (
     IterationRandom,
     PixelConfig,
     RealSampler,
-    autocast,
     class_labels,
     maybe_compile,
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.runtime import autocast
 
 # The reference's (IPC, outer_loop, inner_loop) rows.
 LOOP_TABLE: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (10, 10, 50), (20, 20, 25), (30, 30, 20), (40, 40, 15), (50, 50, 10))
@@ -237,7 +237,7 @@ DC_SPEC = register_method(
         summary="gradient matching (DC, Zhao et al. 2021)",
         eval_augment=None,
         supports_multilabel=False,
-        # same demo measurement: 0.747 / 0.775 in 126 s, behind DM
+        # behind DM in the demo measurement (docs/RESULTS.md)
         demo_rank=20,
         demo_settings={"iterations": 20, "batch_real": 64, "outer_loop": 5, "inner_loop": 10},
     )

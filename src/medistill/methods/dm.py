@@ -25,11 +25,11 @@ from medistill.methods.pixel_loop import (
     IterationRandom,
     PixelConfig,
     RealSampler,
-    autocast,
     maybe_compile,
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.runtime import autocast
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from medistill.errors import ConfigError
+from medistill.registry import Registry
 
 EPS = 1e-6  # the reference's guard against a zero norm
 
@@ -50,14 +50,8 @@ def flat_cosine(real: Sequence[Tensor], syn: Sequence[Tensor]) -> Tensor:
     return (1 - dot / (real_sq.sqrt() * syn_sq.sqrt() + EPS)).sum()
 
 
-DISTANCES: dict[str, Distance] = {"ours": layerwise_cosine, "mse": squared_error, "cos": flat_cosine}
-
-
-def get_distance(name: str) -> Distance:
-    """Look a gradient distance up by name."""
-    if name not in DISTANCES:
-        raise ConfigError(f"unknown gradient distance '{name}'; choose one of {', '.join(DISTANCES)}")
-    return DISTANCES[name]
+DISTANCES: Registry[Distance] = Registry("gradient distance", {"ours": layerwise_cosine, "mse": squared_error, "cos": flat_cosine})
+get_distance = DISTANCES.get
 
 
 def gradient_distance(real: Sequence[Tensor], syn: Sequence[Tensor], name: str = "ours") -> Tensor:

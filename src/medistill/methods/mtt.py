@@ -24,32 +24,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
-from medistill.errors import ConfigError, MedistillError
-from medistill.methods.checkpoint import Checkpoint, fingerprint
-from medistill.methods.eval_points import EvalTracker
+from medistill.errors import ConfigError
+from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, iteration_seeds, run_distiller
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
 from medistill.methods.mtt_presets import stable_preset
-from medistill.methods.random import random_subset_indices
-from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
-from medistill.progress import progress_bar
-from medistill.train.engine import TrainProtocol
+from medistill.methods.pixel_loop import class_labels, real_init
+from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
+from medistill.registry import Registry
 from medistill.transfer import to_device, to_host_async
 from medistill.zca import ZCA, whitened_dataset
 
 
-class DivergenceError(MedistillError):
-    """The distillation produced a non-finite loss or gradient."""
-
-
 @dataclass
-class MTTConfig:
+class MTTConfig(DistillConfig):
     """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there).
 
     `distill("mtt", ...)` with settings given as a mapping (or none) starts from the stable preset of
@@ -64,16 +57,11 @@ class MTTConfig:
     lr_lr: float = 1e-7
     lr_teacher: float = 0.01  # the experts' lr
     syn_lr_init: float | None = 0.001  # syn_lr's initial value (None: lr_teacher, as the reference)
-    momentum: float = 0.5
     min_syn_lr: float | None = 1e-4  # syn_lr is clamped to at least this (None: no floor, as the reference)
     batch_syn: int | None = None  # synthetic minibatch per student step (None: the whole set)
-    augment: str | None = DEFAULT_STRATEGY  # DSA for the student and the experts
-    zca: bool = False  # RGB only; ignored with a warning on 1-channel data
+    dsa_strategy: str | None = DEFAULT_STRATEGY  # DSA for the student and the experts; "none" (or null) switches it off
+    zca: bool = False  # kornia-style ZCA as the reference (a warning on 1-channel data)
     unroll: str = "plain"  # "plain" or "bounded" (memory independent of syn_steps)
-    eval_every: int = 0  # evaluation points (best/last) every N iterations; 0 = none
-    eval_models: int = 1
-    eval_epochs: int = 300
-    checkpoint_every: int = 10
     num_experts: int = 20
     buffer_epochs: int = 30
     expert_batch: int = 256
@@ -81,22 +69,19 @@ class MTTConfig:
     expert_fp16: bool = False
     experts_parallel: int = 10  # experts trained at once when the buffer has to be built
     buffer_root: str | None = None  # default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts
-    model: str = "convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = {"iterations": self.iterations, "syn_steps": self.syn_steps, "expert_epochs": self.expert_epochs,
-                    "max_start_epoch": self.max_start_epoch, "checkpoint_every": self.checkpoint_every,
-                    "eval_models": self.eval_models, "eval_epochs": self.eval_epochs}
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"mtt setting {name} must be at least 1, got {value}")
+        super().__post_init__()
+        for name in ("syn_steps", "expert_epochs", "max_start_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mtt setting {name} must be at least 1, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
         floor = self.min_syn_lr if self.min_syn_lr is not None else 0.0
         if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor):
             raise ConfigError(f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
-        for name in ("lr_img", "lr_teacher", "min_syn_lr"):
+        for name in ("lr_teacher", "min_syn_lr"):
             value = getattr(self, name)
             if name == "min_syn_lr" and value is None:
                 continue
@@ -104,12 +89,19 @@ class MTTConfig:
                 raise ConfigError(f"mtt setting {name} must be a positive number, got {value}")
         if not (math.isfinite(self.lr_lr) and self.lr_lr >= 0):
             raise ConfigError(f"mtt setting lr_lr must be a number >= 0, got {self.lr_lr}")
-        if self.unroll not in UNROLLS:
-            raise ConfigError(f"unknown unroll '{self.unroll}'; choose one of {', '.join(UNROLLS)}")
+        UNROLLS.get(self.unroll)
+        if self.augment is not None:
+            DiffAugment(self.augment)  # refuses an unknown op
         last = self.max_start_epoch - 1 + self.expert_epochs
         if last > self.buffer_epochs:
             raise ConfigError(f"max_start_epoch {self.max_start_epoch} + expert_epochs {self.expert_epochs} needs expert "
                               f"snapshots up to epoch {last}, but buffer_epochs is {self.buffer_epochs}")
+
+    @property
+    def augment(self) -> str | None:
+        """The DSA strategy in use, None when switched off."""
+        off = self.dsa_strategy is None or self.dsa_strategy.strip().lower() in ("", "none")
+        return None if off else self.dsa_strategy
 
     def expert_settings(self, zca: bool) -> ExpertSettings:
         return ExpertSettings(epochs=self.buffer_epochs, lr_teacher=self.lr_teacher, batch_size=self.expert_batch,
@@ -187,12 +179,7 @@ def bounded_unroll(problem: Unroll) -> UnrollResult:
     return loss.detach(), grad_images, grad_lr
 
 
-UNROLLS: dict[str, Callable[[Unroll], UnrollResult]] = {"plain": plain_unroll, "bounded": bounded_unroll}
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The seed of one iteration's draws: a resumed run draws exactly what an uninterrupted one does."""
-    return int(np.random.SeedSequence([seed % 2**64, iteration]).generate_state(1)[0])
+UNROLLS: Registry[Callable[[Unroll], UnrollResult]] = Registry("unroll", {"plain": plain_unroll, "bounded": bounded_unroll})
 
 
 def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> list[torch.Tensor]:
@@ -204,38 +191,36 @@ def plan_steps(count: int, syn_steps: int, batch_syn: int | None, generator: tor
     return chunks[:syn_steps]
 
 
-class MTTDistiller:
-    """The MTT loop's state and one-iteration update; `run_mtt` drives it with checkpoints and eval points."""
+class MTTDistiller(Distiller):
+    """MTT's state (images, learned lr, their optimisers) and one iteration; the driver runs the loop."""
 
     def __init__(self, dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> None:
         check_ipc(dataset, ipc, "mtt")
-        self.dataset, self.ipc, self.config, self.context = dataset, ipc, config, context
+        self.config, self.seed = config, context.seed
         device = dataset.device
         if config.zca and dataset.channels == 1:
             context.log(f"warning: ZCA on the 1-channel '{dataset.name}': the feasibility study's MTT with ZCA diverged on "
                         "grayscale BreastMNIST (the stable presets switch it off)")
+        self.dataset = dataset
         self.zca = ZCA.for_dataset(dataset) if config.zca else None
         self.buffer: ExpertBuffer = build_buffer(
             dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
             parallel=config.experts_parallel, progress=context.progress, log=context.log)
         self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
-        idx = random_subset_indices(dataset, ipc, context.seed).to(device)  # the random baseline's subset
-        real = dataset.train.images[idx]
+        real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
         self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)
-        self.labels = dataset.train.labels[idx].clone()
+        self.labels = class_labels(dataset, ipc)
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)
+        self.optimizers = {"opt_img": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum),
+                           "opt_lr": torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)}
         self.augment = DiffAugment(config.augment) if config.augment else None
-        self.iteration = 0
-        self.losses: list[float] = []
-        self.lr_clamps = 0
+        self.lr_clamps = torch.zeros((), dtype=torch.long, device=device)  # iterations that ended clamped (kept on the device)
 
     def problem(self, iteration: int) -> Unroll:
-        """Draw iteration `iteration`'s expert, start epoch, minibatches and augmentation seeds."""
+        """Draw the expert, start epoch, minibatches and augmentation seeds of iteration `iteration` (counted from 1)."""
         c = self.config
-        generator = torch.Generator().manual_seed(iteration_seed(self.context.seed, iteration))
+        generator = torch.Generator().manual_seed(iteration_seeds(self.seed, iteration, 1)[0])
         expert = int(torch.randint(min(c.num_experts, self.buffer.num_experts), (1,), generator=generator))
         start_epoch = int(torch.randint(c.max_start_epoch, (1,), generator=generator))
         batches = [to_device(b, self.images.device) for b in plan_steps(len(self.labels), c.syn_steps, c.batch_syn, generator)]
@@ -245,121 +230,71 @@ class MTTDistiller:
         target = to_device(self.buffer.snapshot(expert, start_epoch + c.expert_epochs), device).to(dtype)
         return Unroll(self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment)
 
-    def step(self) -> float:
+    def step(self, iteration: int) -> torch.Tensor:
         """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""
-        iteration = self.iteration + 1
-        loss, grad_images, grad_lr = UNROLLS[self.config.unroll](self.problem(iteration))
+        number = iteration + 1
+        loss, grad_images, grad_lr = UNROLLS.get(self.config.unroll)(self.problem(number))
         # The guard must stop the run before the update, so it reads the device once per iteration:
         # the loss and the gradients' finiteness in one copy.
         grads_finite = torch.isfinite(grad_images).all() & torch.isfinite(grad_lr)
         value, finite = torch.stack([loss, grads_finite.to(loss.dtype)]).tolist()
         if not (math.isfinite(value) and finite):
             raise DivergenceError(
-                f"MTT diverged at iteration {iteration} (loss {value:.4g}, syn_lr {self.syn_lr.item():.4g}); "
+                f"MTT diverged at iteration {number} (loss {value:.4g}, syn_lr {self.syn_lr.item():.4g}); "
                 "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps")
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
-        self.opt_img.step()
-        self.opt_lr.step()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
         if self.config.min_syn_lr is not None:
             with torch.no_grad():  # the clamp and its count stay on the device (no read-back per iteration)
-                self._lr_clamps += self.syn_lr < self.config.min_syn_lr
+                self.lr_clamps += self.syn_lr < self.config.min_syn_lr
                 self.syn_lr.clamp_(min=self.config.min_syn_lr)
         self.images.grad = self.syn_lr.grad = None
-        self.iteration = iteration
-        self.losses.append(value)
-        return value
+        return loss
 
-    @property
-    def lr_clamps(self) -> int:
-        """How many iterations ended with syn_lr clamped to min_syn_lr (a read from the device)."""
-        return int(self._lr_clamps)
-
-    @lr_clamps.setter
-    def lr_clamps(self, count: int) -> None:
-        self._lr_clamps = torch.tensor(count, device=self.syn_lr.device)
-
-    def output_images(self) -> torch.Tensor:
-        """The synthetic images in the dataset's normalised space (un-whitened when ZCA is on)."""
+    def synthetic_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The synthetic images in the dataset's normalised space (un-whitened when ZCA is on), and their labels."""
         images = self.images.detach()
-        return images if self.zca is None else self.zca.unwhiten_normalised(self.dataset, images)
+        return (images if self.zca is None else self.zca.unwhiten_normalised(self.dataset, images)), self.labels
 
-    def eval_dataset(self) -> Dataset:
-        """The dataset in the space the evaluation networks train and test in (ZCA space when on, as the reference)."""
-        return self.dataset if self.zca is None else whitened_dataset(self.dataset, self.zca)
+    def evaluation_dataset(self, dataset: Dataset) -> Dataset:
+        """The dataset in the space the images are learnt in (ZCA space when on, as the reference scores them)."""
+        return dataset if self.zca is None else whitened_dataset(dataset, self.zca)
 
-    def state(self, tracker: EvalTracker | None) -> dict[str, Any]:
-        return {"iteration": self.iteration, "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.item(),
-                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(), "losses": list(self.losses),
-                "lr_clamps": self.lr_clamps, "eval_history": list(tracker.history) if tracker else []}
+    def learned_lr(self) -> float:
+        return self.syn_lr.item()
 
-    def load_state(self, state: dict[str, Any], tracker: EvalTracker | None) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "syn_lr": self.syn_lr.item(), "lr_clamps": int(self.lr_clamps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         with torch.no_grad():
-            self.images.copy_(state["images"])
             self.syn_lr.fill_(state["syn_lr"])
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.iteration, self.losses, self.lr_clamps = state["iteration"], list(state["losses"]), state["lr_clamps"]
-        if tracker is not None:
-            tracker.history = list(state["eval_history"])
+            self.lr_clamps.fill_(state["lr_clamps"])
 
+    def health(self, losses: list[float]) -> list[str]:
+        """Signs of a badly scaled setup in the first iterations: the student overshoots, or syn_lr sits on its floor."""
+        warnings = []
+        if losses and sum(losses) / len(losses) > 2:
+            warnings.append(f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
+                            "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs")
+        if int(self.lr_clamps) > len(losses) // 2:
+            warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {int(self.lr_clamps)} of {len(losses)} iterations; "
+                            "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
+        return warnings
 
-HEALTH_CHECK_AT = 20
-
-
-def health_warnings(distiller: MTTDistiller) -> list[str]:
-    """Signs of a badly scaled setup in the first iterations: the student overshoots, or syn_lr sits on its floor."""
-    warnings = []
-    losses = distiller.losses
-    if losses and sum(losses) / len(losses) > 2:
-        warnings.append(f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
-                        "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs")
-    if distiller.lr_clamps > len(losses) // 2:
-        warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {distiller.lr_clamps} of {len(losses)} iterations; "
-                        "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
-    return warnings
+    def finish(self, losses: list[float]) -> dict[str, Any]:
+        if not self.syn_lr.item() > 0:
+            raise DivergenceError(f"MTT's learned lr ended at {self.syn_lr.item():.4g} (not positive); the set is not usable")
+        # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
+        return {"extra": {"loss": list(losses), "syn_lr_clamps": int(self.lr_clamps), "zca": self.zca is not None,
+                          "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"}}}
 
 
 def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> SyntheticSet:
     """Distil `dataset` to `ipc` images per class by trajectory matching."""
-    distiller = MTTDistiller(dataset, ipc, config, context)
-    checkpoint = Checkpoint(context, fingerprint("mtt", dataset.source.md5, dataset.name, ipc, config, context.seed))
-    tracker = None
-    if config.eval_every > 0:
-        protocol = TrainProtocol(epochs=config.eval_epochs, augment=config.augment or DEFAULT_STRATEGY)
-        tracker = EvalTracker(distiller.eval_dataset(), protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
-    saved = checkpoint.restore()
-    if saved is not None:
-        distiller.load_state(saved, tracker)
-        context.log(f"resuming MTT at iteration {distiller.iteration} of {config.iterations}")
-    with progress_bar(config.iterations, f"mtt {dataset.name} ipc={ipc}", context.progress) as bar:
-        bar.advance(distiller.iteration)
-        shown_lr = distiller.syn_lr.item()  # the bar's syn_lr: refreshed at evaluation points and checkpoints only
-        while distiller.iteration < config.iterations:
-            loss = distiller.step()  # a DivergenceError leaves the last checkpoint as it was
-            it = distiller.iteration
-            if tracker is not None and tracker.due(it, config.iterations):
-                shown_lr = distiller.syn_lr.item()
-                tracker.run(it, distiller.images.detach(), distiller.labels, lr=shown_lr)  # in the space it learns in
-            if it % config.checkpoint_every == 0 or it == config.iterations:
-                state = distiller.state(tracker)
-                checkpoint.save(state)
-                shown_lr = state["syn_lr"]
-            bar.advance(1, loss=loss, lr=shown_lr)
-            if it == HEALTH_CHECK_AT:
-                for warning in health_warnings(distiller):
-                    context.log(warning)
-    images = distiller.output_images()
-    if not torch.isfinite(images).all():
-        raise DivergenceError("MTT produced non-finite images; the set is not usable")
-    if not distiller.syn_lr.item() > 0:
-        raise DivergenceError(f"MTT's learned lr ended at {distiller.syn_lr.item():.4g} (not positive); the set is not usable")
-    result = new_set(dataset, images, distiller.labels, method="mtt", ipc=ipc, seed=context.seed,
-                     learned_lr=distiller.syn_lr.item())
-    result.metrics = tracker.summary() if tracker is not None else {}
-    # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
-    result.extra = {"loss": distiller.losses, "syn_lr_clamps": distiller.lr_clamps, "zca": distiller.zca is not None,
-                    "buffer": {k: v for k, v in distiller.buffer.summary().items() if k != "directory"}}
-    return result
+    return run_distiller("mtt", dataset, ipc, config, context, MTTDistiller(dataset, ipc, config, context))
 
 
 SPEC = register_method(

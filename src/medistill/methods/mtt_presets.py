@@ -22,7 +22,7 @@ _COMMON: dict[str, Any] = {
     "momentum": 0.5,
     "batch_syn": None,
     "zca": False,
-    "augment": "color_crop_cutout_flip_scale_rotate",
+    "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
     "eval_every": 250,
     "eval_models": 1,
     "eval_epochs": 300,

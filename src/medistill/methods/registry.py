@@ -16,6 +16,7 @@ from medistill.artifact import SyntheticSet
 from medistill.configfile import check_settings
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
+from medistill.registry import Registry
 from medistill.train.engine import TrainProtocol
 
 DSA_EVAL_EPOCHS = 1000
@@ -56,27 +57,16 @@ class MethodSpec:
         return TrainProtocol(epochs=epochs, augment=self.eval_augment, model=model)
 
 
-_METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry (names are unique)."""
-    if spec.name in _METHODS:
-        raise ValueError(f"method '{spec.name}' is registered twice")
-    _METHODS[spec.name] = spec
-    return spec
+    return METHODS.add(spec.name, spec)
 
 
-def get_method(name: str) -> MethodSpec:
-    """Look a method up by name."""
-    key = name.lower()
-    if key not in _METHODS:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(list_methods())}")
-    return _METHODS[key]
-
-
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+get_method = METHODS.get
+list_methods = METHODS.names
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
@@ -135,9 +125,13 @@ def distill(
     config = resolve_config(spec, ipc, config)
     context = context or RunContext()
     result = spec.run(dataset, ipc, config, context)
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
-    result.hyperparameters = {**settings, **result.hyperparameters}
+    result.hyperparameters = {**recorded_settings(config), **result.hyperparameters}
     return result
+
+
+def recorded_settings(config: Any) -> dict[str, Any]:
+    """A method's settings as recorded with its result and checkpoints: all but local paths."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
 
 
 def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int | None, seed: int, **extra: Any) -> SyntheticSet:

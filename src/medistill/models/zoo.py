@@ -16,35 +16,18 @@ from torch import nn
 
 from medistill.errors import ConfigError
 from medistill.models.convnet import ConvNet, make_norm
+from medistill.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelBuilder] = {}
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs)``."""
-    key = name.lower()
-
-    def decorator(builder: ModelBuilder) -> ModelBuilder:
-        if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is already registered")
-        _REGISTRY[key] = builder
-        return builder
-
-    return decorator
-
-
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+MODELS: Registry[ModelBuilder] = Registry("model")
+register_model = MODELS.decorator  # @register_model(name) on builder(in_channels, num_classes, image_size, **kwargs)
+list_models = MODELS.names
 
 
 def model_summary(name: str) -> str:
     """First line of a registered model's description (its builder's docstring)."""
-    builder = _REGISTRY.get(name.lower())
-    if builder is None:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    builder = MODELS.get(name)
     return (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
 
 
@@ -52,10 +35,7 @@ def create_model(
     name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any
 ) -> nn.Module:
     """Build a registered model by (case-insensitive) name."""
-    builder = _REGISTRY.get(name.lower())
-    if builder is None:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return builder(in_channels, num_classes, image_size, **kwargs)
+    return MODELS.get(name)(in_channels, num_classes, image_size, **kwargs)
 
 
 class MLP(nn.Module):

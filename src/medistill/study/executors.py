@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from medistill.errors import ConfigError
+from medistill.registry import Registry
 from medistill.study.spec import Task
 from medistill.study.store import new_outcome, record_failure
 
@@ -22,28 +23,14 @@ class Executor(Protocol):
         ...
 
 
-_EXECUTORS: dict[str, Callable[..., Executor]] = {}
-
-
-def register_executor(name: str) -> Callable[[Callable[..., Executor]], Callable[..., Executor]]:
-    """Class decorator: make an executor available under `name`."""
-    def add(factory: Callable[..., Executor]) -> Callable[..., Executor]:
-        if name in _EXECUTORS:
-            raise ValueError(f"executor '{name}' is registered twice")
-        _EXECUTORS[name] = factory
-        return factory
-    return add
-
-
-def list_executors() -> list[str]:
-    return sorted(_EXECUTORS)
+EXECUTORS: Registry[Callable[..., Executor]] = Registry("executor")
+register_executor = EXECUTORS.decorator  # class decorator: @register_executor(name)
+list_executors = EXECUTORS.names
 
 
 def create_executor(name: str, **options: Any) -> Executor:
     """An executor by name, with its options (e.g. `address` for ray)."""
-    if name not in _EXECUTORS:
-        raise ConfigError(f"unknown executor '{name}'; available: {', '.join(list_executors())}")
-    return _EXECUTORS[name](**options)
+    return EXECUTORS.get(name)(**options)
 
 
 @register_executor("local")

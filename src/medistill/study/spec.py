@@ -3,7 +3,7 @@
 Config file (every key but `datasets` and `methods` is optional)::
 
     name: quick
-    data_root: ../../shared/data/medmnist   # MedMNIST files; --data-root overrides it
+    data_root: ../data/medmnist             # MedMNIST files; --data-root overrides it
     device: auto
     datasets: [breastmnist, ../data/own.npz, my-sim]   # flags, npz/folder paths, simulation names
     simulations:                            # built first, into DIR/simulations/

@@ -7,7 +7,7 @@ zero); optional DSA augmentation (non-Siamese, a fresh draw per sample).
 
 The K networks are trained one after the other (`train_model`) or in lockstep (`stacked.train_stacked`);
 both give the same networks for the same seeds. On CUDA the stacked path is the default for models
-without buffers; on the CPU the sequential path is (measured faster there: docs/RESULTS.md, issue 6).
+without buffers; on the CPU the sequential path is (measured faster there: docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn as nn
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.progress import progress_bar
+from medistill.runtime import autocast
 from medistill.train.metrics import Scores, predict_scores, score
 from medistill.train.stacked import (
     ModelStream,
-    autocast,
     init_model,
     make_augment,
     protocol_can_stack,
@@ -108,7 +108,7 @@ def train_model(
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
             x = stream.augment_batch(images[idx])
-            with autocast(device, protocol):
+            with autocast(device, protocol.bf16):
                 loss = criterion(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

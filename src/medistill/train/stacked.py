@@ -33,6 +33,7 @@ from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.models import create_model
 from medistill.models.convnet import ConvNet
+from medistill.runtime import autocast
 from medistill.train.metrics import predict_scores, score
 from medistill.transfer import to_device
 
@@ -73,11 +74,6 @@ def init_model(protocol: TrainProtocol, dataset: Dataset, seed: int, device: tor
     """A fresh network whose initial weights depend on `seed` only."""
     torch.manual_seed(seed)
     return create_model(protocol.model, dataset.channels, dataset.num_classes, dataset.image_size).to(device)
-
-
-def autocast(device: torch.device, protocol: TrainProtocol) -> torch.autocast:
-    """bf16 autocast when the protocol asks for it (a no-op context otherwise)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=protocol.bf16)
 
 
 def can_stack(model: nn.Module) -> bool:
@@ -255,7 +251,7 @@ def train_stacked(
             x = images[idx]
             if augment is not None:
                 x = torch.stack([stream.augment_batch(x[k]) for k, stream in enumerate(streams)])
-            with autocast(device, protocol):
+            with autocast(device, protocol.bf16):
                 loss = stacked_loss(stack(x), labels[idx], dataset.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

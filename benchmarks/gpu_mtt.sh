@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 (MTT) "Must show" on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+# MTT expert buffers, memory and accuracy on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
 #
 #   A. expert buffers, alone on the GPU: BreastMNIST and the unofficial PneumoniaMNIST subset, with the
 #      settings of configs/mtt-28-ipc*.yaml (so the MTT runs reuse them): time and size on disk
@@ -14,17 +14,17 @@
 #      MTT iterations are cut where phase B's s/iteration says the preset's would not fit
 #      DISTILL_BUDGET seconds under SLOWDOWN-fold sharing (the iterations used are in grid.json).
 #
-# The device machine gets the repo only (no ../shared, no medmnist package, no internet). Here:
-#     bash benchmarks/gpu_issue4.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
-# then the device call: command "bash benchmarks/gpu_issue4.sh", carry [".gpu_carry"], timeout_s 600.
-# Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_issue4.sh
+# The device machine gets the repo only (no data, no medmnist package, no internet). Here:
+#     bash benchmarks/gpu_mtt.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
+# then the device call: command "bash benchmarks/gpu_mtt.sh", carry [".gpu_carry"], timeout_s 600.
+# Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_mtt.sh
 set -u
-OUT=${OUT:-runs/gpu_issue4}
-source "$(dirname "$0")/gpu_env.sh" "$@"
+OUT=${OUT:-runs/gpu_mtt}
+source "$(dirname "$0")/gpu_setup.sh" "$@"
 DISTILL_BUDGET=${DISTILL_BUDGET:-240}
 SLOWDOWN=${SLOWDOWN:-4}
-RUNS=${RUNS:-/tmp/issue4_runs}
-EXPERTS=${EXPERTS:-/tmp/issue4_experts}
+RUNS=${RUNS:-/tmp/mtt_runs}
+EXPERTS=${EXPERTS:-/tmp/mtt_experts}
 EVAL_ARGS=${EVAL_ARGS:---eval-models 5}
 BENCH_ARGS=${BENCH_ARGS:-}
 if [ -n "${QUICK:-}" ]; then  # CPU smoke test: tiny everything

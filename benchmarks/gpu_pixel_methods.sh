@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 3 "Must show" on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+# DC, DSA and DM speed and accuracy on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
 #
 #   A. speed, alone on the GPU: s/iteration and peak memory of DC, DSA, DM at IPC 1, 10, 50
 #      (BreastMNIST): default (per-class loop), class_batching=vmap, bf16; DC also at 32x32 (the
-#      study's code resized 28->32; docs/ALGORITHMS.md reference figures: DC IPC 1 0.035 s/it, IPC 10 1.77 s/it on an H200).
+#      feasibility study's code resized 28->32).
 #   B. accuracy, every run at once as its own process (the runs are launch-bound, so they share
 #      the GPU well): BreastMNIST and the unofficial PneumoniaMNIST subset; DC, DSA, DM at IPC 1,
 #      10, 50, 5 evaluation networks, 300 epochs (DC) / 1000 epochs with DSA (DSA, DM); random
@@ -12,15 +12,15 @@
 #      seconds under SLOWDOWN-fold sharing; the iterations used are in grid.json.
 #   C. torch.compile speed (DC and DM at IPC 10), if time is left.
 #
-# The device machine gets the repo only (no ../shared, no medmnist package, no internet). Here:
-#     bash benchmarks/gpu_issue3.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
-# then the device call: command "bash benchmarks/gpu_issue3.sh", carry [".gpu_carry"], timeout_s 600.
+# The device machine gets the repo only (no data, no medmnist package, no internet). Here:
+#     bash benchmarks/gpu_pixel_methods.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
+# then the device call: command "bash benchmarks/gpu_pixel_methods.sh", carry [".gpu_carry"], timeout_s 600.
 set -u
-OUT=${OUT:-runs/gpu_issue3}
-source "$(dirname "$0")/gpu_env.sh" "$@"
+OUT=${OUT:-runs/gpu_pixel_methods}
+source "$(dirname "$0")/gpu_setup.sh" "$@"
 DISTILL_BUDGET=${DISTILL_BUDGET:-200}
 SLOWDOWN=${SLOWDOWN:-8}  # ~26 launch-bound processes share one GPU and 16 cores
-RUNS=${RUNS:-/tmp/issue3_runs}
+RUNS=${RUNS:-/tmp/pixel_methods_runs}
 # smoke test of this script on a CPU: DEVICE=cpu IPCS=1 EVAL_ARGS="--eval-models 1 --eval-epochs 2" SPEED_ITERS=1 COMPILE_IPC=1
 IPCS=${IPCS:-1 10 50}
 EVAL_ARGS=${EVAL_ARGS:---eval-models 5}

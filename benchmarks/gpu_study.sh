@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 (study runner) on one GPU (H100/H200), in one command of under 10 minutes; results to $OUT.
+# The study runner (local and Ray executors) on one GPU (H100/H200), in one command of under 10 minutes; results to $OUT.
 #
 #   A. configs/quick.yaml on the GPU with the local executor: wall time, tables, correlation.
 #   B. the same study through `--executor ray` (a local Ray instance) with fractional requests
@@ -10,12 +10,13 @@
 #      Ray, stopped at DEADLINE (a study resumes: rerun the same command to finish it).
 #
 # The device machine gets the repo only: carry the data, the medmnist wheel and the ray wheels, e.g.
-#   echo /.gpu_carry/ >> .git/info/exclude; mkdir -p .gpu_carry/data && cp -r ../shared/data/* .gpu_carry/data/
-#   .venv/bin/pip download -d .gpu_carry/whl medmnist==3.0.2 'ray>=2.9'
-# then run (carry [".gpu_carry"]): bash benchmarks/gpu_issue5.sh
+#   bash benchmarks/gpu_study.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/ (gpu_setup.sh)
+#   .venv/bin/pip download -d .gpu_carry/whl 'ray>=2.9'
+# then run (carry [".gpu_carry"]): bash benchmarks/gpu_study.sh
 set -u
-OUT=${OUT:-runs/gpu_issue5}
-DATA_DIR=$(realpath "${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || echo ../shared/data )}")
+OUT=${OUT:-runs/gpu_study}
+[ "${1:-}" = "prepare" ] && source "$(dirname "$0")/gpu_setup.sh" prepare
+DATA_DIR=$(realpath "${DATA_DIR:-$( [ -d .gpu_carry/data ] && echo .gpu_carry/data || dirname "${MEDISTILL_DATA:?run 'prepare' first or set MEDISTILL_DATA}" )}")
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-540}  # seconds from the start: part C is cut off here
 DEVICE=${DEVICE:-cuda}     # DEVICE=cpu DEADLINE=120: a smoke test of this script
@@ -27,7 +28,7 @@ fi
 $PY -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
 
-# Write a copy of a study config with the shared-data paths pointing at DATA_DIR and the given changes.
+# Write a copy of a study config with its data paths pointing at DATA_DIR and the given changes.
 derive() {  # derive SRC DEST PYTHON-EXPRESSION-ON-c
   $PY - "$1" "$2" "$DATA_DIR" "$DEVICE" "$3" <<'EOF'
 import sys, yaml

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Privacy audit and share/receive at reference settings (issue 7), for a GPU machine.
-# Usage (repo root): bash benchmarks/privacy_audit.sh [OUT_DIR]
-# Writes OUT_DIR/*.audit.txt (Markdown), OUT_DIR/*-audit/audit.json and OUT_DIR/*.train.txt; copy the
-# tables into docs/RESULTS.md with the card (nvidia-smi -L) that ran them.
+# Privacy audit and share/receive at reference settings on one GPU: near-copy screening and membership
+# inference (16 LiRA shadows) of a random subset and of DC sets, then export and training at a receiving site.
+#     bash benchmarks/gpu_privacy.sh prepare      # here: data and the medmnist wheel into the ignored .gpu_carry/
+# then on the device (carry [".gpu_carry"]): bash benchmarks/gpu_privacy.sh
+# Writes $OUT/*.audit.txt (Markdown), $OUT/*-audit/audit.json and $OUT/*.train.txt.
 set -euo pipefail
-OUT=${1:-runs/privacy_gpu}
-DATA=${MEDISTILL_DATA:-../shared/data/medmnist}
-M=".venv/bin/medistill"
-COMMON=(--data-root "$DATA" --device cuda --no-progress)
-mkdir -p "$OUT"
-nvidia-smi -L | tee "$OUT/device.txt"
+OUT=${OUT:-runs/gpu_privacy}
+source "$(dirname "$0")/gpu_setup.sh" "$@"
+DATA=$MEDISTILL_DATA
+M="$PY -m medistill"
+COMMON=(--data-root "$DATA" --device "$DEVICE" --no-progress)
+nvidia-smi -L > "$OUT/device.txt" 2>&1 || true
 
 # 1. The audit must fail on real images: a random subset (exit code 1 is the expected outcome).
 $M distill breastmnist --method random --ipc 10 --out "$OUT/random_ipc10" "${COMMON[@]}"
@@ -30,6 +31,6 @@ for spec in "1 1000" "10 200"; do
   $M export "$run" --out "$OUT/bundle_dc_ipc${ipc}" --audit "$run-audit" --data-root "$DATA" --device cuda
   for model in convnet resnet18; do
     $M train "$OUT/bundle_dc_ipc${ipc}" --model "$model" --out "$OUT/bundle_dc_ipc${ipc}.$model.pt" \
-        --eval-data "$DATA/breastmnist.npz" --device cuda --no-progress | tee -a "$run.train.txt"
+        --eval-data "$DATA/breastmnist.npz" --device "$DEVICE" --no-progress | tee -a "$run.train.txt"
   done
 done
