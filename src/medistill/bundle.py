@@ -99,7 +99,7 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str]) -> dict[str, An
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card."""
-    from medistill.privacy.accounting import privacy_markdown
+    from medistill.accounting import privacy_markdown
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]

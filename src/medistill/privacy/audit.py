@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 
 from medistill import __version__
+from medistill.accounting import privacy_markdown
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.pipeline import load_source_dataset, renormalize
-from medistill.privacy.accounting import privacy_markdown
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
     DEFAULT_BATCH_ELEMENTS, CopyThresholds, embed, find_neighbours, neighbour_summary, save_worst_cases,
