@@ -198,7 +198,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
                       "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site."]
     lines += ["", *_membership_markdown(report.get("membership"))]
     if report.get("privacy") is not None:
-        lines += privacy_markdown(report["privacy"])
+        lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines).rstrip() + "\n"
 
 
