@@ -1,8 +1,9 @@
 """The private-distillation grid as Markdown: one row per run folder with a result.json under RUNS.
 
-    python benchmarks/collect_dp.py RUNS > table.md
+    python benchmarks/collect_dp.py RUNS [--pivot] > table.md
 
-Columns: dataset, IPC, method, the ε reached (∞ without noise, "-" for a non-private method), σ,
+With --pivot: one table per dataset, a row per (IPC, method) and a column per ε, cells "ACC / AUC".
+Otherwise columns: dataset, IPC, method, the ε reached (∞ without noise, "-" for a non-private method), σ,
 sampling rate, steps, test ACC and AUC (mean ± sd over the evaluation networks), the evaluation
 protocol and the distillation / total seconds.
 """
@@ -38,11 +39,33 @@ def row(result: Path) -> dict[str, Any]:
     }
 
 
+def pivot(rows: list[dict[str, Any]]) -> None:
+    """Per dataset: rows (IPC, method), columns ε in {1, 4, 10, ∞} ("-" for non-private methods), cells ACC / AUC."""
+    epsilons = ["1", "4", "10", "∞", "-"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        print(f"\n{dataset} (test ACC / AUC)\n")
+        print("| IPC | method | ε = 1 | ε = 4 | ε = 10 | ε = ∞ (no noise) | non-private |")
+        print("|---|---|---|---|---|---|---|")
+        keys = sorted({(str(r["ipc"]), r["method"], r["folder"].split("-ipc")[0].split("-eps")[0]) for r in rows if r["dataset"] == dataset})
+        for ipc, method, label in keys:
+            cells = {}
+            for r in rows:
+                if r["dataset"] == dataset and str(r["ipc"]) == ipc and r["method"] == method \
+                        and r["folder"].split("-ipc")[0].split("-eps")[0] == label:
+                        eps = r["epsilon"] if r["epsilon"] in ("∞", "-") else f"{float(r['epsilon']):.0f}"
+                        cells[eps] = f"{r['acc'].split(' ±')[0]} / {r['auc'].split(' ±')[0]}"
+            print(f"| {ipc if ipc != 'None' else '-'} | {label} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
+    parser.add_argument("--pivot", action="store_true", help="one table per dataset, a column per ε")
     args = parser.parse_args()
     rows = sorted((row(p) for p in args.runs.rglob("result.json")), key=lambda r: (r["dataset"], str(r["ipc"]), r["folder"]))
+    if args.pivot:
+        pivot(rows)
+        return
     columns = ["dataset", "ipc", "folder", "epsilon", "sigma", "q", "steps", "acc", "auc", "eval", "seconds"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

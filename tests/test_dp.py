@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from medistill.artifact import SyntheticSet
 from medistill.bundle import CARD_JSON, CARD_MD, export_bundle
 from medistill.data.dataset import ORDINAL, DataSource, build_dataset
 from medistill.errors import ConfigError
@@ -22,7 +20,7 @@ from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
 from medistill.methods.private import public_view, release_class_counts
 from medistill.pipeline import renormalize
-from medistill.privacy.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
+from medistill.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
 
 EXE = Path(sys.executable).parent / "medistill"
 TINY = {"iterations": 4, "checkpoint_every": 2, "sample_rate": 0.5, "noise_multiplier": 1.0, "public_class_counts": True}

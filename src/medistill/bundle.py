@@ -201,7 +201,7 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
-    from medistill.privacy.accounting import privacy_markdown
+    from medistill.accounting import privacy_markdown
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]

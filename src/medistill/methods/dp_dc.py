@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from medistill.accounting import PrivacyLedger
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.methods.dc import DCConfig, GradientMatching, loops_for_ipc
@@ -34,7 +35,6 @@ from medistill.methods.private import (
     sync_ledger,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.privacy.accounting import PrivacyLedger
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-example loss gradients, summed per class (DP gradient matching)"
 PER_EXAMPLE_CHUNK = 64  # real images whose per-example gradients are held at once

@@ -6,7 +6,7 @@ distance of per-class mean embeddings), with the real side released by the Gauss
 set, each image's embedding is clipped to L2 norm C, and the per-class sums get N(0, (σC)²) noise
 before they become means. The synthetic embeddings are clipped the same way (so both sides
 estimate the same quantity) but carry no noise: they are not private data. One release per
-iteration; σ is calibrated to (ε, δ) for `iterations` releases (`privacy.accounting`).
+iteration; σ is calibrated to (ε, δ) for `iterations` releases (`medistill.accounting`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from medistill.accounting import PrivacyLedger
 from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
@@ -32,7 +33,6 @@ from medistill.methods.private import (
     sync_ledger,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.privacy.accounting import PrivacyLedger
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 

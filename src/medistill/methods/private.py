@@ -13,12 +13,11 @@ reads through the Gaussian mechanism here:
 - synthetic images start from noise and network weights are random (`FreshNetwork`); random draws
   (sampling, augmentation, noise) come from the loop's per-iteration generators, never the data.
 
-The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `privacy.accounting`.
+The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `medistill.accounting`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medistill.accounting import PrivacyLedger, PrivacySettings
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset, Split
 from medistill.errors import ConfigError
-from medistill.privacy.accounting import PrivacyLedger, PrivacySettings
 
 # Fixed public normalisation (the constants MedMNIST's own examples use): pixel 0.5 -> 0, range [-1, 1].
 PUBLIC_MEAN = 0.5
@@ -133,13 +132,7 @@ def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: i
     ledger.spent = iteration * releases_per_iteration
 
 
-def is_private(synthetic: SyntheticSet) -> bool:
-    """Whether a set carries a differential-privacy guarantee."""
-    record = synthetic.extra.get("privacy")
-    return isinstance(record, dict) and math.isfinite(float(record.get("epsilon", math.inf)))
-
-
 __all__ = [
     "GaussianMechanism", "PUBLIC_MEAN", "PUBLIC_STD", "PoissonSampler", "PrivateSettings", "clip_rows", "finish_private_set",
-    "is_private", "public_view", "release_class_counts", "require_per_example", "sync_ledger",
+    "public_view", "release_class_counts", "require_per_example", "sync_ledger",
 ]

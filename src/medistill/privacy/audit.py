@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 
 from medistill import __version__
+from medistill.accounting import privacy_markdown
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.markdown import cell
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
-from medistill.privacy.accounting import privacy_markdown
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
     DEFAULT_BATCH_ELEMENTS, CopyThresholds, embed, find_neighbours, neighbour_summary, save_worst_cases,
@@ -242,7 +242,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
                       "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site."]
     lines += ["", *_membership_markdown(report.get("membership"))]
     if report.get("privacy") is not None:
-        lines += privacy_markdown(report["privacy"])
+        lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medistill import __version__
+from medistill.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.private import public_view, require_per_example
 from medistill.models import create_model
-from medistill.privacy.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.train.engine import model_seeds, test_scores
 from medistill.train.metrics import Scores
 
