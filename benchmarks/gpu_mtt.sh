@@ -2,7 +2,7 @@
 # MTT expert buffers, memory and accuracy on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
 #
 #   A. expert buffers, alone on the GPU: BreastMNIST and the unofficial PneumoniaMNIST subset, with the
-#      settings of configs/mtt-28-ipc*.yaml (so the MTT runs reuse them): time and size on disk
+#      settings of the presets mtt-28-ipc* (so the MTT runs reuse them): time and size on disk
 #      (buffer_breast.json, buffer_pneumonia.json).
 #   B. memory benchmark, alone: s/iteration and peak CUDA memory vs syn_steps 10,20,40,80, plain unroll
 #      vs bounded memory, IPC 10 and 50 (mtt_memory.json).
@@ -36,7 +36,7 @@ mkdir -p "$RUNS" "$EXPERTS"
 setting() { $PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 
 # A. expert buffers (the presets share one buffer setting; read it from the IPC 1 preset)
-PRESET=configs/mtt-28-ipc1.yaml
+PRESET=src/medistill/presets/mtt-28-ipc1.yaml
 E=$(setting $PRESET num_experts); T=$(setting $PRESET buffer_epochs); B=$(setting $PRESET expert_batch)
 [ -n "${QUICK:-}" ] && E=2 T=3
 for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
@@ -64,7 +64,7 @@ try:
 except (OSError, ValueError, KeyError):
     cases = []
 for ipc in (1, 10):
-    preset = yaml.safe_load(open(f"configs/mtt-28-ipc{ipc}.yaml"))
+    preset = yaml.safe_load(open(f"src/medistill/presets/mtt-28-ipc{ipc}.yaml"))
     steps, unroll = preset["syn_steps"], preset.get("unroll", "plain")
     # s/iteration at IPC 10 (an upper bound for IPC 1), scaled linearly to the preset's syn_steps
     known = [c["seconds_per_iteration"] * steps / c["syn_steps"] for c in cases
@@ -88,11 +88,11 @@ bg() { if [ -n "${QUICK:-}" ]; then "$@"; else "$@" & fi; }  # one at a time in 
 for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   ds=${pair%%:*}; tag=${pair##*:}
   while read -r ipc its; do
-    bg job "$ds" "$tag" mtt "$ipc" --config "configs/mtt-28-ipc$ipc.yaml" --set "buffer_root=$EXPERTS" --set "iterations=$its" ${QUICK_SET:-}
+    bg job "$ds" "$tag" mtt "$ipc" --config "mtt-28-ipc$ipc" --set "buffer_root=$EXPERTS" --set "iterations=$its" ${QUICK_SET:-}
     bg job "$ds" "$tag" random "$ipc"
     if [ -n "$HAS_DC" ]; then
       dc_its=200; [ "$ipc" = 10 ] && dc_its=20; [ -n "${QUICK:-}" ] && dc_its=1
-      bg job "$ds" "$tag" dc "$ipc" --config configs/dc.yaml --set "iterations=$dc_its"
+      bg job "$ds" "$tag" dc "$ipc" --config dc --set "iterations=$dc_its"
     fi
   done < "$RUNS/plan.txt"
 done

@@ -174,24 +174,25 @@ def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_
 @pytest.mark.parametrize(("ipc", "preset"), [(1, 1), (2, 1), (10, 10), (7, 10), (50, 50), (200, 50)])
 def test_without_settings_mtt_runs_the_stable_preset_of_the_ipc(ipc: int, preset: int) -> None:
     from medistill.methods import get_method
-    from medistill.methods.mtt_presets import STABLE_PRESETS
+    from medistill.methods.mtt_presets import stable_settings
     from medistill.methods.registry import resolve_config
 
     spec = get_method("mtt")
-    assert resolve_config(spec, ipc, None) == MTTConfig(**STABLE_PRESETS[preset])
+    assert resolve_config(spec, ipc, None) == MTTConfig(**stable_settings(preset))
     overridden = resolve_config(spec, ipc, {"iterations": 3, "lr-img": 7.0})
-    assert (overridden.iterations, overridden.lr_img, overridden.syn_steps) == (3, 7.0, STABLE_PRESETS[preset]["syn_steps"])
+    assert (overridden.iterations, overridden.lr_img, overridden.syn_steps) == (3, 7.0, stable_settings(preset)["syn_steps"])
     explicit = MTTConfig(lr_img=3.0)
     assert resolve_config(spec, ipc, explicit) is explicit
 
 
 @pytest.mark.parametrize("ipc", [1, 10, 50])
-def test_preset_files_hold_the_stable_presets(ipc: int) -> None:
-    from medistill.configfile import read_yaml
-    from medistill.methods.mtt_presets import STABLE_PRESETS
+def test_the_stable_presets_are_complete_mtt_settings(ipc: int) -> None:
+    from medistill.methods import get_method, make_config
+    from medistill.methods.mtt_presets import stable_settings
 
-    path = Path(__file__).resolve().parents[1] / "configs" / f"mtt-28-ipc{ipc}.yaml"
-    assert read_yaml(path) == STABLE_PRESETS[ipc]
+    settings = stable_settings(ipc)
+    assert make_config(get_method("mtt"), settings) == MTTConfig(**settings)
+    assert set(settings) >= {"lr_img", "syn_steps", "syn_lr_init", "lr_lr", "expert_epochs", "max_start_epoch"}
 
 
 def test_a_diverged_run_shows_as_diverged_in_the_study_table() -> None:

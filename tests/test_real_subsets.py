@@ -157,9 +157,11 @@ def test_export_refuses_them_and_the_audit_flags_every_image(small, tmp_path: Pa
 def test_study_configs_list_them_as_references() -> None:
     from medistill.study.spec import load_study
 
+    from medistill.presets import preset_path
+
     configs = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("quick", "paper-per-dataset", "paper-simulation"):
-        assert {"herding", "kcenter"} <= {r.method for r in load_study(configs / f"{name}.yaml").runs}
+    for path in (configs / "quick.yaml", preset_path("paper-per-dataset"), preset_path("paper-simulation")):
+        assert {"herding", "kcenter"} <= {r.method for r in load_study(path).runs}
     runs = load_study(configs / "real-subsets-cpu.yaml").runs
     assert {r.method for r in runs} == {"herding", "kcenter", "random"} and len(runs) == 2 * 3 * (1 + 1 + 3)
     networks = {(r.method, r.ipc): r.eval_settings.num_models for r in runs}

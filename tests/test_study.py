@@ -331,7 +331,9 @@ def test_simulation_sets_are_built_first_and_run_like_any_dataset(tiny_data, tmp
 
 @pytest.mark.parametrize("name", ["quick", "paper-per-dataset", "paper-simulation", "paper-per-dataset-stable", "paper-simulation-stable"])
 def test_presets_parse_against_the_registered_methods(name):
-    study = load_study(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    from medistill.presets import resolve_config_path
+
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml" if name == "quick" else resolve_config_path(name))
     assert study.runs and {r.method for r in study.runs} >= {"random", "full"}
     if name == "quick":
         assert study.data_root.is_dir() and all(Path(r.dataset).is_file() for r in study.runs if r.dataset.endswith(".npz"))

@@ -29,7 +29,7 @@ app = typer.Typer(
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # Commands that only list or format: they do no torch work, so the thread choice is not announced for them.
-LISTING_COMMANDS = frozenset({"datasets", "methods", "models", "predict", "report", "export"})
+LISTING_COMMANDS = frozenset({"datasets", "methods", "models", "presets", "predict", "report", "export"})
 
 
 def _print_version(value: bool) -> None:

@@ -53,7 +53,7 @@ def distill(
     eval_models: int = typer.Option(5, "--eval-models", help="Networks trained to score the set."),
     eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Training epochs per network (default: 300, or 1000 with DSA)."),
     eval_model: str = typer.Option("convnet", "--eval-model", help="Architecture used for scoring."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets)."),
     settings: list[str] = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference)."),
     lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
@@ -137,6 +137,19 @@ def methods() -> None:
         spec = get_method(name)
         protocol = spec.default_protocol()
         table.add_row(name, "synthetic" if spec.synthetic else "real images", f"{protocol.epochs} epochs, {protocol.augment or 'no augmentation'}", spec.summary)
+    console.print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the presets that ship with medistill (--config NAME for method settings, medistill study NAME for grids)."""
+    from medistill.presets import list_presets
+
+    table = Table(title="presets")
+    for column in ("name", "kind", "what"):
+        table.add_column(column)
+    for preset in list_presets():
+        table.add_row(preset.name, preset.kind, preset.summary)
     console.print(table)
 
 

@@ -10,6 +10,7 @@ import typer
 from medistill.data import Dataset, load_dataset
 from medistill.configfile import parse_value, read_yaml
 from medistill.errors import ConfigError
+from medistill.presets import resolve_config_path
 from medistill.runtime import resolve_device
 
 DataRoot = typer.Option(None, "--data-root", help="Folder of MedMNIST files (default: $MEDISTILL_DATA, else ~/.medmnist).")
@@ -29,9 +30,10 @@ def open_dataset(name: str, data_root: Optional[Path], device: str, size: int = 
 
 
 def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, Any]:
-    """Method settings from a YAML file, then `KEY=VALUE` pairs (values parsed as YAML scalars; 1e-6 is a number)."""
+    """Method settings from a YAML file or a shipped preset by name, then `KEY=VALUE` pairs (values parsed as YAML scalars; 1e-6 is a number)."""
     settings: dict[str, Any] = {}
     if config_file is not None:
+        config_file = resolve_config_path(config_file)
         loaded = read_yaml(config_file) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")

@@ -12,6 +12,7 @@ from medistill.cli import app, on_interrupt, rerun_command
 from medistill.cli.options import DataRoot, Force, Seed
 from medistill.data import load_dataset
 from medistill.errors import ConfigError
+from medistill.presets import resolve_config_path
 from medistill.study.executors import list_executors
 from medistill.study.predict import DEFAULT_LEVEL, DEFAULT_PROBE, predict as predict_accuracy
 from medistill.study.report import console_summary, write_report
@@ -25,7 +26,7 @@ EXIT_RUNS_FAILED = 1
 
 @app.command()
 def study(
-    config: Path = typer.Argument(..., help="Study config (YAML); relative paths inside it resolve against its folder."),
+    config: Path = typer.Argument(..., help="Study config (YAML), or a preset's name (medistill presets); relative paths inside it resolve against its folder."),
     out: Path = typer.Option(DEFAULT_STUDY_DIR, "--out", help="Study folder: results, artifacts, report."),
     executor: str = typer.Option("local", "--executor", help=f"How runs are executed: {', '.join(list_executors())}."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local Ray instance)."),
@@ -35,7 +36,7 @@ def study(
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md, index.html, tables and plots afterwards."),
 ) -> None:
     """Run a study grid (datasets x methods x IPCs x seeds); a rerun skips finished runs and continues a killed one from its checkpoint."""
-    spec = load_study(config)
+    spec = load_study(resolve_config_path(config))
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
     options = {"address": ray_address} if executor == "ray" else {}

@@ -43,7 +43,7 @@ from medistill.zca import ZCA, whitened_dataset
 
 @dataclass
 class MTTConfig(DistillConfig):
-    """MTT settings; the defaults are those of configs/mtt-28-ipc10.yaml (stable on BreastMNIST; reasons there).
+    """MTT settings; the defaults are those of the preset mtt-28-ipc10 (stable on BreastMNIST; reasons there).
 
     `distill("mtt", ...)` with settings given as a mapping (or none) starts from the stable preset of
     the requested IPC (`mtt_presets.stable_preset`) instead; an `MTTConfig` is used as it is.
