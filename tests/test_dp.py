@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from medistill.bundle import CARD_JSON, CARD_MD, export_bundle
+from medistill.data import load_dataset
 from medistill.data.dataset import ORDINAL, DataSource, build_dataset
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_loop
@@ -26,8 +27,8 @@ EXE = Path(sys.executable).parent / "medistill"
 TINY = {"iterations": 4, "checkpoint_every": 2, "sample_rate": 0.5, "noise_multiplier": 1.0, "public_class_counts": True}
 
 
-def tiny_dataset(classes: int = 2, per_class: int = 8, size: int = 16, invert: bool = False):
-    """A small dataset whose classes differ in brightness; `invert` gives the same labels with other pixels."""
+def tiny_arrays(classes: int = 2, per_class: int = 8, size: int = 16, invert: bool = False) -> dict:
+    """(images, labels) per split of a small dataset whose classes differ in brightness; `invert` gives other pixels."""
     rng = np.random.default_rng(0)
 
     def split(n: int):
@@ -35,9 +36,22 @@ def tiny_dataset(classes: int = 2, per_class: int = 8, size: int = 16, invert: b
         images = (rng.integers(0, 120, size=(len(labels), size, size)) + labels[:, None, None] * 60).astype(np.uint8)
         return (255 - images if invert else images), labels
 
-    arrays = {"train": split(per_class), "val": split(2), "test": split(4)}
-    return build_dataset(name="tiny", task=ORDINAL, label_names=[f"c{i}" for i in range(classes)], arrays=arrays,
-                         source=DataSource(kind="npz", name="tiny", path="-"))
+    return {"train": split(per_class), "val": split(2), "test": split(4)}
+
+
+def tiny_dataset(classes: int = 2, per_class: int = 8, size: int = 16, invert: bool = False):
+    """The tiny arrays as an in-memory dataset."""
+    return build_dataset(name="tiny", task=ORDINAL, label_names=[f"c{i}" for i in range(classes)],
+                         arrays=tiny_arrays(classes, per_class, size, invert), source=DataSource(kind="npz", name="tiny", path="-"))
+
+
+def tiny_dataset_on_disk(folder: Path):
+    """The tiny arrays as an own npz loaded from disk, so that export can screen a set against its source."""
+    path = folder / "tiny.npz"
+    arrays = tiny_arrays()
+    np.savez(path, **{f"{name}_images": images for name, (images, _) in arrays.items()},
+             **{f"{name}_labels": labels[:, None] for name, (_, labels) in arrays.items()})
+    return load_dataset(path)
 
 
 def opacus_epsilon(history, delta):
@@ -173,7 +187,7 @@ def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkey
 
 
 def test_private_set_is_exported_with_its_guarantee(tmp_path) -> None:
-    data = tiny_dataset()
+    data = tiny_dataset_on_disk(tmp_path)
     synthetic = distill("dp-dm", data, 1, {**TINY, "epsilon": 50.0})
     assert synthetic.mean == (0.5,) and synthetic.std == (0.5,)  # public constants, not the training split's
     folder = export_bundle(synthetic, tmp_path / "bundle")
@@ -181,7 +195,7 @@ def test_private_set_is_exported_with_its_guarantee(tmp_path) -> None:
     assert card["privacy"]["epsilon"] == synthetic.extra["privacy"]["epsilon"] <= 50.0
     assert card["privacy"]["noise_multiplier"] == 1.0 and card["privacy"]["clip_norm"] == 1.0
     assert "-differentially private** with respect to the training images" in (folder / CARD_MD).read_text()
-    plain = distill("dm", data, 1, {"iterations": 1})
+    plain = distill("dm", data, 1, {"iterations": 1, "init": "noise"})  # from real images it would be a near-copy: refused
     assert "No formal guarantee" in export_bundle(plain, tmp_path / "plain").joinpath(CARD_MD).read_text()
 
 
