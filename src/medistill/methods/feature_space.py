@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import torch
 
+from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.models import list_models
+from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
 from medistill.train.engine import TrainProtocol, test_scores, train_model
 
 CACHE_SIZE = 4  # feature spaces kept per process (a few datasets x seeds)
@@ -109,8 +111,10 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def select_per_class(dataset: Dataset, ipc: int, space: FeatureSpace,
-                     choose: Callable[[torch.Tensor, int, torch.Generator], torch.Tensor], seed: int) -> torch.Tensor:
+ChooseInClass = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]  # (class features, count, generator) -> picks
+
+
+def select_per_class(dataset: Dataset, ipc: int, space: FeatureSpace, choose: ChooseInClass, seed: int) -> torch.Tensor:
     """Indices of IPC training images per class: `choose(class_features, ipc, generator)` picks within each class."""
     generator = torch.Generator().manual_seed(seed)
     picks = []
@@ -121,4 +125,22 @@ def select_per_class(dataset: Dataset, ipc: int, space: FeatureSpace,
     return torch.cat(picks)
 
 
-__all__ = ["FeatureSettings", "FeatureSpace", "clear_cache", "embed_all", "feature_space", "select_per_class"]
+def register_chosen_subset(name: str, choose: ChooseInClass, config_class: type, summary: str) -> MethodSpec:
+    """Register a real-subset baseline: IPC training images per class picked by `choose` in the feature space.
+
+    Its sets are real images (`synthetic=False`: export refuses them, the audit flags them); the feature
+    network's training and the picked training indices are recorded in the artifact.
+    """
+    def run(dataset: Dataset, ipc: int, config: FeatureSettings, context: RunContext) -> SyntheticSet:
+        check_ipc(dataset, ipc, name)
+        space = feature_space(dataset, config, context.seed, log=context.log)
+        idx = select_per_class(dataset, ipc, space, choose, context.seed)
+        return new_set(dataset, dataset.train.images[idx], dataset.train.labels[idx], method=name, ipc=ipc,
+                       seed=context.seed, extra={"feature_network": space.network, "train_indices": idx.tolist()})
+
+    return register_method(MethodSpec(name=name, run=run, config_class=config_class, summary=summary, synthetic=False,
+                                      supports_multilabel=False))
+
+
+__all__ = ["ChooseInClass", "FeatureSettings", "FeatureSpace", "clear_cache", "embed_all", "feature_space",
+           "register_chosen_subset", "select_per_class"]

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medistill.artifact import SyntheticSet
-from medistill.data.dataset import Dataset
-from medistill.methods.feature_space import FeatureSettings, feature_space, select_per_class
-from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
+from medistill.methods.feature_space import FeatureSettings, register_chosen_subset
 
 
 @dataclass
@@ -44,21 +41,4 @@ def herding_order(features: torch.Tensor, count: int, generator: torch.Generator
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def run_herding(dataset: Dataset, ipc: int, config: HerdingConfig, context: RunContext) -> SyntheticSet:
-    check_ipc(dataset, ipc, "herding")
-    space = feature_space(dataset, config, context.seed, log=context.log)
-    idx = select_per_class(dataset, ipc, space, herding_order, context.seed)
-    return new_set(dataset, dataset.train.images[idx], dataset.train.labels[idx], method="herding", ipc=ipc,
-                   seed=context.seed, extra={"feature_network": space.network, "train_indices": idx.tolist()})
-
-
-SPEC = register_method(
-    MethodSpec(
-        name="herding",
-        run=run_herding,
-        config_class=HerdingConfig,
-        summary="class-balanced real subset by herding in a full-set ConvNet's features (baseline)",
-        synthetic=False,
-        supports_multilabel=False,
-    )
-)
+SPEC = register_chosen_subset("herding", herding_order, HerdingConfig, "class-balanced real subset by herding in a full-set ConvNet's features (baseline)")

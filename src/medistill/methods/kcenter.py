@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medistill.artifact import SyntheticSet
-from medistill.data.dataset import Dataset
-from medistill.methods.feature_space import FeatureSettings, feature_space, select_per_class
-from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
+from medistill.methods.feature_space import FeatureSettings, register_chosen_subset
 
 
 @dataclass
@@ -40,21 +37,4 @@ def kcenter_order(features: torch.Tensor, count: int, generator: torch.Generator
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def run_kcenter(dataset: Dataset, ipc: int, config: KCenterConfig, context: RunContext) -> SyntheticSet:
-    check_ipc(dataset, ipc, "kcenter")
-    space = feature_space(dataset, config, context.seed, log=context.log)
-    idx = select_per_class(dataset, ipc, space, kcenter_order, context.seed)
-    return new_set(dataset, dataset.train.images[idx], dataset.train.labels[idx], method="kcenter", ipc=ipc,
-                   seed=context.seed, extra={"feature_network": space.network, "train_indices": idx.tolist()})
-
-
-SPEC = register_method(
-    MethodSpec(
-        name="kcenter",
-        run=run_kcenter,
-        config_class=KCenterConfig,
-        summary="class-balanced real subset by greedy k-center in a full-set ConvNet's features (baseline)",
-        synthetic=False,
-        supports_multilabel=False,
-    )
-)
+SPEC = register_chosen_subset("kcenter", kcenter_order, KCenterConfig, "class-balanced real subset by greedy k-center in a full-set ConvNet's features (baseline)")
