@@ -44,3 +44,24 @@ def pneumonia(pneumonia_npz: Path):
     from medistill.data import load_dataset
 
     return load_dataset(pneumonia_npz)
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+    """`kill_at(iteration)`: pixel-loop runs raise KeyboardInterrupt at `iteration` until the returned state's "kill" is False."""
+    from medistill.methods import pixel_loop
+
+    original = pixel_loop.IterationRandom.for_iteration.__func__
+
+    def arm(iteration: int) -> dict:
+        state = {"kill": True}
+
+        def killed(cls, seed, i, device):
+            if i == iteration and state["kill"]:
+                raise KeyboardInterrupt
+            return original(cls, seed, i, device)
+
+        monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed))
+        return state
+
+    return arm

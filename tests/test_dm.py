@@ -43,20 +43,6 @@ def read_tensorboard(directory):
     return scalars, images
 
 
-def kill_at(monkeypatch, iteration: int) -> dict:
-    """Make DM runs raise KeyboardInterrupt when they reach `iteration` until the returned state's "kill" is False."""
-    original = pixel_loop.IterationRandom.for_iteration.__func__
-    state = {"kill": True}
-
-    def killed(cls, seed, i, device):
-        if i == iteration and state["kill"]:
-            raise KeyboardInterrupt
-        return original(cls, seed, i, device)
-
-    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed))
-    return state
-
-
 def test_runs_on_tiny_tensors() -> None:
     result = distill("dm", tiny_dataset(), 2, {"iterations": 3, "batch_real": 5}, context=RunContext(seed=0))
     assert result.images.shape == (6, 1, 16, 16)
@@ -90,12 +76,12 @@ def test_matching_loss_goes_down() -> None:
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
-def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, monkeypatch) -> None:
+def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, kill_at) -> None:
     data = tiny_dataset()
     settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 6}
     whole = distill("dm", data, 2, settings, context=RunContext(seed=5))
 
-    state = kill_at(monkeypatch, 5)
+    state = kill_at(5)
     with pytest.raises(KeyboardInterrupt):
         distill("dm", data, 2, settings, context=RunContext(seed=5, checkpoint_dir=tmp_path))
     state["kill"] = False
@@ -142,11 +128,11 @@ def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path) -> None:
     assert "tensorboard" not in result.hyperparameters and result.hyperparameters["iterations"] == 5
 
 
-def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, monkeypatch) -> None:
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, kill_at) -> None:
     data = tiny_dataset()
     settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 4, "eval_every": 1, "eval_epochs": 1,
                 "tensorboard": str(tmp_path / "tb")}
-    state = kill_at(monkeypatch, 3)
+    state = kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         distill("dm", data, 1, settings, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run"))
     # The killed run logged iteration 3 (an evaluation point) after its last checkpoint (iteration 2).
@@ -159,10 +145,10 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, monkeypatch
     assert [step for step, _, _ in images["synthetic"]] == [2, 4, 6]
 
 
-def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, monkeypatch) -> None:
+def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, kill_at) -> None:
     data = tiny_dataset()
     settings = {"iterations": 4, "checkpoint_every": 2, "batch_real": 4}
-    state = kill_at(monkeypatch, 3)
+    state = kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         distill("dm", data, 1, settings, context=RunContext(seed=0, checkpoint_dir=tmp_path / "run"))
     state["kill"] = False

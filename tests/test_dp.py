@@ -147,26 +147,12 @@ def test_budget_refusal_before_the_run_and_before_a_step() -> None:
     assert ledger.spent == 4 and ledger.epsilon_after(4) <= 8.0
 
 
-def kill_at(monkeypatch, iteration: int) -> dict:
-    """Make pixel-loop runs raise KeyboardInterrupt at `iteration` until the returned state's "kill" is False."""
-    original = pixel_loop.IterationRandom.for_iteration.__func__
-    state = {"kill": True}
-
-    def killed(cls, seed, i, device):
-        if i == iteration and state["kill"]:
-            raise KeyboardInterrupt
-        return original(cls, seed, i, device)
-
-    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed))
-    return state
-
-
 @pytest.mark.parametrize("method", ["dp-dm", "dp-dc"])
-def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkeypatch) -> None:
+def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkeypatch, kill_at) -> None:
     data = tiny_dataset()
     settings = {**TINY, "iterations": 5, "public_class_counts": False}
     whole = distill(method, data, 2, settings, context=RunContext(seed=1))
-    state = kill_at(monkeypatch, 3)
+    state = kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         distill(method, data, 2, settings, context=RunContext(seed=1, checkpoint_dir=tmp_path))
     state["kill"] = False
