@@ -41,9 +41,14 @@ def digest(result) -> dict:
         "images": hashlib.sha256(result.images.contiguous().numpy().tobytes()).hexdigest(),
         "labels": result.labels.tolist(),
         "losses": losses,
-        "eval_points": result.metrics.get("eval_points"),
+        "eval_points": without_seconds(result.metrics.get("eval_points")),
         "learned_lr": result.learned_lr,
     }
+
+
+def without_seconds(points: list[dict] | None) -> list[dict] | None:
+    """Evaluation points without the seconds of distillation they were made at: a timing, not a result."""
+    return None if points is None else [{k: v for k, v in p.items() if k != "seconds"} for p in points]
 
 
 def killed_then_resumed(method: str, dataset, settings: dict, folder: Path) -> dict:

@@ -193,6 +193,8 @@ def run_job(
         "eval_protocol": protocol.to_dict(),
         "eval_models": evaluation.num_models,
         "hyperparameters": synthetic.hyperparameters,
+        # a run its stopping rule ended before the budget: the iteration and why (absent when it ran its budget)
+        **{key: synthetic.metrics[key] for key in ("stopped_at", "stop_reason") if key in synthetic.metrics},
         "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
         "device": str(dataset.device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (see README, Reproducibility)

@@ -140,8 +140,10 @@ def evaluate(
     lr: float | None = None,
     progress: bool = False,
     stacked: bool | None = None,
+    validation: bool = False,
 ) -> Scores:
-    """Train `num_models` fresh networks on the given set and score each on the dataset's test split.
+    """Train `num_models` fresh networks on the given set and score each on the dataset's test split
+    (and on its validation split too when `validation`: the split a run may select on without leakage).
 
     `stacked`: train the networks in lockstep (True), one after the other (False), or None for the
     device's faster way (stacked on CUDA, sequential on the CPU). Models with buffers (batch norm)
@@ -169,6 +171,10 @@ def evaluate(
                 for acc, auc in stacked_test_scores(stack, dataset):
                     scores.acc.append(acc)
                     scores.auc.append(auc)
+                if validation:
+                    for acc, auc in stacked_test_scores(stack, dataset, "val"):
+                        scores.val_acc.append(acc)
+                        scores.val_auc.append(auc)
                 bar.set(acc=scores.acc_mean)
         else:
             for model_seed in seeds:
@@ -176,5 +182,9 @@ def evaluate(
                 acc, auc = test_scores(model, dataset)
                 scores.acc.append(acc)
                 scores.auc.append(auc)
+                if validation:
+                    acc, auc = test_scores(model, dataset, "val")
+                    scores.val_acc.append(acc)
+                    scores.val_auc.append(auc)
                 bar.set(acc=scores.acc_mean)
     return scores

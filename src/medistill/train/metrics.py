@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,10 +37,13 @@ def score(labels: torch.Tensor, probabilities: torch.Tensor, task: str) -> tuple
 
 @dataclass
 class Scores:
-    """Test ACC and AUC of each evaluation network, with mean and standard deviation."""
+    """Test ACC and AUC of each evaluation network, with mean and standard deviation; validation ACC and AUC
+    of the same networks when they were asked for (`evaluate(..., validation=True)`), else empty."""
 
     acc: list[float] = field(default_factory=list)
     auc: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    val_auc: list[float] = field(default_factory=list)
 
     @property
     def acc_mean(self) -> float:
@@ -56,6 +60,14 @@ class Scores:
     @property
     def auc_std(self) -> float:
         return float(np.std(self.auc))
+
+    @property
+    def val_acc_mean(self) -> float:
+        return float(np.mean(self.val_acc)) if self.val_acc else math.nan
+
+    @property
+    def val_auc_mean(self) -> float:
+        return float(np.mean(self.val_auc)) if self.val_auc else math.nan
 
     def summary(self) -> dict[str, float | list[float]]:
         return {
