@@ -1,4 +1,5 @@
-"""MTT: bounded and plain unrolls agree, the loss falls, a killed run resumes exactly, guards hold."""
+"""MTT: bounded and plain unrolls agree, the loss falls, a killed run resumes exactly, guards hold, a buffer to
+build is announced with its cost (and refused over a time limit) before any expert is trained."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill
 from medistill.methods.checkpoint import CHECKPOINT_NAME, read_state
+from medistill.methods import experts as experts_module
 from medistill.methods import mtt as mtt_module
 from medistill.methods.mtt import MTTConfig, MTTDistiller, Unroll, bounded_unroll, plain_unroll
 from medistill.zca import ZCA
@@ -42,6 +44,44 @@ def test_distill_builds_the_buffer_first_then_reuses_it(breast, buffer_root: Pat
     assert first.images.shape == (2, 1, 28, 28) and torch.isfinite(first.images).all()
     assert first.extra["buffer"]["num_experts"] == 2
     assert "directory" not in first.extra["buffer"]  # the set records what the buffer is, not where this machine keeps it
+
+
+def one_expert_one_epoch(buffer_root: Path) -> dict:
+    """The smallest buffer MTT accepts: 1 expert x 1 epoch of a width-8 ConvNet."""
+    return {"iterations": 1, "syn_steps": 1, "num_experts": 1, "buffer_epochs": 1, "max_start_epoch": 1, "expert_epochs": 1,
+            "model_kwargs": {"width": 8}, "buffer_root": str(buffer_root)}
+
+
+def test_a_buffer_to_build_is_announced_with_its_cost_first(breast, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(experts_module, "step_seconds", lambda dataset, settings, count: 4.0)
+    messages: list[str] = []
+    distill("mtt", breast, 1, one_expert_one_epoch(tmp_path), context=RunContext(log=messages.append))
+    notice = messages[0]
+    assert notice.startswith(f"training 1 expert(s) x 1 epochs on breastmnist (1 at once: one at a time on cpu, "
+                             f"where stacking brings no speed) into {tmp_path}/breastmnist-")
+    # 1 expert x 1 epoch x 3 steps (546 images, batches of 256) x 4 s
+    assert notice.endswith(": about 12 s on cpu (an estimate from one timed training step); "
+                           "for a smaller buffer: --set num_experts=N (now 1)")
+
+
+def test_the_default_buffer_says_how_to_ask_for_a_smaller_one() -> None:
+    assert MTTConfig().smaller_buffer_hint() == (
+        "for a smaller buffer: --set num_experts=N (now 20) or --set buffer_epochs=11 "
+        "(now 30; the least max_start_epoch 10 + expert_epochs 2 allow)")
+
+
+def test_cli_refuses_a_buffer_over_the_time_limit_in_one_line(medmnist_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from test_cli import _assert_one_line_error, _run_main
+
+    argv = ["distill", "breastmnist", "-m", "mtt", "--ipc", "1", "--out", tmp_path / "run", "--data-root", medmnist_root,
+            "--device", "cpu", "--no-progress", "--max-expert-minutes", "1e-6"]
+    for pair in ("num_experts=1", "buffer_epochs=1", "max_start_epoch=1", "expert_epochs=1", "model_kwargs={width: 8}",
+                 f"buffer_root={tmp_path / 'experts'}"):
+        argv += ["--set", pair]
+    code, err = _run_main(argv, monkeypatch, capsys)
+    _assert_one_line_error(code, err, "training 1 expert(s) x 1 epochs on breastmnist", "(an estimate from one timed training step)",
+                           "over the limit of 1e-06 min (max_expert_minutes); nothing was trained", "--set num_experts=N")
+    assert not list((tmp_path / "experts").rglob("expert_*.safetensors"))
 
 
 @pytest.mark.parametrize("augment", [None, "color_crop_cutout_flip_scale_rotate"])

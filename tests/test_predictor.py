@@ -3,6 +3,8 @@ the conformal interval over datasets, the extrapolation warning, and the one-dat
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 import subprocess
 import sys
@@ -13,9 +15,12 @@ import pytest
 
 from medistill.study.predict import (
     CANDIDATES, Candidate, Coverage, DatasetFacts, Observation, choose_model, conformal_rank, dataset_facts,
-    evaluate_predictor, fit_predictor, from_unit, interval, is_medical, lodo_scores, summarise, to_unit,
+    evaluate_predictor, fit_predictor, from_unit, interval, is_medical, lodo_scores, predict, summarise, to_unit,
 )
+from medistill.data import write_npz_dataset
 from medistill.errors import ConfigError
+from medistill.study.analysis import cells_from_records
+from medistill.study.report import compare_probes, console_summary, held_out_rows, write_report
 from medistill.study.spec import load_study
 from medistill.study.store import ResultStore
 
@@ -107,22 +112,30 @@ def test_medical_marking_follows_the_provenance():
     assert not is_medical(simulation)
 
 
-def write_study(folder, datasets: dict[str, tuple[int, list[tuple[int, float, float]]]]) -> None:
-    """A study folder of synthetic finished records: per dataset, its class count and (IPC, random ACC, dm ACC) points."""
+def write_runs(folder, datasets: dict[str, tuple[int, dict[str, dict[int | None, float]]]],
+               settings: dict[str, dict] | None = None) -> None:
+    """A study folder of synthetic finished records: per dataset, its class count and per method its ACC at each IPC
+    (None: a run without an IPC, like full); `settings` gives a method's settings as a study would store them."""
     store = ResultStore(folder)
     keys = []
-    for name, (classes, points) in datasets.items():
-        for ipc, random_acc, dm_acc in points:
-            for method, acc in (("random", random_acc), ("dm", dm_acc)):
+    for name, (classes, methods) in datasets.items():
+        for method, accs in methods.items():
+            for ipc, acc in accs.items():
                 key = f"{name}-{method}-{ipc}"
                 keys.append(key)
                 store.write({"key": key, "dataset_label": name, "status": "ok",
-                             "spec": {"dataset": name, "method": method, "ipc": ipc, "seed": 0, "settings": {},
+                             "spec": {"dataset": name, "method": method, "ipc": ipc, "seed": 0, "settings": (settings or {}).get(method, {}),
                                       "evaluation": {"num_models": 1, "epochs": 1, "augment": False}},
                              "result": {"test_acc": [acc], "test_auc": [acc], "num_classes": classes, "channels": 1,
-                                        "test_majority_rate": 1 / classes, "num_images": ipc * classes,
+                                        "test_majority_rate": 1 / classes, "num_images": (ipc or 1) * classes,
                                         "source": {"kind": "npz", "provenance": {}}}})
     store.write_study({"name": "synthetic", "runs": keys})
+
+
+def write_study(folder, datasets: dict[str, tuple[int, list[tuple[int, float, float]]]]) -> None:
+    """A study folder of synthetic finished records: per dataset, its class count and (IPC, random ACC, dm ACC) points."""
+    write_runs(folder, {name: (classes, {"random": {ipc: r for ipc, r, _ in points}, "dm": {ipc: d for ipc, _, d in points}})
+                        for name, (classes, points) in datasets.items()})
 
 
 def test_facts_come_from_the_records(tmp_path):
@@ -164,6 +177,121 @@ def test_an_unknown_probe_is_refused(tmp_path):
         fit_predictor(tmp_path, probe="herding")
 
 
+# --- which probe predicts best -------------------------------------------------------------------
+
+CLASSES = {"d0": 2, "d1": 3, "d2": 2, "d3": 4, "d4": 2}
+
+
+def probe_world(seed: int = 0) -> dict[str, tuple[int, dict[str, dict[int | None, float]]]]:
+    """Five datasets, IPC 1 and 10: dm and dc are exact lines of herding's ACC; random's ACC is noise unrelated to them.
+
+    full (no IPC) runs everywhere and kcenter on one dataset only: neither can be a probe.
+    """
+    rng = np.random.default_rng(seed)
+    world = {}
+    for name, classes in CLASSES.items():
+        herding = {ipc: float(rng.uniform(0.4, 0.9)) for ipc in (1, 10)}
+        methods = {"random": {ipc: float(rng.uniform(0.3, 0.9)) for ipc in (1, 10)}, "herding": herding,
+                   "dm": {ipc: 0.2 + 0.7 * h for ipc, h in herding.items()}, "dc": {ipc: 0.1 + 0.8 * h for ipc, h in herding.items()},
+                   "full": {None: 0.95}}
+        if name == "d0":
+            methods["kcenter"] = {1: 0.5, 10: 0.6}
+        world[name] = (classes, methods)
+    return world
+
+
+def expected_transfer_mae(world, probe: str, method: str) -> float:
+    """The nested transfer predictor's held-out MAE with `probe`'s ACC as input, computed from the world directly."""
+    observations = [Observation(name, ipc, methods[probe][ipc], methods[method][ipc], DatasetFacts(name, classes, 1, 1 / classes, True))
+                    for name, (classes, methods) in world.items() for ipc in (1, 10)]
+    (summary,) = [e for e in summarise(evaluate_predictor(method, observations)) if e.predictor == "transfer"]
+    return summary.mae
+
+
+def test_the_report_names_the_probe_whose_predictions_err_least(tmp_path):
+    world = probe_world()
+    write_runs(tmp_path, world)
+    records = ResultStore(tmp_path).study_records()
+    comparison = compare_probes(records, cells_from_records(records))
+    assert comparison.probes == ["random", "herding"]  # full has no IPC, kcenter ran on one dataset
+    noise = {m: expected_transfer_mae(world, "random", m) for m in ("dc", "dm")}
+    assert min(noise.values()) > 0.02  # random is a poor probe here: its error is far from herding's zero
+    transfer = {(probe, e.method): e for probe, summary in comparison.summaries().items() for e in summary if e.predictor == "transfer"}
+    for method in ("dc", "dm"):
+        assert transfer[("herding", method)].mae == pytest.approx(0.0, abs=1e-9)
+        assert transfer[("herding", method)].max_abs == pytest.approx(0.0, abs=1e-9)
+        assert transfer[("random", method)].mae == pytest.approx(noise[method])
+        assert transfer[("random", method)].datasets == 5 and transfer[("random", method)].points == 10
+    assert comparison.methods == ["dc", "dm"] and comparison.best == ["herding"]
+    assert comparison.mean_transfer_mae["random"] == pytest.approx((noise["dc"] + noise["dm"]) / 2)
+    assert comparison.rows["random"] == held_out_rows(records, cells_from_records(records))  # the default probe's section
+    verdict = (f"Best probe: herding (mean transfer MAE over dc, dm: random {comparison.mean_transfer_mae['random']:.3f}, "
+               "herding 0.000).")
+    assert comparison.verdict() == verdict
+
+    report = write_report(tmp_path).read_text()
+    section = report.split("## Which probe predicts best (leave-one-dataset-out)")[1]
+    assert section.startswith(f"\n\n{verdict}\n") and "| herding | dm | transfer | 5 | 10 | 0.000 | 0.000 |" in section
+    assert f"| random | dm | transfer | 5 | 10 | {noise['dm']:.3f} |" in section
+    analysis = json.loads((tmp_path / "analysis.json").read_text())["probe_comparison"]
+    assert analysis["best"] == ["herding"] and analysis["probes"] == ["random", "herding"] and analysis["verdict"] == verdict
+    herding_dm = [e for e in analysis["summary"] if (e["probe"], e["method"], e["predictor"]) == ("herding", "dm", "transfer")]
+    assert len(herding_dm) == 1 and herding_dm[0]["mae"] == pytest.approx(0.0, abs=1e-9)
+    html = (tmp_path / "index.html").read_text()
+    assert "<h2>Which probe predicts best (leave-one-dataset-out)</h2>" in html and f"<p>{verdict}</p>" in html
+    assert verdict in console_summary(tmp_path)
+
+
+def test_probes_that_predict_equally_well_are_a_tie(tmp_path):
+    world = probe_world()
+    for _, methods in world.values():
+        methods["kcenter"] = dict(methods["herding"])
+    write_runs(tmp_path, world)
+    records = ResultStore(tmp_path).study_records()
+    comparison = compare_probes(records, cells_from_records(records))
+    assert comparison.probes == ["random", "herding", "kcenter"] and comparison.best == ["herding", "kcenter"]
+    assert comparison.verdict().startswith("Tie: herding and kcenter have the same lowest mean transfer MAE over dc, dm")
+
+
+def test_with_one_probe_the_report_says_no_comparison_is_possible(tmp_path):
+    write_study(tmp_path, {f"d{i}": (2, [(1, 0.55 + 0.05 * i, 0.7 + 0.04 * i), (10, 0.7 + 0.03 * i, 0.8 + 0.02 * i)]) for i in range(4)})
+    report = write_report(tmp_path).read_text()
+    verdict = ("Only random has finished runs at an IPC on two or more datasets: the errors below are with random as the probe, "
+               "and no comparison is possible.")
+    section = report.split("## Which probe predicts best (leave-one-dataset-out)")[1]
+    assert section.startswith(f"\n\n{verdict}\n") and "| random | dm | transfer | 4 | 8 |" in section
+    analysis = json.loads((tmp_path / "analysis.json").read_text())["probe_comparison"]
+    assert analysis["probes"] == ["random"] and analysis["best"] == [] and analysis["verdict"] == verdict
+    assert {e["probe"] for e in analysis["summary"]} == {"random"}
+
+
+def test_predict_reruns_a_herding_probe_with_the_studys_own_settings(tmp_path, monkeypatch):
+    """The probe's run template comes from the study's herding runs: their feature_epochs travel with it."""
+    world = probe_world()
+    write_runs(tmp_path / "s", world, settings={"herding": {"feature_epochs": 2}})
+    rng = np.random.default_rng(0)
+    splits = {split: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.repeat([0, 1], n // 2)[:, None])
+              for split, n in (("train", 16), ("val", 4), ("test", 8))}
+    target = write_npz_dataset(tmp_path / "tiny.npz", splits, task="binary-class", label_names=["a", "b"])
+    runs = []
+    predict_module = importlib.import_module("medistill.study.predict")  # the module, not the `predict` medistill.study re-exports
+    real_run = predict_module.run_record
+
+    def spy(spec, env):
+        runs.append((spec, real_run(spec, env)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(predict_module, "run_record", spy)
+    result = predict(str(target), 1, tmp_path / "s", probe="herding")
+    ((spec, record),) = runs
+    assert spec.method == "herding" and spec.method_settings == {"feature_epochs": 2} and spec.ipc == 1
+    assert spec.eval_settings.epochs == 1 and spec.eval_settings.num_models == 1
+    assert record["hyperparameters"]["feature_epochs"] == 2  # the run itself trained its feature network for the study's epochs
+    assert result.probe == "herding" and {m.method for m in result.methods} == {"dc", "dm"}
+    dm = next(m for m in result.methods if m.method == "dm")
+    assert dm.predicted_acc == pytest.approx(min(1.0, 0.2 + 0.7 * result.probe_acc_mean), abs=1e-6)
+
+
 def test_no_bound_is_claimed_with_two_datasets():
     observations = gap_world(2)
     model = choose_model("dm", observations)
@@ -176,5 +304,7 @@ def test_the_shipped_predictor_study_parses():
     study = load_study(Path(__file__).resolve().parents[1] / "configs" / "predictor.yaml")
     labels = {run.dataset_label for run in study.runs}
     assert labels == {"breastmnist", "pneumoniamnist_balanced", "digits", "sim-medical-small", "sim-medical-large", "sim-mixed"}
-    assert {run.method for run in study.runs} == {"random", "dm", "dc"} and len(study.runs) == 6 * 3 * 2
+    assert {run.method for run in study.runs} == {"random", "herding", "kcenter", "dm", "dc"} and len(study.runs) == 6 * 5 * 2
+    # the alternative probes' feature network trains with the config's 20-epoch budget, not the 300-epoch default
+    assert {run.method_settings["feature_epochs"] for run in study.runs if run.method in ("herding", "kcenter")} == {20}
     assert "digits" in study.simulations["sim-mixed"].datasets

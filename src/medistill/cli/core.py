@@ -65,6 +65,9 @@ def distill(
     delta: Optional[float] = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5)."),
     noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached."),
     public_class_counts: bool = typer.Option(False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."),
+    max_expert_minutes: Optional[float] = typer.Option(
+        None, "--max-expert-minutes", help="MTT: refuse (exit 2, nothing trained) when the expert buffer still to train is estimated "
+                                           "to take longer than this; the estimate is printed before any expert is trained either way."),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
     bf16: bool = BF16,
@@ -76,7 +79,8 @@ def distill(
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=bf16, compile=compile)
     private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
-    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private}.items() if v is not None}
+    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private,
+                                   "max_expert_minutes": max_expert_minutes}.items() if v is not None}
     given = {**parse_settings(config, settings), **overrides}
     given.update(speed_settings(get_method(method).config_class, bf16, compile, given))
     result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,

@@ -17,7 +17,6 @@ from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, S
 from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
 
 
 @app.command()
@@ -34,7 +33,10 @@ def experts(
     model_args: list[str] = typer.Option([], "--model-arg", help="Architecture setting KEY=VALUE, e.g. width=64 (repeatable)."),
     zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (kornia ZCA, eps 0.1, fitted on [0, 1] pixels)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store trajectories in fp16 (half the disk)."),
-    parallel: int = typer.Option(10, "--parallel", help="Experts trained at once (stacked)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Experts trained at once (stacked; default: 1 on the CPU, "
+                                                                    "as many as the free memory holds on CUDA)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-expert-minutes", help="Refuse (exit 2, nothing trained) when the "
+                                                                                 "missing experts are estimated to take longer than this."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
@@ -43,7 +45,7 @@ def experts(
     image_size: Optional[int] = ImageSize,
     progress: bool = Progress,
 ) -> None:
-    """Train MTT expert trajectories (several at once) into a reusable, resumable buffer."""
+    """Train MTT expert trajectories into a reusable, resumable buffer; the work and its estimated time are stated first."""
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     settings = ExpertSettings(epochs=epochs, lr_teacher=lr_teacher, batch_size=batch_size,
                               augment=None if augment.lower() == "none" else augment, model=model,
@@ -51,7 +53,9 @@ def experts(
     folder = buffer_dir(data, settings, out)
     on_interrupt(lambda: f"Kept: every finished expert in {folder}. The same command trains only the missing ones: {rerun_command()}")
     start = time.perf_counter()
-    buffer = build_buffer(data, settings, num_experts, root=out, parallel=parallel, progress=progress, log=err.print)
+    buffer = build_buffer(data, settings, num_experts, root=out, parallel=parallel, max_minutes=max_minutes,
+                          smaller_buffer_hint="for a smaller buffer: --num-experts N or --epochs T", progress=progress,
+                          log=lambda message: typer.echo(message, err=True))
     summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

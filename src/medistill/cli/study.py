@@ -81,7 +81,7 @@ def predict(
     dataset: str = typer.Argument(..., help="MedMNIST flag, bundled set (digits), npz/folder path, or a simulation set of the study."),
     ipc: int = typer.Option(..., "--ipc", help="Images per class."),
     study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted predictor is used."),
-    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help="The cheap run whose score predicts the methods' (the study must hold its runs)."),
+    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help="The cheap run whose score predicts the methods': random, herding or kcenter (the study must hold its runs)."),
     level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Level of the conformal interval over the study's datasets."),
     data_root: Optional[Path] = DataRoot,
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),

@@ -118,7 +118,7 @@ class Distiller:
 def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig, context: RunContext,
                   distiller: Distiller) -> SyntheticSet:
     """Run `distiller` for `config.iterations` iterations (checkpointed, resumable) and return its set."""
-    # Local folders are not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
+    # Machine settings are not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
     checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, recorded_settings(config), context.seed))
     protocol = get_method(method).default_protocol()
     if config.eval_epochs is not None:

@@ -3,8 +3,16 @@
 An expert is a network trained on the full training set with plain SGD (lr_teacher, no momentum,
 no weight decay) and DSA augmentation. Its trajectory is the flattened parameter vector at init and
 after each of T epochs, (T+1, P), stored as one safetensors file per expert (fp32, or fp16 to halve
-the disk). Experts of one buffer are trained together: their flat parameters are stacked into an
-(E, P) tensor and one `vmap(grad(...))` call over a functional ConvNet steps them all.
+the disk). Experts are trained in groups: a group's flat parameters are stacked into an (E, P)
+tensor and one `vmap(grad(...))` call over a functional ConvNet steps them all. Each expert draws
+from its own seed, so an expert is the same whichever group it is trained in. How many at once is
+chosen from the device unless asked (`experts_at_once`): one on the CPU, where stacking brings no
+speed (the CPU is busy either way) and multiplies the memory; on CUDA as many as the free memory
+holds.
+
+Building never starts unannounced: before the first expert is trained, `build_buffer` says how
+many experts x epochs it will train, where, and how long that should take (from one timed training
+step on this device), and refuses when the estimate is over a limit the caller sets.
 
 A buffer lives in `<root>/<dataset>-<md5[:8]>-<C>x<S>/<model>-T<epochs>-<hash>/`: one folder per
 dataset file, image shape and training settings, reused by every IPC. Each finished expert is
@@ -16,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,6 +54,12 @@ TRAJECTORY_KEY = "trajectory"
 # Raised whenever the same settings would train different experts, so an old buffer is never reused
 # silently: 2 = one DSA family per call, ZCA fitted on [0, 1] pixels.
 TRAINING_VERSION = 2
+# The memory estimate of one stacked expert (`expert_memory_bytes`): copies held at once during a step.
+PARAMETER_COPIES = 4  # flat parameters, their gradient, the updated parameters, one temporary
+ACTIVATION_COPIES = 3  # the layer outputs kept for backward, their gradients, one temporary
+INPUT_COPIES = 4  # the gathered batch, the augmentation's intermediate and result, one temporary
+FREE_MEMORY_SHARE = 0.8  # of the free CUDA memory planned for experts; the rest absorbs fragmentation
+TIMED_STEPS = 2  # training steps run to time one; the last is timed (the first pays one-off setup)
 
 
 class FlatModel:
@@ -158,6 +173,111 @@ def fit_zca(dataset: Dataset, settings: ExpertSettings) -> ZCA | None:
     return ZCA.for_dataset(dataset) if settings.zca else None
 
 
+class StackedStep:
+    """One plain SGD step of stacked experts: each expert's minibatch augmented with its own generator, then `vmap(grad)`."""
+
+    def __init__(self, flat_model: FlatModel, settings: ExpertSettings) -> None:
+        self.lr = settings.lr_teacher
+        self.augment = DiffAugment(settings.augment) if settings.augment else None
+
+        def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(flat_model(flat, x), y)
+
+        self.grads = vmap(grad(loss))
+
+    def __call__(self, flats: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The stacked parameters (E, P) after one step on the minibatches x (E, B, C, H, W), y (E, B)."""
+        if self.augment is not None:
+            x = torch.stack([self.augment(x[e], generator=generators[e]) for e in range(len(generators))])
+        return flats - self.lr * self.grads(flats, x, y)
+
+
+def stacked_experts(dataset: Dataset, settings: ExpertSettings, indices: list[int]) -> tuple[FlatModel, torch.Tensor, list[torch.Generator]]:
+    """The experts `indices` at init: their layout, stacked flat parameters (E, P) and data generators, each from its own seed."""
+    seeds = [expert_seed(settings.seed, i) for i in indices]
+    flat_model = FlatModel(new_network(dataset, settings))
+    flats = torch.stack([flat_model.flatten(init_expert(dataset, settings, s)) for s in seeds])
+    return flat_model, flats, [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def steps_per_epoch(dataset: Dataset, settings: ExpertSettings) -> int:
+    return math.ceil(len(dataset.train) / settings.batch_size)
+
+
+def step_seconds(dataset: Dataset, settings: ExpertSettings, count: int) -> float:
+    """Wall time of one training step of `count` stacked experts on this device, on a real training minibatch.
+
+    `TIMED_STEPS` steps are run and the last is timed, so one-off setup (allocator, kernel choice)
+    does not count. Plain training images stand in for whitened ones (ZCA does not change the cost).
+    The global random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        flat_model, flats, generators = stacked_experts(dataset, settings, list(range(count)))
+    images, labels = dataset.train.images, dataset.train.labels
+    batch = min(settings.batch_size, len(images))
+    step = StackedStep(flat_model, settings)
+    idx = to_device(torch.stack([torch.randperm(len(images), generator=g)[:batch] for g in generators]), images.device)
+    seconds = 0.0
+    for _ in range(TIMED_STEPS):
+        began = time.perf_counter()
+        flats = step(flats, images[idx], labels[idx], generators)
+        if flats.device.type == "cuda":
+            torch.cuda.synchronize(flats.device)
+        seconds = time.perf_counter() - began
+    return seconds
+
+
+def expert_memory_bytes(dataset: Dataset, settings: ExpertSettings) -> int:
+    """A conservative estimate of the device memory one more stacked expert takes while training, in bytes:
+
+        4 bytes x (PARAMETER_COPIES x P + B x (ACTIVATION_COPIES x A + INPUT_COPIES x I))
+
+    P: the network's parameters; B: the minibatch (batch_size, at most the training set); A: the
+    values all leaf modules (conv, norm, activation, pool, linear) output for one image, counted in a
+    forward pass of one training image; I: the values of one input image. Copies held at once:
+    parameters 4 (flat, gradient, update, a temporary), activations 3 (kept for backward, their
+    gradients, a temporary), inputs 4 (gathered batch, augmentation's intermediate and result, a
+    temporary). fp32 throughout; the trajectories themselves are kept in host memory.
+    """
+    with torch.random.fork_rng(devices=[]):
+        network = new_network(dataset, settings)
+    outputs: list[int] = []
+    leaves = [m for m in network.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() if isinstance(out, torch.Tensor) else 0))
+             for m in leaves]
+    with torch.no_grad():
+        network(dataset.train.images[:1])
+    for hook in hooks:
+        hook.remove()
+    params = sum(p.numel() for p in network.parameters())
+    batch = min(settings.batch_size, len(dataset.train))
+    image = dataset.train.images[0].numel()
+    return 4 * (PARAMETER_COPIES * params + batch * (ACTIVATION_COPIES * sum(outputs) + INPUT_COPIES * image))
+
+
+def stacked_count(free_bytes: int, per_expert_bytes: int, missing: int) -> int:
+    """Experts to train at once: as many as `FREE_MEMORY_SHARE` of the free memory holds, at least 1, at most `missing`."""
+    return max(1, min(missing, int(free_bytes * FREE_MEMORY_SHARE) // per_expert_bytes))
+
+
+def experts_at_once(dataset: Dataset, settings: ExpertSettings, missing: int, asked: int | None) -> tuple[int, str]:
+    """How many of the `missing` experts to train at once on the dataset's device, and why.
+
+    An explicit `asked` wins. Otherwise one on the CPU (stacking brings no speed there and
+    multiplies the memory), and on CUDA as many as the free memory holds (`stacked_count`, with
+    `torch.cuda.mem_get_info` and `expert_memory_bytes`).
+    """
+    if asked is not None:
+        return min(asked, missing), "as asked"
+    device = dataset.device
+    if device.type != "cuda":
+        return 1, f"one at a time on {device.type}, where stacking brings no speed"
+    free, _ = torch.cuda.mem_get_info(device)
+    per_expert = expert_memory_bytes(dataset, settings)
+    return (stacked_count(free, per_expert, missing),
+            f"as many as {free / 2**30:.1f} GiB free {device} memory holds at about {per_expert / 2**30:.2f} GiB each")
+
+
 def train_experts(
     dataset: Dataset,
     settings: ExpertSettings,
@@ -170,16 +290,8 @@ def train_experts(
         raise ConfigError(f"MTT experts are trained with cross-entropy; the multi-label dataset '{dataset.name}' is not supported")
     zca = fit_zca(dataset, settings)
     images, labels = training_data(dataset, zca)
-    seeds = [expert_seed(settings.seed, i) for i in indices]
-    flat_model = FlatModel(new_network(dataset, settings))
-    flats = torch.stack([flat_model.flatten(init_expert(dataset, settings, s)) for s in seeds])
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    augment = DiffAugment(settings.augment) if settings.augment else None
-
-    def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(flat_model(flat, x), y)
-
-    step_grads = vmap(grad(loss))
+    flat_model, flats, generators = stacked_experts(dataset, settings, indices)
+    step = StackedStep(flat_model, settings)
     count, n = len(indices), images.shape[0]
     trajectories = torch.empty(count, settings.epochs + 1, flat_model.num_params)
     # Each epoch's parameters go to the host without blocking and are stored one epoch later, when
@@ -189,10 +301,7 @@ def train_experts(
         orders = to_device(torch.stack([torch.randperm(n, generator=g) for g in generators]), images.device)
         for start in range(0, n, settings.batch_size):
             idx = orders[:, start : start + settings.batch_size]
-            x = images[idx]
-            if augment is not None:
-                x = torch.stack([augment(x[e], generator=generators[e]) for e in range(count)])
-            flats = flats - settings.lr_teacher * step_grads(flats, x, labels[idx])
+            flats = step(flats, images[idx], labels[idx], generators)
         trajectories[:, snapshot[0]] = snapshot[1].wait()
         snapshot = (epoch + 1, HostCopy(flats))
         if on_epoch is not None:
@@ -274,15 +383,26 @@ def build_buffer(
     num_experts: int,
     *,
     root: str | Path | None = None,
-    parallel: int = 10,
+    parallel: int | None = None,
+    max_minutes: float | None = None,
+    smaller_buffer_hint: str = "",
     progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> ExpertBuffer:
-    """Make sure the buffer holds at least `num_experts` experts, training the missing ones `parallel` at a time."""
+    """Make sure the buffer holds at least `num_experts` experts, training the missing ones in groups.
+
+    `parallel` experts are trained at once (None: chosen from the device, `experts_at_once`). Before
+    any is trained, one line through `log` says how many experts x epochs, how many at once, where,
+    and the estimated time (`step_seconds` x steps per epoch x epochs x groups), followed by
+    `smaller_buffer_hint` (how the caller's user asks for fewer experts or epochs). When the estimate
+    is over `max_minutes`, nothing is trained: a ConfigError says the same in one line.
+    """
     if num_experts < 1:
         raise ConfigError(f"the number of experts must be at least 1, got {num_experts}")
-    if parallel < 1:
+    if parallel is not None and parallel < 1:
         raise ConfigError(f"experts trained at once must be at least 1, got {parallel}")
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise ConfigError(f"the experts' time limit must be a positive number of minutes, got {max_minutes}")
     directory = buffer_dir(dataset, settings, root)
     directory.mkdir(parents=True, exist_ok=True)
     flat_model = FlatModel(new_network(dataset, settings))
@@ -291,10 +411,21 @@ def build_buffer(
     if not missing:
         log(f"reusing the expert buffer {directory} ({num_experts} experts x {settings.epochs} epochs)")
         return ExpertBuffer(directory)
-    log(f"training {len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name} ({min(parallel, len(missing))} at once) into {directory}")
+    at_once, why = experts_at_once(dataset, settings, len(missing), parallel)
+    groups = math.ceil(len(missing) / at_once)
+    estimated_seconds = step_seconds(dataset, settings, at_once) * steps_per_epoch(dataset, settings) * settings.epochs * groups
+    held = num_experts - len(missing)
+    work = (f"{len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name}"
+            + (f" (the buffer holds {held} of the {num_experts} needed)" if held else ""))
+    estimate = f"about {_duration(estimated_seconds)} on {dataset.device} (an estimate from one timed training step)"
+    hint = f"; {smaller_buffer_hint}" if smaller_buffer_hint else ""
+    if max_minutes is not None and estimated_seconds > 60 * max_minutes:
+        raise ConfigError(f"training {work} would take {estimate}, over the limit of {max_minutes:g} min (max_expert_minutes); "
+                          f"nothing was trained{hint}")
+    log(f"training {work} ({at_once} at once: {why}) into {directory}: {estimate}{hint}")
     with progress_bar(len(missing) * settings.epochs, f"experts {dataset.name}", progress) as bar:
-        for start in range(0, len(missing), parallel):
-            group = missing[start : start + parallel]
+        for start in range(0, len(missing), at_once):
+            group = missing[start : start + at_once]
             began = time.perf_counter()
             trajectories, accs = train_experts(dataset, settings, group, on_epoch=lambda g=len(group): bar.advance(g))
             seconds = (time.perf_counter() - began) / len(group)
@@ -304,6 +435,15 @@ def build_buffer(
                 save_trajectory(_expert_path(directory, index), trajectories[row], fp16=settings.fp16, meta=meta)
             bar.set(acc=float(np.mean(accs)))
     return ExpertBuffer(directory)
+
+
+def _duration(seconds: float) -> str:
+    """`45 s`, `12.5 min` or `3.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _expert_path(directory: Path, index: int) -> Path:
@@ -332,6 +472,7 @@ def _write_manifest(directory: Path, dataset: Dataset, settings: ExpertSettings,
 
 
 __all__ = [
-    "ExpertBuffer", "ExpertSettings", "FlatModel", "buffer_dir", "build_buffer", "expert_seed", "experts_root",
-    "init_expert", "new_network", "save_trajectory", "train_experts", "training_data",
+    "ExpertBuffer", "ExpertSettings", "FlatModel", "StackedStep", "buffer_dir", "build_buffer", "expert_memory_bytes",
+    "expert_seed", "experts_at_once", "experts_root", "init_expert", "new_network", "save_trajectory", "stacked_count",
+    "step_seconds", "steps_per_epoch", "train_experts", "training_data",
 ]

@@ -67,7 +67,8 @@ class MTTConfig(DistillConfig):
     expert_batch: int = 256
     expert_seed: int = 0
     expert_fp16: bool = False
-    experts_parallel: int = 10  # experts trained at once when the buffer has to be built
+    experts_parallel: int | None = None  # experts trained at once when the buffer is built (None: 1 on the CPU, as many as fit on CUDA)
+    max_expert_minutes: float | None = None  # refuse to build a buffer estimated to take longer (None: build whatever it takes)
     buffer_root: str | None = None  # default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +79,10 @@ class MTTConfig(DistillConfig):
                 raise ConfigError(f"mtt setting {name} must be at least 1, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
+        if self.experts_parallel is not None and self.experts_parallel < 1:
+            raise ConfigError(f"mtt setting experts_parallel must be at least 1 (or null: chosen from the device), got {self.experts_parallel}")
+        if self.max_expert_minutes is not None and not (math.isfinite(self.max_expert_minutes) and self.max_expert_minutes > 0):
+            raise ConfigError(f"mtt setting max_expert_minutes must be a positive number (or null: no limit), got {self.max_expert_minutes}")
         floor = self.min_syn_lr if self.min_syn_lr is not None else 0.0
         if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor):
             raise ConfigError(f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
@@ -102,6 +107,15 @@ class MTTConfig(DistillConfig):
         """The DSA strategy in use, None when switched off."""
         off = self.dsa_strategy is None or self.dsa_strategy.strip().lower() in ("", "none")
         return None if off else self.dsa_strategy
+
+    def smaller_buffer_hint(self) -> str:
+        """How to ask for a smaller (cheaper) buffer than these settings'."""
+        least_epochs = self.max_start_epoch - 1 + self.expert_epochs
+        fewer = [f"--set num_experts=N (now {self.num_experts})"]
+        if self.buffer_epochs > least_epochs:
+            fewer.append(f"--set buffer_epochs={least_epochs} (now {self.buffer_epochs}; the least max_start_epoch "
+                         f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} allow)")
+        return "for a smaller buffer: " + " or ".join(fewer)
 
     def expert_settings(self, zca: bool) -> ExpertSettings:
         return ExpertSettings(epochs=self.buffer_epochs, lr_teacher=self.lr_teacher, batch_size=self.expert_batch,
@@ -205,7 +219,8 @@ class MTTDistiller(Distiller):
         self.zca = ZCA.for_dataset(dataset) if config.zca else None
         self.buffer: ExpertBuffer = build_buffer(
             dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
-            parallel=config.experts_parallel, progress=context.progress, log=context.log)
+            parallel=config.experts_parallel, max_minutes=config.max_expert_minutes,
+            smaller_buffer_hint=config.smaller_buffer_hint(), progress=context.progress, log=context.log)
         self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
         self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)

@@ -105,9 +105,10 @@ def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: boo
             )
 
 
-# Settings that only say where this machine keeps logs or caches: they do not change the set, and a
-# local path has no business in result.json or a shared bundle's card.
-LOCAL_PATH_SETTINGS = ("tensorboard", "buffer_root")
+# Settings that only say how this machine does the work (where it keeps logs and caches, how many
+# MTT experts it trains at once, how long it may spend on them): they do not change the set, a run
+# may be resumed with them changed, and a local path has no business in result.json or a bundle's card.
+MACHINE_SETTINGS = ("tensorboard", "buffer_root", "experts_parallel", "max_expert_minutes")
 
 
 def distill(
@@ -130,8 +131,8 @@ def distill(
 
 
 def recorded_settings(config: Any) -> dict[str, Any]:
-    """A method's settings as recorded with its result and checkpoints: all but local paths."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_PATH_SETTINGS}
+    """A method's settings as recorded with its result and checkpoints: all but `MACHINE_SETTINGS`."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in MACHINE_SETTINGS}
 
 
 def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int | None, seed: int, **extra: Any) -> SyntheticSet:

@@ -1,8 +1,10 @@
 """The cheap predictor: a probe's score on a new dataset -> each distillation method's expected accuracy.
 
 A study gives, per distillation method, observations at (dataset, IPC): the probe's test
-accuracy (by default a random real subset at that IPC) and the method's. The predictor must hold
-on a dataset it has never seen, so everything here is judged over datasets, never over points:
+accuracy (by default a random real subset at that IPC; any real-subset reference the study ran,
+herding or kcenter say, can stand in, rerun with the study's settings for it) and the method's.
+The predictor must hold on a dataset it has never seen, so everything here is judged over
+datasets, never over points:
 
 - Units. Accuracies mean different things on a 2-class and a 10-class problem, so candidate
   models work in plain ACC or in a corrected unit u = (acc - b) / (1 - b), with b the chance

@@ -4,7 +4,8 @@ Writes into the study folder (links are relative, so the folder can be moved or 
 
     report.md, index.html          every number linked to its run's JSON in runs/
     tables/acc.md|tex, auc.md|tex, results.csv
-    analysis.json                  cells, correlations, fits, leave-one-dataset-out errors
+    analysis.json                  cells, correlations, fits, leave-one-dataset-out errors (random probe),
+                                   the same errors with every real-subset probe (probe_comparison)
     plots/random_vs_distilled.png, plots/accuracy_vs_ipc.png
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,17 +27,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from medistill.study.analysis import (  # noqa: E402
     METRICS, RANDOM, Cell, Correlation, cells_from_records, correlation_markdown, correlations, csv_table, dataset_order,
-    dataset_table, format_score, ipc_label, ipc_order, latex_table, markdown_tables, method_label, method_order,
+    dataset_table, format_score, ipc_label, ipc_order, is_reference, latex_table, markdown_tables, method_label, method_order,
 )
 from medistill.study.predict import (  # noqa: E402
-    DEFAULT_LEVEL, HeldOut, dataset_facts, evaluate_predictor, observations_from, summarise,
+    DEFAULT_LEVEL, DEFAULT_PROBE, HeldOut, HeldOutSummary, dataset_facts, evaluate_predictor, observations_from, summarise,
 )
 from medistill.markdown import cell
 from medistill.study.store import FAILED, OK, ResultStore, atomic_write  # noqa: E402
 
 SCATTER = "plots/random_vs_distilled.png"
-PREDICTOR_NAMES = {"transfer": "transfer", "line": "ACC line"}
+TRANSFER = "transfer"
+PREDICTOR_NAMES = {TRANSFER: "transfer", "line": "ACC line"}
+SUMMARY_HEADER = ("datasets held out | points | MAE (datasets weigh equally) | max abs error | measured inside interval | "
+                  "inside, held-out dataset within the others' range |")
 IPC_PLOT = "plots/accuracy_vs_ipc.png"
+MARKDOWN_ESCAPE = re.compile(r"\\(.)")  # a backslash escape written by `cell`
+CELL_BORDER = re.compile(r"(?<!\\)\|")  # a pipe that is not escaped
 
 
 def write_report(study_dir: str | Path) -> Path:
@@ -46,13 +54,15 @@ def write_report(study_dir: str | Path) -> Path:
     cells = cells_from_records(records)
     corr = correlations(cells)
     lodo = held_out_rows(records, cells)
+    comparison = compare_probes(records, cells)
     _write(root / "tables" / "acc.md", markdown_tables(cells, "acc", "../runs/"))
     _write(root / "tables" / "auc.md", markdown_tables(cells, "auc", "../runs/"))
     _write(root / "tables" / "acc.tex", latex_table(cells, "acc"))
     _write(root / "tables" / "auc.tex", latex_table(cells, "auc"))
     _write(root / "tables" / "results.csv", csv_table(cells))
-    analysis = {"correlations": {m: c.to_dict() for m, c in corr.items()}, "leave_one_dataset_out": {"summary": [e.to_dict() for e in summarise(lodo)],
-                                                                                                        "points": [vars(r) for r in lodo]}}
+    analysis = {"correlations": {m: c.to_dict() for m, c in corr.items()},
+                "leave_one_dataset_out": {"summary": [e.to_dict() for e in summarise(lodo)], "points": [vars(r) for r in lodo]},
+                "probe_comparison": comparison.to_dict()}
     _write(root / "analysis.json", json.dumps(analysis, indent=2, default=str) + "\n")
     plots = []
     if corr:
@@ -62,25 +72,24 @@ def write_report(study_dir: str | Path) -> Path:
         ipc_plot(cells, root / IPC_PLOT)
         plots.append(IPC_PLOT)
     grids = grid_images(cells, store)
-    _write(root / "report.md", report_markdown(study, records, cells, corr, lodo, plots, grids))
-    _write(root / "index.html", report_html(study, records, cells, corr, lodo, plots, grids))
+    _write(root / "report.md", report_markdown(study, records, cells, corr, lodo, comparison, plots, grids))
+    _write(root / "index.html", report_html(study, records, cells, corr, lodo, comparison, plots, grids))
     return root / "report.md"
 
 
 def console_summary(study_dir: str | Path) -> str:
-    """The ACC tables, the correlation and the predictor's error as plain text (no links), for the terminal."""
-    store = ResultStore(study_dir)
-    cells = cells_from_records(store.study_records())
-    records = store.study_records()
+    """The ACC tables, the correlation, the predictor's error and the probe comparison as plain text (no links), for the terminal."""
+    records = ResultStore(study_dir).study_records()
     cells = cells_from_records(records)
     corr = correlations(cells)
     return "\n".join([markdown_tables(cells, "acc", None), "Random subset vs distilled ACC:", "", correlation_markdown(corr),
-                      "Predictor, leave-one-dataset-out error:", "", lodo_markdown(held_out_rows(records, cells))])
+                      "Predictor, leave-one-dataset-out error:", "", lodo_markdown(held_out_rows(records, cells)),
+                      f"{PROBE_COMPARISON_TITLE}:", "", probe_comparison_markdown(compare_probes(records, cells))])
 
 
-def held_out_rows(records: Sequence[dict], cells: Sequence[Cell]) -> list[HeldOut]:
-    """Every (dataset, IPC) point of every method predicted with its dataset held out, by both predictors."""
-    observations = observations_from(cells, dataset_facts(records))
+def held_out_rows(records: Sequence[dict], cells: Sequence[Cell], probe: str = DEFAULT_PROBE) -> list[HeldOut]:
+    """Every (dataset, IPC) point of every method predicted from `probe`'s score with its dataset held out, by both predictors."""
+    observations = observations_from(cells, dataset_facts(records), probe)
     return [row for method, obs in sorted(observations.items()) for row in evaluate_predictor(method, obs)]
 
 
@@ -88,11 +97,8 @@ def lodo_markdown(rows: Sequence[HeldOut]) -> str:
     """Leave-one-dataset-out error and interval coverage per method, the transferable predictor next to the ACC line."""
     if not rows:
         return "No predictor could be fitted (it needs a distillation method next to random-subset runs on two or more datasets).\n"
-    lines = ["| method | predictor | datasets held out | points | MAE (datasets weigh equally) | max abs error | "
-             "measured inside interval | inside, held-out dataset within the others' range |", "|---|---|---|---|---|---|---|---|"]
-    for e in summarise(rows):
-        lines.append(f"| {e.method} | {PREDICTOR_NAMES[e.predictor]} | {e.datasets} | {e.points} | {_f(e.mae)} | {_f(e.max_abs)} | "
-                     f"{e.covered}/{e.with_interval} | {e.covered_inside_range}/{e.inside_range} |")
+    lines = [f"| method | predictor | {SUMMARY_HEADER}", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e.method} | {_summary_cells(e)}" for e in summarise(rows)]
     lines += ["", f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} jackknife+ interval "
               "over datasets, widened where the held-out dataset lies outside the others' range. Line: least squares on "
               "random-subset ACC with a 95% t prediction interval that treats points as independent.", ""]
@@ -103,13 +109,126 @@ def held_out_markdown(rows: Sequence[HeldOut]) -> str:
     """Every held-out point: probe ACC, predicted ACC with its interval, measured ACC, absolute error, inside or not."""
     lines = ["| method | held-out dataset | medical | IPC | random ACC | predictor (model) | predicted [interval] | measured | "
              "abs error | inside | outside the others' range |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.method, r.dataset, r.ipc, r.predictor != "transfer")):
+    for r in sorted(rows, key=lambda r: (r.method, r.dataset, r.ipc, r.predictor != TRANSFER)):
         bounds = "no interval" if math.isnan(r.lower) else f"[{r.lower:.3f}, {r.upper:.3f}]"
         inside = "–" if r.covered is None else ("yes" if r.covered else "**no**")
         lines.append(f"| {r.method} | {r.dataset} | {'yes' if r.medical else 'no'} | {r.ipc} | {r.probe:.3f} | "
                      f"{PREDICTOR_NAMES[r.predictor]} ({r.model}) | {r.predicted:.3f} {bounds} | {r.measured:.3f} | {r.error:.3f} | "
                      f"{inside} | {'; '.join(r.extrapolated) or '–'} |")
     return "\n".join(lines) + "\n"
+
+
+# --- which probe predicts best -------------------------------------------------------------------
+
+PROBE_COMPARISON_TITLE = "Which probe predicts best (leave-one-dataset-out)"
+
+
+def probe_names(cells: Sequence[Cell]) -> list[str]:
+    """The reference methods that can serve as the predictor's probe: finished runs at an IPC on two or more datasets.
+
+    A probe's score must exist at the IPC of the point it predicts, so runs without an IPC do not count:
+    `full` (trained on the whole training set, one run per dataset) is never a probe unless a study
+    ran it per IPC. Table order: random first, then the other real subsets alphabetically.
+    """
+    return [method for method in method_order(cells) if is_reference(method)
+            and len({c.dataset for c in cells if c.method == method and c.ipc is not None and c.ok}) >= 2]
+
+
+@dataclass
+class ProbeComparison:
+    """The predictor's leave-one-dataset-out error with each probe in turn, and the probe whose transfer errs least.
+
+    The ranking averages each probe's transfer MAE over the distillation methods that every probe with
+    transfer predictions predicts, so that all probes are judged on the same methods.
+    """
+
+    rows: dict[str, list[HeldOut]]  # per probe (probe_names order): every held-out point, both predictors
+    methods: list[str]  # the methods the ranking averages over
+    mean_transfer_mae: dict[str, float]  # per ranked probe, over `methods`
+    best: list[str]  # the probe(s) with the lowest mean: one, several on a tie, none when no ranking is possible
+
+    @property
+    def probes(self) -> list[str]:
+        return list(self.rows)
+
+    def summaries(self) -> dict[str, list[HeldOutSummary]]:
+        return {probe: summarise(rows) for probe, rows in self.rows.items()}
+
+    def verdict(self) -> str:
+        """One paragraph: the best probe, a tie, or why no probe can be named."""
+        if not self.rows:
+            return ("No real-subset probe has finished runs at an IPC on two or more datasets: no probe was used and "
+                    "no comparison is possible.")
+        if len(self.rows) == 1:
+            return (f"Only {self.probes[0]} has finished runs at an IPC on two or more datasets: the errors below are with "
+                    f"{self.probes[0]} as the probe, and no comparison is possible.")
+        with_transfer = _transfer_probes(self.rows)
+        if len(with_transfer) < 2:
+            which = f"only {with_transfer[0]} has" if with_transfer else "none of them has"
+            return (f"Probes: {', '.join(self.probes)}; {which} transfer predictions (they need a distillation method next "
+                    "to the probe on three or more datasets): no best probe is named.")
+        if not self.methods:
+            return (f"Probes: {', '.join(self.probes)}; no distillation method has transfer predictions from every one of "
+                    f"{', '.join(with_transfer)}: no best probe is named.")
+        means = ", ".join(f"{probe} {_f(mae)}" for probe, mae in self.mean_transfer_mae.items())
+        over = f"mean transfer MAE over {', '.join(self.methods)}: {means}"
+        if len(self.best) > 1:
+            text = f"Tie: {' and '.join(self.best)} have the same lowest {over}."
+        else:
+            text = f"Best probe: {self.best[0]} ({over})."
+        datasets = {probe: frozenset(r.dataset for r in self.rows[probe] if r.predictor == TRANSFER and r.method in self.methods)
+                    for probe in with_transfer}
+        if len(set(datasets.values())) > 1:
+            text += (" The probes' errors are not over the same held-out datasets ("
+                     + ", ".join(f"{probe}: {len(held_out)}" for probe, held_out in datasets.items()) + " datasets).")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probes": self.probes, "methods_compared": self.methods, "mean_transfer_mae": self.mean_transfer_mae,
+                "best": self.best, "verdict": self.verdict(),
+                "summary": [{"probe": probe, **e.to_dict()} for probe, summary in self.summaries().items() for e in summary],
+                "points": {probe: [vars(r) for r in rows] for probe, rows in self.rows.items()}}
+
+
+def _transfer_probes(rows: dict[str, list[HeldOut]]) -> list[str]:
+    return [probe for probe, mine in rows.items() if any(r.predictor == TRANSFER for r in mine)]
+
+
+def compare_probes(records: Sequence[dict], cells: Sequence[Cell]) -> ProbeComparison:
+    """`held_out_rows` with every probe of `probe_names`, ranked by mean transfer MAE (datasets weigh equally) over the common methods."""
+    rows = {probe: held_out_rows(records, cells, probe) for probe in probe_names(cells)}
+    ranked = _transfer_probes(rows)
+    maes = {probe: {e.method: e.mae for e in summarise(rows[probe]) if e.predictor == TRANSFER} for probe in ranked}
+    methods = sorted(set.intersection(*(set(m) for m in maes.values()))) if len(ranked) >= 2 else []
+    means = {probe: float(sum(maes[probe][m] for m in methods) / len(methods)) for probe in ranked} if methods else {}
+    lowest = min(means.values(), default=math.nan)
+    best = [probe for probe, mae in means.items() if mae <= lowest + 1e-12]
+    return ProbeComparison(rows, methods, means, best)
+
+
+def probe_comparison_markdown(comparison: ProbeComparison) -> str:
+    """The verdict, then per probe and method the leave-one-dataset-out error of both predictors."""
+    lines = [cell(comparison.verdict()), ""]
+    summaries = comparison.summaries()
+    if any(summaries.values()):
+        lines += [f"| probe | method | predictor | {SUMMARY_HEADER}", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {cell(probe)} | {cell(e.method)} | {_summary_cells(e)}" for probe, summary in summaries.items() for e in summary]
+        lines.append("")
+    missing = [probe for probe, summary in summaries.items() if not summary]
+    if missing:
+        lines += [f"No held-out predictions from {cell(', '.join(missing))} (no distillation method next to it on two or more datasets).", ""]
+    if len(comparison.probes) > 1:
+        lines += [("Each probe in turn takes the random subset's place as the predictor's input: the same nested transfer "
+                   "predictor and ACC line, each dataset held out in turn. Probes: the real-subset references with finished "
+                   "runs at an IPC on two or more datasets (full has no IPC). The best probe has the lowest transfer MAE "
+                   "averaged over the distillation methods every probe predicts."), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_cells(e: HeldOutSummary) -> str:
+    """The cells of one summary row from the predictor's name on (SUMMARY_HEADER's columns after it)."""
+    return (f"{PREDICTOR_NAMES[e.predictor]} | {e.datasets} | {e.points} | {_f(e.mae)} | {_f(e.max_abs)} | "
+            f"{e.covered}/{e.with_interval} | {e.covered_inside_range}/{e.inside_range} |")
 
 
 def grid_images(cells: Sequence[Cell], store: ResultStore) -> list[tuple[str, str]]:
@@ -182,7 +301,7 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
 
 
 def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell], corr: dict[str, Correlation],
-                    lodo: list[HeldOut], plots: list[str], grids: list[tuple[str, str]]) -> str:
+                    lodo: list[HeldOut], comparison: ProbeComparison, plots: list[str], grids: list[tuple[str, str]]) -> str:
     lines = [f"# Study: {cell(study.get('name', 'study'))}", "", cell(_overview(study, records)), ""]
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
@@ -196,7 +315,8 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
               "## Predictor: leave-one-dataset-out error", "",
               "Each dataset in turn is left out, the predictor is chosen and fitted on the others and the left-out "
               "dataset's points are predicted from their random-subset accuracy.", "", lodo_markdown(lodo),
-              "### Every held-out point", "", held_out_markdown(lodo)]
+              "### Every held-out point", "", held_out_markdown(lodo),
+              f"## {PROBE_COMPARISON_TITLE}", "", probe_comparison_markdown(comparison)]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if grids:
@@ -205,7 +325,7 @@ def report_markdown(study: dict[str, Any], records: list[dict], cells: list[Cell
 
 
 def report_html(study: dict[str, Any], records: list[dict], cells: list[Cell], corr: dict[str, Correlation],
-                lodo: list[HeldOut], plots: list[str], grids: list[tuple[str, str]]) -> str:
+                lodo: list[HeldOut], comparison: ProbeComparison, plots: list[str], grids: list[tuple[str, str]]) -> str:
     e = html.escape
     body = [f"<h1>Study: {e(study.get('name', 'study'))}</h1>", f"<p>{e(_overview(study, records))}</p>"]
     failed = [r for r in records if r["status"] == FAILED]
@@ -224,6 +344,7 @@ def report_html(study: dict[str, Any], records: list[dict], cells: list[Cell], c
     body.append("<h2>Random subset vs distilled accuracy</h2>" + _md_table_html(correlation_markdown(corr)))
     body.append("<h2>Predictor: leave-one-dataset-out error</h2>" + _md_table_html(lodo_markdown(lodo))
                 + _md_table_html(held_out_markdown(lodo)))
+    body.append(f"<h2>{e(PROBE_COMPARISON_TITLE)}</h2>" + _md_table_html(probe_comparison_markdown(comparison)))
     body += [f"<p><img src='{e(p)}' alt='{e(p)}'></p>" for p in plots]
     if grids:
         body.append("<h2>Image grids (one run each)</h2><div class='grids'>" + "".join(
@@ -256,21 +377,25 @@ def _html_cell(cell: Cell | None, metric: str) -> str:
 
 
 def _md_table_html(markdown: str) -> str:
-    """Render the simple pipe tables this module writes (and the lines around them) as HTML."""
+    """Render the simple pipe tables this module writes (and the lines around them) as HTML, undoing `cell`'s escapes."""
     out: list[str] = []
     rows: list[list[str]] = []
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):
-                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+                rows.append([_plain_html(c.strip()) for c in CELL_BORDER.split(line.strip()[1:-1])])
             continue
         if rows:
             out.append("<table>" + "".join("<tr>" + "".join(f"<{t}>{c}</{t}>" for c in r) + "</tr>"
                                            for r, t in zip(rows, ["th"] + ["td"] * len(rows))) + "</table>")
             rows = []
         if line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_plain_html(line)}</p>")
     return "".join(out)
+
+
+def _plain_html(markdown: str) -> str:
+    return html.escape(MARKDOWN_ESCAPE.sub(r"\1", markdown))
 
 
 def _save(fig: Any, path: Path) -> Path:
