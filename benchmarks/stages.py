@@ -66,14 +66,16 @@ def gflops_of(fn: Callable[[], Any]) -> float:
 
 
 def seconds_of(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+    """CPU seconds of this process while fn runs: on a shared machine, what the work costs on a core of its own
+    (with one torch thread, CPU time is the time the work would take alone)."""
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 # -- peak -------------------------------------------------------------------------------------------
 
-def bench_peak(settings: "Settings") -> dict[str, Any]:
+def bench_peak(settings: Settings) -> dict[str, Any]:
     """Best GFLOP/s of torch.mm on square matrices, fp32 and bf16."""
     sizes = settings.pick((1024, 2048), (1024, 2048, 3072))
     out: dict[str, Any] = {"method": "best GFLOP/s of torch.mm(n x n, n x n), 2 n^3 operations, best of 3 calls per size",
@@ -85,7 +87,7 @@ def bench_peak(settings: "Settings") -> dict[str, Any]:
             b = torch.randn(n, n, device=settings.device).to(dtype)
             torch.mm(a, b)
             for _ in range(3):
-                best = max(best, 2 * n**3 / seconds_of(lambda: torch.mm(a, b)) / 1e9)
+                best = max(best, 2 * n**3 / seconds_of(lambda: torch.mm(a, b)) / 1e9)  # CPU seconds, see seconds_of
         out[name] = best
         print(f"peak {name}: {best:.1f} GFLOP/s", flush=True)
     return out
@@ -101,17 +103,23 @@ class Stage:
     unit: str
     run: Callable[[Variant], float]
     count: Callable[[], float] | None
+    variants: tuple[Variant, ...] = VARIANTS
 
 
-def distill_seconds(method: str, ipc: int, config: dict[str, Any], settings: "Settings") -> Callable[[Variant], float]:
-    """Seconds per iteration of a method (after its first iteration, which includes warm-up and compilation)."""
+def distill_seconds(method: str, ipc: int, config: dict[str, Any], iterations: int, settings: Settings) -> Callable[[Variant], float]:
+    """Seconds per iteration of a method: (t(iterations) - t(1)) / (iterations - 1), so setup, warm-up and
+    compilation (all in the first iteration) cancel out."""
     def run(variant: Variant) -> float:
-        result = distill(method, settings.breast(), ipc, {**config, **variant.settings(), "checkpoint_every": 1}, context=RunContext(seed=0))
-        return result.metrics["seconds_per_iteration"]
+        def once(n: int) -> float:
+            return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(), "iterations": n},
+                                              context=RunContext(seed=0)))
+        once(1)  # warm-up: builds what a method caches (MTT's expert buffer), fills torch's compile cache
+        first = once(1)
+        return (once(iterations) - first) / (iterations - 1)
     return run
 
 
-def distill_gflops(method: str, ipc: int, config: dict[str, Any], settings: "Settings") -> Callable[[], float]:
+def distill_gflops(method: str, ipc: int, config: dict[str, Any], settings: Settings) -> Callable[[], float]:
     """GFLOP of one iteration: a 2-iteration run minus a 1-iteration run (setup cancels out)."""
     def count() -> float:
         one = gflops_of(lambda: distill(method, settings.breast(), ipc, {**config, "iterations": 1}, context=RunContext(seed=0)))
@@ -120,7 +128,7 @@ def distill_gflops(method: str, ipc: int, config: dict[str, Any], settings: "Set
     return count
 
 
-def small_set(settings: "Settings", ipc: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def small_set(settings: Settings, ipc: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `ipc` training images of each class: a 20-image set on BreastMNIST."""
     data = settings.breast()
     labels = data.train.labels.view(-1)
@@ -129,7 +137,7 @@ def small_set(settings: "Settings", ipc: int = 10) -> tuple[torch.Tensor, torch.
 
 
 def training_seconds(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], epochs: int, per_epoch: bool,
-                     settings: "Settings") -> Callable[[Variant], float]:
+                     settings: Settings) -> Callable[[Variant], float]:
     """Seconds to train one network `epochs` epochs (per epoch when `per_epoch`), after a compile/warm-up run."""
     def run(variant: Variant) -> float:
         images, labels = images_of()
@@ -141,15 +149,15 @@ def training_seconds(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]],
 
 
 def training_gflops(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], epochs: int, per_epoch: bool,
-                    settings: "Settings") -> Callable[[], float]:
+                    settings: Settings) -> Callable[[], float]:
     def count() -> float:
         images, labels = images_of()
-        one = gflops_of(lambda: train_model(images, labels, settings.breast(), TrainProtocol(epochs=0), seed=0))  # one epoch
-        return one if per_epoch else one * epochs
+        two = gflops_of(lambda: train_model(images, labels, settings.breast(), TrainProtocol(epochs=1), seed=0))  # 2 epochs are trained
+        return two / 2 if per_epoch else two / 2 * epochs
     return count
 
 
-def evaluation_seconds(models: int, epochs: int, settings: "Settings") -> Callable[[Variant], float]:
+def evaluation_seconds(models: int, epochs: int, settings: Settings) -> Callable[[Variant], float]:
     """Seconds of `evaluate` (train K networks and score them on the test split), sequential as on the CPU."""
     def run(variant: Variant) -> float:
         images, labels = small_set(settings)
@@ -162,53 +170,58 @@ def evaluation_seconds(models: int, epochs: int, settings: "Settings") -> Callab
 MTT_SETTINGS = {"syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 2, "num_experts": 2, "buffer_epochs": 3, "eval_every": 0}
 
 
-def expert_buffer(settings: "Settings", root: str, parallel: int) -> tuple[float, float]:
-    """(seconds, peak resident MB) of building a 2-expert x 5-epoch buffer in a fresh process."""
+def expert_buffer(settings: Settings, root: str, parallel: int, bf16: bool) -> tuple[float, float]:
+    """(CPU seconds, peak resident MB) of building a 2-expert x 5-epoch buffer in a fresh process."""
     code = (
         "import resource, sys, time, torch\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         "from medistill.data import load_dataset\n"
         "from medistill.methods.experts import ExpertSettings, build_buffer\n"
         f"data = load_dataset('breastmnist', root={str(settings.data_root)!r}, device=torch.device('cpu'), progress=False)\n"
-        "start = time.perf_counter()\n"
-        f"build_buffer(data, ExpertSettings(epochs=5), 2, root={root!r}, parallel={parallel}, log=lambda m: None)\n"
-        "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "start = time.process_time()\n"
+        f"build_buffer(data, ExpertSettings(epochs=5, bf16={bf16}), 2, root={root!r}, parallel={parallel}, log=lambda m: None)\n"
+        "print(time.process_time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1])
 
 
-def stage_list(settings: "Settings") -> list[Stage]:
+def stage_list(settings: Settings, scratch: str) -> list[Stage]:
+    """The stages; `scratch` holds what they build (MTT's expert buffer)."""
     epochs = settings.pick(30, 300)
     dc = {"eval_every": 0}
+    mtt = {**MTT_SETTINGS, "buffer_root": scratch}
     full = lambda: (settings.breast().train.images, settings.breast().train.labels)  # noqa: E731
     stages = [
-        Stage("dc_ipc1", "s/iteration", distill_seconds("dc", 1, {**dc, "iterations": settings.pick(3, 6)}, settings),
+        Stage("dc_ipc1", "s/iteration", distill_seconds("dc", 1, dc, settings.pick(3, 6), settings),
               distill_gflops("dc", 1, dc, settings)),
-        Stage("dc_ipc10", "s/iteration", distill_seconds("dc", 10, {**dc, "iterations": 2}, settings),
+        Stage("dc_ipc10", "s/iteration", distill_seconds("dc", 10, dc, 2, settings),
               distill_gflops("dc", 10, dc, settings)),
         Stage("evaluation_20_images", f"s per network, {epochs} epochs", training_seconds(lambda: small_set(settings), epochs, False, settings),
               training_gflops(lambda: small_set(settings), epochs, False, settings)),
         Stage("evaluation_full_set", "s/epoch", training_seconds(full, settings.pick(2, 3), True, settings),
               training_gflops(full, 1, True, settings)),
         Stage("evaluation_k5", f"s for 5 networks, {epochs} epochs", evaluation_seconds(5, epochs, settings), None),
+        Stage("mtt_ipc1_syn_steps20", "s/iteration", distill_seconds("mtt", 1, mtt, settings.pick(3, 6), settings),
+              distill_gflops("mtt", 1, mtt, settings), variants=VARIANTS[:2]),  # the unroll's double backward is not compiled
     ]
     return stages
 
 
-def bench_stages(settings: "Settings") -> dict[str, Any]:
+def bench_stages(settings: Settings) -> dict[str, Any]:
     """Every stage in every variant, interleaved round by round; median seconds and paired speed-up."""
     rounds = settings.pick(1, 3)
     peak = bench_peak(settings)
     results: dict[str, Any] = {"peak_gflops": {k: peak[k] for k in ("fp32", "bf16")}, "rounds": rounds, "stages": {}}
-    for stage in stage_list(settings):
+    scratch = tempfile.TemporaryDirectory()
+    for stage in stage_list(settings, scratch.name):
         gflop = stage.count() if stage.count is not None else None
-        times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v.name: [] for v in stage.variants}
         for _ in range(rounds):
-            for variant in VARIANTS:
+            for variant in stage.variants:
                 times[variant.name].append(stage.run(variant))
         row: dict[str, Any] = {"unit": stage.unit, "gflop_per_unit": gflop, "variants": {}}
-        for variant in VARIANTS:
+        for variant in stage.variants:
             seconds = statistics.median(times[variant.name])
             speedups = [f / s for f, s in zip(times["fp32"], times[variant.name])]
             entry = {"seconds": seconds, "all_seconds": times[variant.name], "speedup_over_fp32": statistics.median(speedups)}
@@ -219,10 +232,11 @@ def bench_stages(settings: "Settings") -> dict[str, Any]:
         results["stages"][stage.name] = row
         print(f"stage {stage.name}: " + ", ".join(f"{v} {e['seconds']:.3f} s (x{e['speedup_over_fp32']:.2f})"
                                                   for v, e in row["variants"].items()), flush=True)
+    scratch.cleanup()
     with tempfile.TemporaryDirectory() as root:
         buffers = {}
-        for label, parallel in (("two_at_once", 2), ("one_at_a_time", 1)):
-            seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel)
+        for label, parallel, bf16 in (("fp32_two_at_once", 2, False), ("fp32_one_at_a_time", 1, False), ("bf16_one_at_a_time", 1, True)):
+            seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel, bf16)
             buffers[label] = {"seconds": seconds, "peak_rss_mb": peak_mb}
             print(f"experts {label}: {seconds:.1f} s, peak {peak_mb:.0f} MB", flush=True)
         results["stages"]["expert_buffer_2x5"] = buffers
@@ -231,7 +245,7 @@ def bench_stages(settings: "Settings") -> dict[str, Any]:
 
 # -- precision --------------------------------------------------------------------------------------
 
-def bench_precision(settings: "Settings") -> dict[str, Any]:
+def bench_precision(settings: Settings) -> dict[str, Any]:
     """DM IPC 10 and DC IPC 1 on BreastMNIST, fp32 and bf16 end to end (distillation and scoring), per seed."""
     seeds = (0, 1, 2)
     cases = {"dm_ipc10": ("dm", 10, {"iterations": settings.pick(10, 100)}, True),

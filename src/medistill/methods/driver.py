@@ -51,6 +51,7 @@ class DistillConfig:
     eval_models: int = 1  # networks per evaluation point
     eval_epochs: int | None = None  # epochs per evaluation point (None = the method's reference protocol)
     checkpoint_every: int = 10
+    bf16: bool = False  # bf16 autocast for the network passes (the references run fp32)
     tensorboard: str | None = None  # a log folder for loss, evaluation points and image grids (needs tensorboard)
 
     def __post_init__(self) -> None:
