@@ -14,6 +14,9 @@ Sections (each written to the JSON as soon as it finishes, so a cut-off run keep
   an OrganAMNIST-sized test split), end to end through `evaluate`.
 - ``methods``: seconds per iteration of DC and MTT where they are registered (difference of two runs,
   so setup such as MTT's expert buffer is not counted).
+- ``peak``, ``stages``, ``precision``: the measured peak GFLOP/s of this device, every pipeline stage in
+  fp32, bf16 and bf16 + torch.compile with achieved GFLOP/s, and bf16's accuracy against fp32 over
+  seeds (see `benchmarks/stages.py`).
 
 Images in the synthetic sets are random; only their shapes matter for speed.
 """
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.stages import bench_peak, bench_precision, bench_stages
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data import load_dataset
 from medistill.data.medmnist import resolve_data_root
@@ -255,6 +259,9 @@ SECTIONS: dict[str, Callable[[Settings], Any]] = {
     "cell": bench_cell,
     "full_set": bench_full_set,
     "methods": bench_methods,
+    "peak": bench_peak,
+    "stages": bench_stages,
+    "precision": bench_precision,
 }
 
 

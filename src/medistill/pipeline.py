@@ -44,6 +44,8 @@ class EvalSettings:
     epochs: int | None = None
     model: str = "convnet"
     augment: bool | None = None  # None = the method's reference (DSA for DSA/DM/MTT)
+    bf16: bool = False  # bf16 autocast while training the scoring networks (the reference trains in fp32)
+    compile: bool = False  # torch.compile the scoring networks' training forward
 
     def __post_init__(self) -> None:
         if self.num_models < 1:
@@ -61,7 +63,7 @@ class EvalSettings:
         else:
             augment = (base.augment or DEFAULT_STRATEGY) if self.augment else None
         epochs = self.epochs if self.epochs is not None else (DSA_EVAL_EPOCHS if augment else PLAIN_EVAL_EPOCHS)
-        return replace(base, epochs=epochs, augment=augment)
+        return replace(base, epochs=epochs, augment=augment, bf16=self.bf16, compile=self.compile)
 
 
 @dataclass

@@ -14,10 +14,11 @@ from rich.table import Table
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import DataRoot, Device, Force, ImageSize, Progress, Seed, Size, open_dataset, parse_settings
+from medistill.cli.options import BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, open_dataset, parse_settings, speed_settings
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
 from medistill.demo import DEMO_DATASET, DEMO_IPC, run_demo
 from medistill.errors import ConfigError
+from medistill.methods import get_method
 from medistill.models import list_models, model_summary
 from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, load_source_dataset, run_job, score_set
 from medistill.runtime import resolve_device
@@ -69,16 +70,20 @@ def distill(
                                            "to take longer than this; the estimate is printed before any expert is trained either way."),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
+    bf16: bool = BF16,
+    compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model)
+    evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=bf16, compile=compile)
     private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
     overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private,
                                    "max_expert_minutes": max_expert_minutes}.items() if v is not None}
-    result = run_job(data, method, ipc, config={**parse_settings(config, settings), **overrides}, evaluation=evaluation, seed=seed,
+    given = {**parse_settings(config, settings), **overrides}
+    given.update(speed_settings(get_method(method).config_class, bf16, compile, given))
+    result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record
     console.print(
@@ -106,6 +111,8 @@ def evaluate(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
     force: bool = Force,
+    bf16: bool = BF16,
+    compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
     """Score a saved set on its source dataset's test split, with one or more architectures."""
@@ -120,7 +127,8 @@ def evaluate(
     table = Table("model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")
     report = {}
     for name in names:
-        protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment).protocol_for(synthetic.method)
+        protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment, bf16=bf16,
+                                compile=compile).protocol_for(synthetic.method)
         scores = score_set(synthetic, data, protocol, num_models=eval_models, seed=seed, progress=progress)
         report[name] = {**scores.summary(), "eval_protocol": protocol.to_dict()}
         n = len(scores.acc)

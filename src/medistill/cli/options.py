@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,8 @@ Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the 
 Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
 ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
 Force = typer.Option(False, "--force", help="Replace an existing output instead of refusing it.")
+BF16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast for the networks this command trains (default fp32, as the references).")
+Compile = typer.Option(False, "--compile/--no-compile", help="torch.compile the networks' training passes (a first run compiles; later runs reuse torch's cache).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
 
@@ -50,3 +53,10 @@ def parse_pairs(pairs: list[str], option: str) -> dict[str, Any]:
             raise ConfigError(f"{option} expects KEY=VALUE, got '{pair}'")
         settings[key.strip()] = parse_value(value)
     return settings
+
+
+def speed_settings(method_config: type, bf16: bool, compile: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """The method settings that --bf16 / --compile set: only those the method has and the user did not set."""
+    known = {f.name for f in fields(method_config)}
+    wanted = {"bf16": bf16, "compile": compile}
+    return {k: v for k, v in wanted.items() if v and k in known and k not in given}

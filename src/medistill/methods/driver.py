@@ -53,6 +53,7 @@ class DistillConfig:
     eval_models: int = 1  # networks per evaluation point
     eval_epochs: int | None = None  # epochs per evaluation point (None = the method's reference protocol)
     checkpoint_every: int = 10
+    bf16: bool = False  # bf16 autocast for the network passes (the references run fp32)
     tensorboard: str | None = None  # a log folder for loss, evaluation points and image grids (needs tensorboard)
     # Stopping before the budget (off by default: the reference runs its full budget); methods.convergence.
     stop_patience: int | None = None  # stop after this many evaluation points without a better validation score

@@ -44,6 +44,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, DataError
 from medistill.models import create_model
 from medistill.progress import progress_bar
+from medistill.runtime import autocast
 from medistill.transfer import HostCopy, to_device
 from medistill.zca import ZCA
 
@@ -107,6 +108,7 @@ class ExpertSettings:
     zca: bool = False
     seed: int = 0
     fp16: bool = False
+    bf16: bool = False  # bf16 autocast while training (fp32 weights); part of the buffer's identity
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -117,7 +119,11 @@ class ExpertSettings:
             raise ConfigError(f"the experts' batch size must be at least 1, got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings; `bf16` only when on, so fp32 buffers keep the identity they had before it existed."""
+        settings = dataclasses.asdict(self)
+        if not self.bf16:
+            del settings["bf16"]
+        return settings
 
     def key(self) -> str:
         """A folder name that is unique to these settings (and to how experts are trained: `TRAINING_VERSION`)."""
@@ -181,7 +187,8 @@ class StackedStep:
         self.augment = DiffAugment(settings.augment) if settings.augment else None
 
         def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(flat_model(flat, x), y)
+            with autocast(x.device, settings.bf16):  # cross-entropy itself runs in fp32 under autocast
+                return F.cross_entropy(flat_model(flat, x), y)
 
         self.grads = vmap(grad(loss))
 

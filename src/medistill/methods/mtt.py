@@ -37,6 +37,7 @@ from medistill.methods.mtt_presets import stable_preset
 from medistill.methods.pixel_loop import class_labels, real_init
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
 from medistill.registry import Registry
+from medistill.runtime import autocast
 from medistill.transfer import to_device, to_host_async
 from medistill.zca import ZCA, whitened_dataset
 
@@ -67,6 +68,7 @@ class MTTConfig(DistillConfig):
     expert_batch: int = 256
     expert_seed: int = 0
     expert_fp16: bool = False
+    expert_bf16: bool = False  # train the experts under bf16 autocast (a different buffer from fp32 experts')
     experts_parallel: int | None = None  # experts trained at once when the buffer is built (None: 1 on the CPU, as many as fit on CUDA)
     max_expert_minutes: float | None = None  # refuse to build a buffer estimated to take longer (None: build whatever it takes)
     buffer_root: str | None = None  # default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts
@@ -120,7 +122,7 @@ class MTTConfig(DistillConfig):
     def expert_settings(self, zca: bool) -> ExpertSettings:
         return ExpertSettings(epochs=self.buffer_epochs, lr_teacher=self.lr_teacher, batch_size=self.expert_batch,
                               augment=self.augment, model=self.model, model_kwargs=dict(self.model_kwargs), zca=zca,
-                              seed=self.expert_seed, fp16=self.expert_fp16)
+                              seed=self.expert_seed, fp16=self.expert_fp16, bf16=self.expert_bf16)
 
 
 @dataclass
@@ -136,13 +138,15 @@ class Unroll:
     batches: list[torch.Tensor]  # syn_steps index tensors
     seeds: list[int]  # one augmentation seed per step
     augment: DiffAugment | None
+    bf16: bool = False
 
     def step_loss(self, theta: torch.Tensor, batch: torch.Tensor, k: int) -> torch.Tensor:
         """Cross-entropy of the student `theta` on step k's batch of images (augmented here)."""
         x = batch
         if self.augment is not None:
             x = self.augment(x, generator=torch.Generator().manual_seed(self.seeds[k]))
-        return F.cross_entropy(self.student(theta, x), self.labels[self.batches[k]])
+        with autocast(theta.device, self.bf16):  # cross-entropy itself runs in fp32 under autocast
+            return F.cross_entropy(self.student(theta, x), self.labels[self.batches[k]])
 
     def distance(self, theta_end: torch.Tensor) -> torch.Tensor:
         """The normalised parameter distance to the target."""
@@ -243,7 +247,7 @@ class MTTDistiller(Distiller):
         device, dtype = self.images.device, self.images.dtype
         start = to_device(self.buffer.snapshot(expert, start_epoch), device).to(dtype)
         target = to_device(self.buffer.snapshot(expert, start_epoch + c.expert_epochs), device).to(dtype)
-        return Unroll(self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment)
+        return Unroll(self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment, self.config.bf16)
 
     def step(self, iteration: int) -> torch.Tensor:
         """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""

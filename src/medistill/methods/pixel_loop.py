@@ -33,7 +33,6 @@ class PixelConfig(DistillConfig):
 
     batch_real: int = 256  # real images per class per match (fewer when a class has fewer)
     init: str = "noise"  # "noise" or "real"
-    bf16: bool = False  # bf16 autocast for the network passes
     compile: bool = False  # torch.compile the first-order network passes
 
     def __post_init__(self) -> None:

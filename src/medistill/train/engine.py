@@ -48,7 +48,8 @@ class TrainProtocol:
     batch_size: int = 256
     augment: str | None = None  # a DSA strategy, e.g. "color_crop_cutout_flip_scale_rotate"
     model: str = "convnet"
-    bf16: bool = False  # bf16 autocast for forward and loss: opt-in speed-up, not the reference protocol
+    bf16: bool = False  # bf16 autocast for forward and loss: a speed-up, not the reference protocol's fp32
+    compile: bool = False  # torch.compile the training forward (fuses norm, activation and pooling): same maths, faster (the same computation up to float rounding); sequential training only
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -84,6 +85,13 @@ def loss_function(task: str) -> nn.Module:
     return nn.BCEWithLogitsLoss() if task == MULTI_LABEL else nn.CrossEntropyLoss()
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile` of a network for training: one graph per batch shape (an epoch's last, smaller
+    batch is a second one). Compiled kernels are cached on disk by torch, so later runs skip most of
+    the first compilation. The eager module keeps the weights; scoring uses it directly."""
+    return torch.compile(model, dynamic=False)
+
+
 def train_model(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -97,6 +105,7 @@ def train_model(
     """Train one freshly initialised network on `images`/`labels` (already on the target device)."""
     device = images.device
     model = init_model(protocol, dataset, seed, device)
+    forward = compiled(model) if protocol.compile else model
     stream = ModelStream(seed, make_augment(protocol))
     base_lr = protocol.lr if lr is None else float(lr)
     optimizer = protocol.optimizer(model.parameters(), base_lr)
@@ -109,7 +118,7 @@ def train_model(
             idx = order[start : start + protocol.batch_size]
             x = stream.augment_batch(images[idx])
             with autocast(device, protocol.bf16):
-                loss = criterion(model(x), labels[idx])
+                loss = criterion(forward(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

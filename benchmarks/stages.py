@@ -1,0 +1,271 @@
+"""The pipeline's stages, each timed in fp32 (the reference numerics) and in the faster variants, paired.
+
+Sections of `python -m benchmarks.run`:
+
+- ``peak``: this CPU's attainable peak per precision, measured, not taken from a data sheet: the best
+  GFLOP/s of a large square matrix product (torch.mm, one call per size, best of several) in fp32 and
+  in bf16, on the threads the benchmark runs with.
+- ``stages``: per stage (DC IPC 1 and 10 per iteration, evaluation of 20 images x E epochs, one
+  full-training-set epoch, K=5 evaluation, MTT IPC 1 per iteration, the expert buffer), seconds for
+  each variant (fp32, bf16, bf16 + torch.compile), the speed-up over fp32 in the same round, the
+  achieved GFLOP/s (floating-point operations counted once per stage with torch's FlopCounterMode on
+  the fp32 eager path, then divided by each variant's time) and that as a fraction of the measured peak
+  of the variant's precision. Variants are interleaved round by round, so a change in machine load
+  hits all of them alike; the median round is reported.
+- ``precision``: accuracy of the bf16 path against fp32 over seeds: DM at IPC 10 and DC at IPC 1 on
+  BreastMNIST, distilled and scored in each precision (the scoring networks trained in the same
+  precision as the distillation), test ACC and AUC per seed, so a paired difference is read off.
+
+BreastMNIST at 28 px: the ConvNet pads its first convolution by 3 at 28 px, so its geometry is the
+one of 32-px input (32-16-8-4), the size the study's code used.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medistill.methods import RunContext, distill
+from medistill.pipeline import score_set
+from medistill.train import TrainProtocol, evaluate, train_model
+
+if TYPE_CHECKING:
+    from benchmarks.run import Settings
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the networks of a stage run."""
+
+    name: str
+    bf16: bool
+    compile: bool
+
+    def settings(self) -> dict[str, Any]:
+        return {"bf16": self.bf16, "compile": self.compile}
+
+
+VARIANTS = (Variant("fp32", False, False), Variant("bf16", True, False), Variant("bf16+compile", True, True))
+
+
+def gflops_of(fn: Callable[[], Any]) -> float:
+    """Floating-point operations (GFLOP) of one call of fn, counted by torch (matrix products and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def seconds_of(fn: Callable[[], Any]) -> float:
+    """CPU seconds of this process while fn runs: on a shared machine, what the work costs on a core of its own
+    (with one torch thread, CPU time is the time the work would take alone)."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+# -- peak -------------------------------------------------------------------------------------------
+
+def bench_peak(settings: Settings) -> dict[str, Any]:
+    """Best GFLOP/s of torch.mm on square matrices, fp32 and bf16."""
+    sizes = settings.pick((1024, 2048), (1024, 2048, 3072))
+    out: dict[str, Any] = {"method": "best GFLOP/s of torch.mm(n x n, n x n), 2 n^3 operations, best of 3 calls per size",
+                           "sizes": list(sizes)}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, device=settings.device).to(dtype)
+            b = torch.randn(n, n, device=settings.device).to(dtype)
+            torch.mm(a, b)
+            for _ in range(3):
+                best = max(best, 2 * n**3 / seconds_of(lambda: torch.mm(a, b)) / 1e9)  # CPU seconds, see seconds_of
+        out[name] = best
+        print(f"peak {name}: {best:.1f} GFLOP/s", flush=True)
+    return out
+
+
+# -- stages -----------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One stage: `run(variant)` returns its seconds (per the stage's unit), `count()` its GFLOP per unit."""
+
+    name: str
+    unit: str
+    run: Callable[[Variant], float]
+    count: Callable[[], float] | None
+    variants: tuple[Variant, ...] = VARIANTS
+
+
+def distill_seconds(method: str, ipc: int, config: dict[str, Any], iterations: int, settings: Settings) -> Callable[[Variant], float]:
+    """Seconds per iteration of a method: (t(iterations) - t(1)) / (iterations - 1), so setup, warm-up and
+    compilation (all in the first iteration) cancel out."""
+    def run(variant: Variant) -> float:
+        def once(n: int) -> float:
+            return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(), "iterations": n},
+                                              context=RunContext(seed=0)))
+        once(1)  # warm-up: builds what a method caches (MTT's expert buffer), fills torch's compile cache
+        first = once(1)
+        return (once(iterations) - first) / (iterations - 1)
+    return run
+
+
+def distill_gflops(method: str, ipc: int, config: dict[str, Any], settings: Settings) -> Callable[[], float]:
+    """GFLOP of one iteration: a 2-iteration run minus a 1-iteration run (setup cancels out)."""
+    def count() -> float:
+        one = gflops_of(lambda: distill(method, settings.breast(), ipc, {**config, "iterations": 1}, context=RunContext(seed=0)))
+        two = gflops_of(lambda: distill(method, settings.breast(), ipc, {**config, "iterations": 2}, context=RunContext(seed=0)))
+        return two - one
+    return count
+
+
+def small_set(settings: Settings, ipc: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `ipc` training images of each class: a 20-image set on BreastMNIST."""
+    data = settings.breast()
+    labels = data.train.labels.view(-1)
+    index = torch.cat([torch.nonzero(labels == c).view(-1)[:ipc] for c in range(data.num_classes)])
+    return data.train.images[index], data.train.labels[index]
+
+
+def training_seconds(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], epochs: int, per_epoch: bool,
+                     settings: Settings) -> Callable[[Variant], float]:
+    """Seconds to train one network `epochs` epochs (per epoch when `per_epoch`), after a compile/warm-up run."""
+    def run(variant: Variant) -> float:
+        images, labels = images_of()
+        protocol = TrainProtocol(epochs=epochs - 1, bf16=variant.bf16, compile=variant.compile)  # epochs + 1 are trained
+        train_model(images, labels, settings.breast(), replace(protocol, epochs=1), seed=0)  # warm-up: compiles both batch shapes
+        seconds = seconds_of(lambda: train_model(images, labels, settings.breast(), protocol, seed=0))
+        return seconds / epochs if per_epoch else seconds
+    return run
+
+
+def training_gflops(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], epochs: int, per_epoch: bool,
+                    settings: Settings) -> Callable[[], float]:
+    def count() -> float:
+        images, labels = images_of()
+        two = gflops_of(lambda: train_model(images, labels, settings.breast(), TrainProtocol(epochs=1), seed=0))  # 2 epochs are trained
+        return two / 2 if per_epoch else two / 2 * epochs
+    return count
+
+
+def evaluation_seconds(models: int, epochs: int, settings: Settings) -> Callable[[Variant], float]:
+    """Seconds of `evaluate` (train K networks and score them on the test split), sequential as on the CPU."""
+    def run(variant: Variant) -> float:
+        images, labels = small_set(settings)
+        protocol = TrainProtocol(epochs=epochs - 1, bf16=variant.bf16, compile=variant.compile)
+        evaluate(images, labels, settings.breast(), replace(protocol, epochs=1), num_models=1)  # warm-up / compile
+        return seconds_of(lambda: evaluate(images, labels, settings.breast(), protocol, num_models=models))
+    return run
+
+
+MTT_SETTINGS = {"syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 2, "num_experts": 2, "buffer_epochs": 3, "eval_every": 0}
+
+
+def expert_buffer(settings: Settings, root: str, parallel: int, bf16: bool) -> tuple[float, float]:
+    """(CPU seconds, peak resident MB) of building a 2-expert x 5-epoch buffer in a fresh process."""
+    code = (
+        "import resource, sys, time, torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        "from medistill.data import load_dataset\n"
+        "from medistill.methods.experts import ExpertSettings, build_buffer\n"
+        f"data = load_dataset('breastmnist', root={str(settings.data_root)!r}, device=torch.device('cpu'), progress=False)\n"
+        "start = time.process_time()\n"
+        f"build_buffer(data, ExpertSettings(epochs=5, bf16={bf16}), 2, root={root!r}, parallel={parallel}, log=lambda m: None)\n"
+        "print(time.process_time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def stage_list(settings: Settings, scratch: str) -> list[Stage]:
+    """The stages; `scratch` holds what they build (MTT's expert buffer)."""
+    epochs = settings.pick(30, 300)
+    dc = {"eval_every": 0}
+    mtt = {**MTT_SETTINGS, "buffer_root": scratch}
+    full = lambda: (settings.breast().train.images, settings.breast().train.labels)  # noqa: E731
+    stages = [
+        Stage("dc_ipc1", "s/iteration", distill_seconds("dc", 1, dc, settings.pick(3, 6), settings),
+              distill_gflops("dc", 1, dc, settings)),
+        Stage("dc_ipc10", "s/iteration", distill_seconds("dc", 10, dc, 2, settings),
+              distill_gflops("dc", 10, dc, settings)),
+        Stage("evaluation_20_images", f"s per network, {epochs} epochs", training_seconds(lambda: small_set(settings), epochs, False, settings),
+              training_gflops(lambda: small_set(settings), epochs, False, settings)),
+        Stage("evaluation_full_set", "s/epoch", training_seconds(full, settings.pick(2, 3), True, settings),
+              training_gflops(full, 1, True, settings)),
+        Stage("evaluation_k5", f"s for 5 networks, {epochs} epochs", evaluation_seconds(5, epochs, settings), None),
+        Stage("mtt_ipc1_syn_steps20", "s/iteration", distill_seconds("mtt", 1, mtt, settings.pick(3, 6), settings),
+              distill_gflops("mtt", 1, mtt, settings), variants=VARIANTS[:2]),  # the unroll's double backward is not compiled
+    ]
+    return stages
+
+
+def bench_stages(settings: Settings) -> dict[str, Any]:
+    """Every stage in every variant, interleaved round by round; median seconds and paired speed-up."""
+    rounds = settings.pick(1, 3)
+    peak = bench_peak(settings)
+    results: dict[str, Any] = {"peak_gflops": {k: peak[k] for k in ("fp32", "bf16")}, "rounds": rounds, "stages": {}}
+    scratch = tempfile.TemporaryDirectory()
+    for stage in stage_list(settings, scratch.name):
+        gflop = stage.count() if stage.count is not None else None
+        times: dict[str, list[float]] = {v.name: [] for v in stage.variants}
+        for _ in range(rounds):
+            for variant in stage.variants:
+                times[variant.name].append(stage.run(variant))
+        row: dict[str, Any] = {"unit": stage.unit, "gflop_per_unit": gflop, "variants": {}}
+        for variant in stage.variants:
+            seconds = statistics.median(times[variant.name])
+            speedups = [f / s for f, s in zip(times["fp32"], times[variant.name])]
+            entry = {"seconds": seconds, "all_seconds": times[variant.name], "speedup_over_fp32": statistics.median(speedups)}
+            if gflop is not None:
+                achieved = gflop / seconds
+                entry |= {"gflops": achieved, "fraction_of_peak": achieved / peak["bf16" if variant.bf16 else "fp32"]}
+            row["variants"][variant.name] = entry
+        results["stages"][stage.name] = row
+        print(f"stage {stage.name}: " + ", ".join(f"{v} {e['seconds']:.3f} s (x{e['speedup_over_fp32']:.2f})"
+                                                  for v, e in row["variants"].items()), flush=True)
+    scratch.cleanup()
+    with tempfile.TemporaryDirectory() as root:
+        buffers = {}
+        for label, parallel, bf16 in (("fp32_two_at_once", 2, False), ("fp32_one_at_a_time", 1, False), ("bf16_one_at_a_time", 1, True)):
+            seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel, bf16)
+            buffers[label] = {"seconds": seconds, "peak_rss_mb": peak_mb}
+            print(f"experts {label}: {seconds:.1f} s, peak {peak_mb:.0f} MB", flush=True)
+        results["stages"]["expert_buffer_2x5"] = buffers
+    return results
+
+
+# -- precision --------------------------------------------------------------------------------------
+
+def bench_precision(settings: Settings) -> dict[str, Any]:
+    """DM IPC 10 and DC IPC 1 on BreastMNIST, fp32 and bf16 end to end (distillation and scoring), per seed."""
+    seeds = (0, 1, 2)
+    cases = {"dm_ipc10": ("dm", 10, {"iterations": settings.pick(10, 100)}, True),
+             "dc_ipc1": ("dc", 1, {"iterations": settings.pick(5, 50)}, False)}
+    nets, epochs = settings.pick((1, 30), (3, 300))
+    data = settings.breast()
+    out: dict[str, Any] = {"seeds": list(seeds), "networks": nets, "epochs": epochs, "cases": {}}
+    for name, (method, ipc, config, augment) in cases.items():
+        rows = []
+        for seed in seeds:
+            for variant in (VARIANTS[0], VARIANTS[1]):
+                synthetic = distill(method, data, ipc, {**config, **variant.settings()}, context=RunContext(seed=seed))
+                protocol = TrainProtocol(epochs=epochs, augment="color_crop_cutout_flip_scale_rotate" if augment else None,
+                                         bf16=variant.bf16)
+                scores = score_set(synthetic, data, protocol, num_models=nets, seed=seed, progress=False)
+                rows.append({"seed": seed, "variant": variant.name, "acc": scores.acc_mean, "acc_std": scores.acc_std,
+                             "auc": scores.auc_mean, "auc_std": scores.auc_std})
+                print(f"precision {name} seed {seed} {variant.name}: ACC {scores.acc_mean:.3f} AUC {scores.auc_mean:.3f}", flush=True)
+        diffs = {m: [b[m] - f[m] for f, b in zip(rows[0::2], rows[1::2])] for m in ("acc", "auc")}
+        out["cases"][name] = {"method": method, "ipc": ipc, "config": config, "rows": rows,
+                              "bf16_minus_fp32": {m: {"per_seed": d, "mean": statistics.mean(d)} for m, d in diffs.items()},
+                              "mean_network_std": {m: statistics.mean(r[f"{m}_std"] for r in rows) for m in ("acc", "auc")}}
+    return out
