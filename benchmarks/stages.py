@@ -22,6 +22,8 @@ one of 32-px input (32-16-8-4), the size the study's code used.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medistill.methods import RunContext, distill
+from medistill.methods import RunContext, distill, get_method
 from medistill.pipeline import score_set
 from medistill.train import TrainProtocol, evaluate, train_model
 
@@ -50,8 +52,13 @@ class Variant:
     bf16: bool
     compile: bool
 
-    def settings(self) -> dict[str, Any]:
-        return {"bf16": self.bf16, "compile": self.compile}
+    def settings(self, method: str | None = None) -> dict[str, Any]:
+        """The switches as method settings (only those the method has when one is named)."""
+        wanted = {"bf16": self.bf16, "compile": self.compile}
+        if method is None:
+            return wanted
+        known = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+        return {k: v for k, v in wanted.items() if k in known}
 
 
 VARIANTS = (Variant("fp32", False, False), Variant("bf16", True, False), Variant("bf16+compile", True, True))
@@ -111,7 +118,7 @@ def distill_seconds(method: str, ipc: int, config: dict[str, Any], iterations: i
     compilation (all in the first iteration) cancel out."""
     def run(variant: Variant) -> float:
         def once(n: int) -> float:
-            return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(), "iterations": n},
+            return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(method), "iterations": n},
                                               context=RunContext(seed=0)))
         once(1)  # warm-up: builds what a method caches (MTT's expert buffer), fills torch's compile cache
         first = once(1)
@@ -215,11 +222,16 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"peak_gflops": {k: peak[k] for k in ("fp32", "bf16")}, "rounds": rounds, "stages": {}}
     scratch = tempfile.TemporaryDirectory()
     for stage in stage_list(settings, scratch.name):
-        gflop = stage.count() if stage.count is not None else None
-        times: dict[str, list[float]] = {v.name: [] for v in stage.variants}
-        for _ in range(rounds):
-            for variant in stage.variants:
-                times[variant.name].append(stage.run(variant))
+        try:
+            gflop = stage.count() if stage.count is not None else None
+            times: dict[str, list[float]] = {v.name: [] for v in stage.variants}
+            for _ in range(rounds):
+                for variant in stage.variants:
+                    times[variant.name].append(stage.run(variant))
+        except Exception as exc:  # one broken stage must not sink the others' measurements
+            results["stages"][stage.name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps({"stage": stage.name, **results["stages"][stage.name]}), flush=True)
+            continue
         row: dict[str, Any] = {"unit": stage.unit, "gflop_per_unit": gflop, "variants": {}}
         for variant in stage.variants:
             seconds = statistics.median(times[variant.name])
@@ -230,15 +242,14 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
                 entry |= {"gflops": achieved, "fraction_of_peak": achieved / peak["bf16" if variant.bf16 else "fp32"]}
             row["variants"][variant.name] = entry
         results["stages"][stage.name] = row
-        print(f"stage {stage.name}: " + ", ".join(f"{v} {e['seconds']:.3f} s (x{e['speedup_over_fp32']:.2f})"
-                                                  for v, e in row["variants"].items()), flush=True)
+        print(json.dumps({"stage": stage.name, **row}), flush=True)  # each stage as soon as it is measured
     scratch.cleanup()
     with tempfile.TemporaryDirectory() as root:
         buffers = {}
         for label, parallel, bf16 in (("fp32_two_at_once", 2, False), ("fp32_one_at_a_time", 1, False), ("bf16_one_at_a_time", 1, True)):
             seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel, bf16)
             buffers[label] = {"seconds": seconds, "peak_rss_mb": peak_mb}
-            print(f"experts {label}: {seconds:.1f} s, peak {peak_mb:.0f} MB", flush=True)
+            print(json.dumps({"experts": label, **buffers[label]}), flush=True)
         results["stages"]["expert_buffer_2x5"] = buffers
     return results
 
@@ -257,7 +268,7 @@ def bench_precision(settings: Settings) -> dict[str, Any]:
         rows = []
         for seed in seeds:
             for variant in (VARIANTS[0], VARIANTS[1]):
-                synthetic = distill(method, data, ipc, {**config, **variant.settings()}, context=RunContext(seed=seed))
+                synthetic = distill(method, data, ipc, {**config, **variant.settings(method)}, context=RunContext(seed=seed))
                 protocol = TrainProtocol(epochs=epochs, augment="color_crop_cutout_flip_scale_rotate" if augment else None,
                                          bf16=variant.bf16)
                 scores = score_set(synthetic, data, protocol, num_models=nets, seed=seed, progress=False)
