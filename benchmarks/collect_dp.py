@@ -1,6 +1,6 @@
 """The private-distillation grid as Markdown: one row per run folder with a result.json under RUNS.
 
-    python benchmarks/collect_dp.py RUNS [--pivot] > table.md
+    python benchmarks/collect_dp.py RUNS [--pivot] [--seeds 0,1,2] > table.md
 
 With --pivot: one table per dataset, a row per (IPC, method) and a column per ε, cells "ACC / AUC".
 Otherwise columns: dataset, IPC, method, the ε reached (∞ without noise, "-" for a non-private method), σ,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ def row(result: Path) -> dict[str, Any]:
         "ipc": record.get("ipc"),
         "method": record["method"],
         "folder": result.parent.name,
+        "seed": record.get("seed"),
+        "acc_mean": record["test_acc_mean"],
+        "auc_mean": record["test_auc_mean"],
         "epsilon": "-" if epsilon is None else ("∞" if math.isinf(epsilon) else f"{epsilon:.3g}"),
         "sigma": f"{privacy['noise_multiplier']:.3g}" if privacy else "-",
         "q": f"{privacy['sample_rate']:.3g}" if privacy else "-",
@@ -39,30 +43,47 @@ def row(result: Path) -> dict[str, Any]:
     }
 
 
+def seed_cell(runs: list[dict[str, Any]]) -> str:
+    """ACC / AUC of one cell: the run's means, or with several seeds the mean ± sd over seeds and their count."""
+    if len(runs) == 1:
+        return f"{runs[0]['acc_mean']:.3f} / {runs[0]['auc_mean']:.3f}"
+    acc, auc = ([r[k] for r in runs] for k in ("acc_mean", "auc_mean"))
+    return f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} / {statistics.mean(auc):.3f} ± {statistics.stdev(auc):.3f} ({len(runs)} seeds)"
+
+
 def pivot(rows: list[dict[str, Any]]) -> None:
-    """Per dataset: rows (IPC, method), columns ε in {1, 4, 10, ∞} ("-" for non-private methods), cells ACC / AUC."""
+    """Per dataset: rows (IPC, method), columns ε in {1, 4, 10, ∞} ("-" for non-private methods), cells ACC / AUC
+    (over the seeds found: `<dataset>/s<seed>/` folders of the grid)."""
     epsilons = ["1", "4", "10", "∞", "-"]
     for dataset in sorted({r["dataset"] for r in rows}):
         print(f"\n{dataset} (test ACC / AUC)\n")
         print("| IPC | method | ε = 1 | ε = 4 | ε = 10 | ε = ∞ (no noise) | non-private |")
         print("|---|---|---|---|---|---|---|")
-        keys = sorted({(str(r["ipc"]), r["method"], r["folder"].split("-ipc")[0].split("-eps")[0]) for r in rows if r["dataset"] == dataset})
+        keys = sorted({(str(r["ipc"]), r["method"], label_of(r)) for r in rows if r["dataset"] == dataset})
         for ipc, method, label in keys:
-            cells = {}
+            cells: dict[str, list[dict[str, Any]]] = {}
             for r in rows:
-                if r["dataset"] == dataset and str(r["ipc"]) == ipc and r["method"] == method \
-                        and r["folder"].split("-ipc")[0].split("-eps")[0] == label:
-                        eps = r["epsilon"] if r["epsilon"] in ("∞", "-") else f"{float(r['epsilon']):.0f}"
-                        cells[eps] = f"{r['acc'].split(' ±')[0]} / {r['auc'].split(' ±')[0]}"
-            print(f"| {ipc if ipc != 'None' else '-'} | {label} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
+                if r["dataset"] == dataset and str(r["ipc"]) == ipc and r["method"] == method and label_of(r) == label:
+                    eps = r["epsilon"] if r["epsilon"] in ("∞", "-") else f"{float(r['epsilon']):.0f}"
+                    cells.setdefault(eps, []).append(r)
+            print(f"| {ipc if ipc != 'None' else '-'} | {label} | " + " | ".join(seed_cell(cells[e]) if e in cells else "" for e in epsilons) + " |")
+
+
+def label_of(r: dict[str, Any]) -> str:
+    """The method's label in the grid: its folder name without IPC and ε."""
+    return r["folder"].split("-ipc")[0].split("-eps")[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
     parser.add_argument("--pivot", action="store_true", help="one table per dataset, a column per ε")
+    parser.add_argument("--seeds", default=None, help="only these seeds, e.g. 0 or 1,2 (default: all found)")
     args = parser.parse_args()
     rows = sorted((row(p) for p in args.runs.rglob("result.json")), key=lambda r: (r["dataset"], str(r["ipc"]), r["folder"]))
+    if args.seeds is not None:
+        wanted = {int(s) for s in args.seeds.split(",")}
+        rows = [r for r in rows if r["seed"] in wanted]
     if args.pivot:
         pivot(rows)
         return
