@@ -94,7 +94,7 @@ def bench_peak(settings: Settings) -> dict[str, Any]:
             b = torch.randn(n, n, device=settings.device).to(dtype)
             torch.mm(a, b)
             for _ in range(3):
-                best = max(best, 2 * n**3 / seconds_of(lambda: torch.mm(a, b)) / 1e9)  # CPU seconds, see seconds_of
+                best = max(best, 2 * n**3 / seconds_of(lambda a=a, b=b: torch.mm(a, b)) / 1e9)  # CPU seconds, see seconds_of
         out[name] = best
         print(f"peak {name}: {best:.1f} GFLOP/s", flush=True)
     return out
@@ -198,7 +198,10 @@ def stage_list(settings: Settings, scratch: str) -> list[Stage]:
     epochs = settings.pick(30, 300)
     dc = {"eval_every": 0}
     mtt = {**MTT_SETTINGS, "buffer_root": scratch}
-    full = lambda: (settings.breast().train.images, settings.breast().train.labels)  # noqa: E731
+
+    def full() -> tuple[torch.Tensor, torch.Tensor]:
+        return settings.breast().train.images, settings.breast().train.labels
+
     stages = [
         Stage("dc_ipc1", "s/iteration", distill_seconds("dc", 1, dc, settings.pick(3, 6), settings),
               distill_gflops("dc", 1, dc, settings)),
@@ -228,7 +231,7 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
                 for variant in stage.variants:
                     times[variant.name].append(stage.run(variant))
             gflop = stage.count() if stage.count is not None else None  # after the runs: what they build is there
-        except Exception as exc:  # one broken stage must not sink the others' measurements
+        except Exception as exc:  # noqa: BLE001 - one broken stage must not sink the others' measurements
             results["stages"][stage.name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(json.dumps({"stage": stage.name, **results["stages"][stage.name]}), flush=True)
             continue

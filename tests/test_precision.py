@@ -49,8 +49,8 @@ def test_eval_settings_carry_the_switches_into_every_protocol() -> None:
 
 
 def test_mtt_student_and_experts_take_bf16(breast, tmp_path: Path) -> None:
-    base = dict(iterations=1, syn_steps=2, num_experts=1, buffer_epochs=1, max_start_epoch=1, expert_epochs=1,
-                model_kwargs={"width": 8}, buffer_root=str(tmp_path))
+    base = {"iterations": 1, "syn_steps": 2, "num_experts": 1, "buffer_epochs": 1, "max_start_epoch": 1, "expert_epochs": 1,
+            "model_kwargs": {"width": 8}, "buffer_root": str(tmp_path)}
     fp32 = distill("mtt", breast, 1, base, context=RunContext(seed=0))
     bf16 = distill("mtt", breast, 1, {**base, "bf16": True, "expert_bf16": True}, context=RunContext(seed=0))
     assert torch.isfinite(bf16.images).all()
