@@ -12,7 +12,6 @@ process's peak RSS so far (resource.getrusage: a high-water mark, cases run smal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import resource
@@ -88,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     for ipc in (int(i) for i in args.ipcs.split(",")):
         for method in (m.strip() for m in args.methods.split(",")):
-            known = {f.name for f in dataclasses.fields(get_method(method).config_class)}
-            settings = {k: v for k, v in overrides.items() if k in known}
+            settings = {k: v for k, v in overrides.items() if k in get_method(method).setting_names}
             try:
                 cases.append(run_case(method, ipc, data, settings, args))
             except MedistillError as exc:

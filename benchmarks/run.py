@@ -24,7 +24,6 @@ Images in the synthetic sets are random; only their shapes matter for speed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -235,7 +234,7 @@ def bench_methods(settings: Settings) -> dict[str, Any]:
             if name not in list_methods():
                 results[name] = {"skipped": "not registered"}
                 continue
-            known = {f.name for f in dataclasses.fields(get_method(name).config_class)}
+            known = get_method(name).setting_names
             base = {k: v for k, v in {**METHOD_SETTINGS[name], "buffer_root": cache}.items() if k in known}
 
             def run(iterations: int) -> float:

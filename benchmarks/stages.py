@@ -22,7 +22,6 @@ one of 32-px input (32-16-8-4), the size the study's code used.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -57,8 +56,7 @@ class Variant:
         wanted = {"bf16": self.bf16, "compile": self.compile}
         if method is None:
             return wanted
-        known = {f.name for f in dataclasses.fields(get_method(method).config_class)}
-        return {k: v for k, v in wanted.items() if k in known}
+        return {k: v for k, v in wanted.items() if k in get_method(method).setting_names}
 
 
 VARIANTS = (Variant("fp32", False, False), Variant("bf16", True, False), Variant("bf16+compile", True, True))

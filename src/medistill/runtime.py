@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +64,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def maybe_compile(fn: Callable[..., Any], enabled: bool, *, dynamic: bool | None = None) -> Callable[..., Any]:
+    """`torch.compile(fn)` when enabled, else fn: the one compile switch (methods' passes and scoring networks).
+    `dynamic=False` compiles one graph per input shape (the default lets torch decide)."""
+    return torch.compile(fn, dynamic=dynamic) if enabled else fn
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:

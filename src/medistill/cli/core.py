@@ -82,7 +82,7 @@ def distill(
     overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private,
                                    "max_expert_minutes": max_expert_minutes}.items() if v is not None}
     given = {**parse_settings(config, settings), **overrides}
-    given.update(speed_settings(get_method(method).config_class, bf16, compile, given))
+    given.update(speed_settings(get_method(method), bf16, compile, given))
     result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record

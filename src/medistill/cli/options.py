@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ import typer
 from medistill.data import Dataset, load_dataset
 from medistill.configfile import parse_value, read_yaml
 from medistill.errors import ConfigError
+from medistill.methods.registry import MethodSpec
 from medistill.presets import resolve_config_path
 from medistill.runtime import resolve_device
 
@@ -55,8 +55,7 @@ def parse_pairs(pairs: list[str], option: str) -> dict[str, Any]:
     return settings
 
 
-def speed_settings(method_config: type, bf16: bool, compile: bool, given: dict[str, Any]) -> dict[str, Any]:
+def speed_settings(spec: MethodSpec, bf16: bool, compile: bool, given: dict[str, Any]) -> dict[str, Any]:
     """The method settings that --bf16 / --compile set: only those the method has and the user did not set."""
-    known = {f.name for f in fields(method_config)}
     wanted = {"bf16": bf16, "compile": compile}
-    return {k: v for k, v in wanted.items() if v and k in known and k not in given}
+    return {k: v for k, v in wanted.items() if v and k in spec.setting_names and k not in given}

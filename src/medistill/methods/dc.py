@@ -46,11 +46,10 @@ from medistill.methods.pixel_loop import (
     PixelConfig,
     RealSampler,
     class_labels,
-    maybe_compile,
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.runtime import autocast
+from medistill.runtime import autocast, maybe_compile
 
 # The reference's (IPC, outer_loop, inner_loop) rows.
 LOOP_TABLE: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (10, 10, 50), (20, 20, 25), (30, 30, 20), (40, 40, 15), (50, 50, 10))

@@ -25,11 +25,10 @@ from medistill.methods.pixel_loop import (
     IterationRandom,
     PixelConfig,
     RealSampler,
-    maybe_compile,
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.runtime import autocast
+from medistill.runtime import autocast, maybe_compile
 
 
 @dataclass

@@ -125,11 +125,6 @@ class FreshNetwork:
         return self.module
 
 
-def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """`torch.compile(fn)` when enabled."""
-    return torch.compile(fn) if enabled else fn
-
-
 Step = Callable[[Tensor, torch.optim.Optimizer, IterationRandom], Tensor]
 
 

@@ -51,6 +51,11 @@ class MethodSpec:
     # Settings under the caller's for an IPC, for a method whose reference has no single default (MTT)
     ipc_defaults: Callable[[int], dict[str, Any]] | None = None
 
+    @property
+    def setting_names(self) -> frozenset[str]:
+        """The settings this method has: its config's fields."""
+        return frozenset(f.name for f in dataclasses.fields(self.config_class))
+
     def default_protocol(self, model: str = "convnet") -> TrainProtocol:
         """The reference evaluation protocol: 1000 epochs with DSA, else 300 without."""
         epochs = DSA_EVAL_EPOCHS if self.eval_augment else PLAIN_EVAL_EPOCHS
@@ -72,7 +77,7 @@ list_methods = METHODS.names
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
     """The method's config with its defaults, updated by `overrides` (unknown keys are refused)."""
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    known = spec.setting_names
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"method '{spec.name}' has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.progress import progress_bar
-from medistill.runtime import autocast
+from medistill.runtime import autocast, maybe_compile
 from medistill.train.metrics import Scores, predict_scores, score
 from medistill.train.stacked import (
     ModelStream,
@@ -49,7 +49,7 @@ class TrainProtocol:
     augment: str | None = None  # a DSA strategy, e.g. "color_crop_cutout_flip_scale_rotate"
     model: str = "convnet"
     bf16: bool = False  # bf16 autocast for forward and loss: a speed-up, not the reference protocol's fp32
-    compile: bool = False  # torch.compile the training forward (fuses norm, activation and pooling): same maths, faster (the same computation up to float rounding); sequential training only
+    compile: bool = False  # torch.compile the training forward (fuses norm, activation and pooling): the same computation up to float rounding; sequential training only
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -85,13 +85,6 @@ def loss_function(task: str) -> nn.Module:
     return nn.BCEWithLogitsLoss() if task == MULTI_LABEL else nn.CrossEntropyLoss()
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """`torch.compile` of a network for training: one graph per batch shape (an epoch's last, smaller
-    batch is a second one). Compiled kernels are cached on disk by torch, so later runs skip most of
-    the first compilation. The eager module keeps the weights; scoring uses it directly."""
-    return torch.compile(model, dynamic=False)
-
-
 def train_model(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -105,7 +98,8 @@ def train_model(
     """Train one freshly initialised network on `images`/`labels` (already on the target device)."""
     device = images.device
     model = init_model(protocol, dataset, seed, device)
-    forward = compiled(model) if protocol.compile else model
+    # one graph per batch shape (an epoch's last, smaller batch is a second); the eager module keeps the weights and scores
+    forward = maybe_compile(model, protocol.compile, dynamic=False)
     stream = ModelStream(seed, make_augment(protocol))
     base_lr = protocol.lr if lr is None else float(lr)
     optimizer = protocol.optimizer(model.parameters(), base_lr)
