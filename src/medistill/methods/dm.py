@@ -7,7 +7,8 @@ the class's synthetic images, both under the same Siamese DSA draw; one image st
 Batched: every class's augmented real images go through the network in one forward (no graph),
 every class's synthetic images in another, and the per-class means come from one `index_add_`.
 With a per-sample normalisation (instance norm, the default ConvNet) this is the reference's
-per-class computation exactly.
+per-class computation exactly (up to float rounding: on the CPU the real images go through in
+cache-sized chunks, `microbatch`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from medistill.methods.pixel_loop import (
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.microbatch import chunk_size, forward_in_chunks
 from medistill.runtime import autocast, maybe_compile
 
 
@@ -58,6 +60,7 @@ class DistributionMatching:
         self.network = FreshNetwork(dataset, config.model)
         self.network.module.requires_grad_(False)
         self.embed = maybe_compile(self.network.module.embed, config.compile)
+        self.real_chunk = chunk_size(self.network.module, self.real[0])  # the real features in cache-sized chunks on the CPU
         self.augment = DiffAugment(config.dsa_strategy)
         sizes = torch.tensor(self.sampler.take, device=self.device)
         self.segment = torch.arange(self.num_classes, device=self.device).repeat_interleave(sizes)
@@ -74,7 +77,7 @@ class DistributionMatching:
             syns.append(syn)
         with autocast(self.device, self.config.bf16):
             with torch.no_grad():
-                real_features = self.embed(torch.cat(reals)).float()
+                real_features = forward_in_chunks(self.embed, torch.cat(reals), self.real_chunk).float()
             syn_features = self.embed(torch.cat(syns)).float()
         real_mean = torch.zeros(self.num_classes, real_features.shape[1], device=self.device).index_add_(0, self.segment, real_features)
         real_mean = real_mean / self.sizes

@@ -42,6 +42,7 @@ from torch.func import functional_call, grad, vmap
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, DataError
+from medistill.microbatch import chunk_size, chunks
 from medistill.models import create_model
 from medistill.progress import progress_bar
 from medistill.runtime import autocast
@@ -83,12 +84,13 @@ class FlatModel:
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of a flat vector as the named parameters."""
-        params, offset = {}, 0
-        for name, shape, numel in zip(self.names, self.shapes, self.numels):
-            params[name] = flat[offset : offset + numel].view(shape)
-            offset += numel
-        return params
+        """Views of a flat vector as the named parameters.
+
+        One `split` rather than a slice per parameter: their values are the same, but a split's backward
+        writes each parameter's gradient once into one vector, where every slice's backward fills a
+        zero vector of the full length and adds it (a quarter of MTT's unrolled step on the CPU).
+        """
+        return {name: part.view(shape) for name, part, shape in zip(self.names, flat.split(self.numels, dim=-1), self.shapes)}
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Logits of the network with parameters `flat` on the batch `x`."""
@@ -191,12 +193,21 @@ class StackedStep:
                 return F.cross_entropy(flat_model(flat, x), y)
 
         self.grads = vmap(grad(loss))
+        self.flat_model = flat_model
 
     def __call__(self, flats: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """The stacked parameters (E, P) after one step on the minibatches x (E, B, C, H, W), y (E, B)."""
+        """The stacked parameters (E, P) after one step on the minibatches x (E, B, C, H, W), y (E, B).
+
+        The minibatch gradient is accumulated over cache-sized chunks on the CPU (`microbatch`): the
+        same gradient up to float rounding, at a fraction of the memory, and faster.
+        """
         if self.augment is not None:
             x = torch.stack([self.augment(x[e], generator=generators[e]) for e in range(len(generators))])
-        return flats - self.lr * self.grads(flats, x, y)
+        n = x.shape[1]
+        gradient = torch.zeros_like(flats)
+        for part in chunks(n, chunk_size(self.flat_model.module, x[0, 0])):
+            gradient += self.grads(flats, x[:, part], y[:, part]) * ((part.stop - part.start) / n)
+        return flats - self.lr * gradient
 
 
 def stacked_experts(dataset: Dataset, settings: ExpertSettings, indices: list[int]) -> tuple[FlatModel, torch.Tensor, list[torch.Generator]]:
@@ -323,10 +334,11 @@ def expert_accuracy(flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset
     """Test accuracy of each stacked expert (in the space it was trained in)."""
     images = dataset.test.images if zca is None else zca.whiten_normalised(dataset, dataset.test.images)
     forward = vmap(flat_model, in_dims=(0, None))
+    size = (chunk_size(flat_model.module, images[0], forward_only=True) if len(images) else None) or batch_size
     correct = torch.zeros(flats.shape[0], device=flats.device)
-    for start in range(0, images.shape[0], batch_size):
-        logits = forward(flats, images[start : start + batch_size])
-        correct += (logits.argmax(-1) == dataset.test.labels[start : start + batch_size]).sum(-1)
+    for part in chunks(images.shape[0], size):
+        logits = forward(flats, images[part])
+        correct += (logits.argmax(-1) == dataset.test.labels[part]).sum(-1)
     return (correct / images.shape[0]).tolist()
 
 

@@ -3,7 +3,9 @@
 This is the only place networks are trained for scoring. The reference protocol (docs/ALGORITHMS.md):
 SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256; `epochs + 1` epochs (0..epochs), and after
 epoch `epochs // 2 + 1` a NEW SGD optimiser at lr x0.1 (so the momentum buffer starts again from
-zero); optional DSA augmentation (non-Siamese, a fresh draw per sample).
+zero); optional DSA augmentation (non-Siamese, a fresh draw per sample). On the CPU each batch's
+gradient is accumulated over cache-sized chunks (`microbatch`): the same gradient up to float rounding,
+about twice as fast.
 
 The K networks are trained one after the other (`train_model`) or in lockstep (`stacked.train_stacked`);
 both give the same networks for the same seeds. On CUDA the stacked path is the default for models
@@ -22,6 +24,7 @@ import torch.nn as nn
 
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
+from medistill.microbatch import backward_in_chunks, chunk_size, forward_in_chunks
 from medistill.progress import progress_bar
 from medistill.runtime import autocast, maybe_compile
 from medistill.train.metrics import Scores, predict_scores, score
@@ -106,15 +109,19 @@ def train_model(
     criterion = loss_function(dataset.task)
     model.train()
     n = images.shape[0]
+    chunk = chunk_size(model, images[0]) if n else None  # cache-sized chunks on the CPU: the same gradient, faster
     for epoch in range(protocol.total_epochs):
         order = to_device(stream.epoch_order(n), device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start : start + protocol.batch_size]
-            x = stream.augment_batch(images[idx])
-            with autocast(device, protocol.bf16):
-                loss = criterion(forward(x), labels[idx])
+            x, y = stream.augment_batch(images[idx]), labels[idx]
+
+            def chunk_loss(part: slice, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                with autocast(device, protocol.bf16):
+                    return criterion(forward(x[part]), y[part])
+
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward_in_chunks(chunk_loss, len(idx), chunk)
             optimizer.step()
         if epoch == protocol.lr_drop_epoch:
             optimizer = protocol.optimizer(model.parameters(), base_lr * 0.1)
@@ -128,7 +135,8 @@ def test_scores(model: nn.Module, dataset: Dataset, split: str = "test", batch_s
     """(ACC, AUC) of a model on one split of the dataset."""
     model.eval()
     data = dataset.split(split)
-    logits = torch.cat([model(data.images[i : i + batch_size]) for i in range(0, len(data), batch_size)])
+    size = (chunk_size(model, data.images[0], forward_only=True) if len(data) else None) or batch_size
+    logits = forward_in_chunks(model, data.images, size)
     return score(data.labels, predict_scores(logits, dataset.task), dataset.task)
 
 
