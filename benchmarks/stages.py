@@ -7,7 +7,8 @@ Sections of `python -m benchmarks.run`:
   in bf16, on the threads the benchmark runs with.
 - ``stages``: per stage (DC IPC 1 and 10 per iteration, evaluation of 20 images x E epochs, one
   full-training-set epoch, K=5 evaluation, MTT IPC 1 per iteration, the expert buffer), seconds for
-  each variant (fp32, bf16, bf16 + torch.compile), the speed-up over fp32 in the same round, the
+  each variant (fp32 with whole batches, as before cache-sized chunks: the baseline; fp32, bf16 and
+  bf16 + torch.compile, all chunked on the CPU), the speed-up over the baseline in the same round, the
   achieved GFLOP/s (floating-point operations counted once per stage with torch's FlopCounterMode on
   the fp32 eager path, then divided by each variant's time) and that as a fraction of the measured peak
   of the variant's precision. Variants are interleaved round by round, so a change in machine load
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medistill.methods import RunContext, distill, get_method
+from medistill.microbatch import whole_batches
 from medistill.pipeline import score_set
 from medistill.train import TrainProtocol, evaluate, train_model
 
@@ -45,11 +48,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Variant:
-    """How the networks of a stage run."""
+    """How the networks of a stage run: precision, compilation, and whether batches are cut into cache-sized chunks."""
 
     name: str
     bf16: bool
     compile: bool
+    chunked: bool = True
+
+    def context(self) -> AbstractContextManager[None]:
+        """The block a run of this variant executes in (whole batches for the unchunked baseline)."""
+        return nullcontext() if self.chunked else whole_batches()
 
     def settings(self, method: str | None = None) -> dict[str, Any]:
         """The switches as method settings (only those the method has when one is named)."""
@@ -59,7 +67,10 @@ class Variant:
         return {k: v for k, v in wanted.items() if k in get_method(method).setting_names}
 
 
-VARIANTS = (Variant("fp32", False, False), Variant("bf16", True, False), Variant("bf16+compile", True, True))
+# The first is the baseline every speed-up is over: fp32 with whole batches, the code before chunking.
+VARIANTS = (Variant("fp32_whole_batch", False, False, chunked=False), Variant("fp32", False, False),
+            Variant("bf16", True, False), Variant("bf16+compile", True, True))
+BASELINE = VARIANTS[0].name
 
 
 def gflops_of(fn: Callable[[], Any]) -> float:
@@ -116,8 +127,9 @@ def distill_seconds(method: str, ipc: int, config: dict[str, Any], iterations: i
     compilation (all in the first iteration) cancel out."""
     def run(variant: Variant) -> float:
         def once(n: int) -> float:
-            return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(method), "iterations": n},
-                                              context=RunContext(seed=0)))
+            with variant.context():
+                return seconds_of(lambda: distill(method, settings.breast(), ipc, {**config, **variant.settings(method), "iterations": n},
+                                                  context=RunContext(seed=0)))
         once(1)  # warm-up: builds what a method caches (MTT's expert buffer), fills torch's compile cache
         first = once(1)
         return (once(iterations) - first) / (iterations - 1)
@@ -147,8 +159,9 @@ def training_seconds(images_of: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     def run(variant: Variant) -> float:
         images, labels = images_of()
         protocol = TrainProtocol(epochs=epochs - 1, bf16=variant.bf16, compile=variant.compile)  # epochs + 1 are trained
-        train_model(images, labels, settings.breast(), replace(protocol, epochs=1), seed=0)  # warm-up: compiles both batch shapes
-        seconds = seconds_of(lambda: train_model(images, labels, settings.breast(), protocol, seed=0))
+        with variant.context():
+            train_model(images, labels, settings.breast(), replace(protocol, epochs=1), seed=0)  # warm-up: compiles the batch shapes
+            seconds = seconds_of(lambda: train_model(images, labels, settings.breast(), protocol, seed=0))
         return seconds / epochs if per_epoch else seconds
     return run
 
@@ -167,25 +180,35 @@ def evaluation_seconds(models: int, epochs: int, settings: Settings) -> Callable
     def run(variant: Variant) -> float:
         images, labels = small_set(settings)
         protocol = TrainProtocol(epochs=epochs - 1, bf16=variant.bf16, compile=variant.compile)
-        evaluate(images, labels, settings.breast(), replace(protocol, epochs=1), num_models=1)  # warm-up / compile
-        return seconds_of(lambda: evaluate(images, labels, settings.breast(), protocol, num_models=models))
+        with variant.context():
+            evaluate(images, labels, settings.breast(), replace(protocol, epochs=1), num_models=1)  # warm-up / compile
+            return seconds_of(lambda: evaluate(images, labels, settings.breast(), protocol, num_models=models))
     return run
 
 
+EXPERT_STAGE = "expert_buffer_2x5"
 MTT_SETTINGS = {"syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 2, "num_experts": 2, "buffer_epochs": 3, "eval_every": 0}
 
 
-def expert_buffer(settings: Settings, root: str, parallel: int, bf16: bool) -> tuple[float, float]:
-    """(CPU seconds, peak resident MB) of building a 2-expert x 5-epoch buffer in a fresh process."""
+def expert_buffer(settings: Settings, root: str, parallel: int, bf16: bool, chunked: bool) -> tuple[float, float]:
+    """(CPU seconds, peak resident MB) of building a 2-expert x 5-epoch buffer in a fresh process.
+
+    The peak is the process's own high-water mark (VmHWM in /proc/self/status), not getrusage's
+    ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec, so a child of this
+    large benchmark process would report the parent's size.
+    """
     code = (
-        "import resource, sys, time, torch\n"
+        "import contextlib, re, sys, time, torch\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         "from medistill.data import load_dataset\n"
         "from medistill.methods.experts import ExpertSettings, build_buffer\n"
+        "from medistill.microbatch import whole_batches\n"
         f"data = load_dataset('breastmnist', root={str(settings.data_root)!r}, device=torch.device('cpu'), progress=False)\n"
         "start = time.process_time()\n"
-        f"build_buffer(data, ExpertSettings(epochs=5, bf16={bf16}), 2, root={root!r}, parallel={parallel}, log=lambda m: None)\n"
-        "print(time.process_time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        f"with {'contextlib.nullcontext()' if chunked else 'whole_batches()'}:\n"
+        f"    build_buffer(data, ExpertSettings(epochs=5, bf16={bf16}), 2, root={root!r}, parallel={parallel}, log=lambda m: None)\n"
+        "peak_kb = int(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+        "print(time.process_time() - start, peak_kb / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1])
@@ -211,7 +234,7 @@ def stage_list(settings: Settings, scratch: str) -> list[Stage]:
               training_gflops(full, 1, True, settings)),
         Stage("evaluation_k5", f"s for 5 networks, {epochs} epochs", evaluation_seconds(5, epochs, settings), None),
         Stage("mtt_ipc1_syn_steps20", "s/iteration", distill_seconds("mtt", 1, mtt, settings.pick(3, 6), settings),
-              distill_gflops("mtt", 1, mtt, settings), variants=VARIANTS[:2]),  # the unroll's double backward is not compiled
+              distill_gflops("mtt", 1, mtt, settings), variants=VARIANTS[:3]),  # the unroll's double backward is not compiled
     ]
     return stages
 
@@ -222,7 +245,13 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
     peak = bench_peak(settings)
     results: dict[str, Any] = {"peak_gflops": {k: peak[k] for k in ("fp32", "bf16")}, "rounds": rounds, "stages": {}}
     scratch = tempfile.TemporaryDirectory()
-    for stage in stage_list(settings, scratch.name):
+    stages = stage_list(settings, scratch.name)
+    known = {stage.name for stage in stages} | {EXPERT_STAGE}
+    if settings.stages is not None and not settings.stages <= known:
+        raise SystemExit(f"unknown stage(s) {', '.join(sorted(settings.stages - known))}; choose from {', '.join(sorted(known))}")
+    for stage in stages:
+        if settings.stages is not None and stage.name not in settings.stages:
+            continue
         try:
             times: dict[str, list[float]] = {v.name: [] for v in stage.variants}
             for _ in range(rounds):
@@ -236,8 +265,8 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
         row: dict[str, Any] = {"unit": stage.unit, "gflop_per_unit": gflop, "variants": {}}
         for variant in stage.variants:
             seconds = statistics.median(times[variant.name])
-            speedups = [f / s for f, s in zip(times["fp32"], times[variant.name])]
-            entry = {"seconds": seconds, "all_seconds": times[variant.name], "speedup_over_fp32": statistics.median(speedups)}
+            speedups = [f / s for f, s in zip(times[BASELINE], times[variant.name])]
+            entry = {"seconds": seconds, "all_seconds": times[variant.name], f"speedup_over_{BASELINE}": statistics.median(speedups)}
             if gflop is not None:
                 achieved = gflop / seconds
                 entry |= {"gflops": achieved, "fraction_of_peak": achieved / peak["bf16" if variant.bf16 else "fp32"]}
@@ -245,13 +274,17 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
         results["stages"][stage.name] = row
         print(json.dumps({"stage": stage.name, **row}), flush=True)  # each stage as soon as it is measured
     scratch.cleanup()
+    if settings.stages is not None and EXPERT_STAGE not in settings.stages:
+        return results
     with tempfile.TemporaryDirectory() as root:
         buffers = {}
-        for label, parallel, bf16 in (("fp32_two_at_once", 2, False), ("fp32_one_at_a_time", 1, False), ("bf16_one_at_a_time", 1, True)):
-            seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel, bf16)
+        for label, parallel, bf16, chunked in (("fp32_two_at_once_whole_batch", 2, False, False),
+                                               ("fp32_one_at_a_time_whole_batch", 1, False, False),
+                                               ("fp32_one_at_a_time", 1, False, True), ("bf16_one_at_a_time", 1, True, True)):
+            seconds, peak_mb = expert_buffer(settings, f"{root}/{label}", parallel, bf16, chunked)
             buffers[label] = {"seconds": seconds, "peak_rss_mb": peak_mb}
             print(json.dumps({"experts": label, **buffers[label]}), flush=True)
-        results["stages"]["expert_buffer_2x5"] = buffers
+        results["stages"][EXPERT_STAGE] = buffers
     return results
 
 
@@ -268,7 +301,7 @@ def bench_precision(settings: Settings) -> dict[str, Any]:
     for name, (method, ipc, config, augment) in cases.items():
         rows = []
         for seed in seeds:
-            for variant in (VARIANTS[0], VARIANTS[1]):
+            for variant in (VARIANTS[1], VARIANTS[2]):  # fp32 and bf16, both chunked
                 synthetic = distill(method, data, ipc, {**config, **variant.settings(method)}, context=RunContext(seed=seed))
                 protocol = TrainProtocol(epochs=epochs, augment="color_crop_cutout_flip_scale_rotate" if augment else None,
                                          bf16=variant.bf16)
