@@ -59,6 +59,7 @@ class Settings:
     quick: bool
     data_root: Path
     stages: frozenset[str] | None = None  # the `stages` section's stages to run (None: all)
+    rounds: int | None = None  # the `stages` section's rounds (None: 1 quick, 3 otherwise)
     _breast: Dataset | None = None
 
     def breast(self) -> Dataset:
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="folder with breastmnist.npz (default: $MEDISTILL_DATA, else the medmnist cache)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stages", default=None, help="the stages section's stages to run, comma-separated (default: all)")
+    parser.add_argument("--rounds", type=int, default=None, help="the stages section's interleaved rounds (default: 1 quick, 3 otherwise)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     stages = frozenset(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
-    settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=resolve_data_root(args.data), stages=stages)
+    settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=resolve_data_root(args.data), stages=stages,
+                        rounds=args.rounds)
     report: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "hardware": hardware(settings.device), "sections": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -241,7 +241,7 @@ def stage_list(settings: Settings, scratch: str) -> list[Stage]:
 
 def bench_stages(settings: Settings) -> dict[str, Any]:
     """Every stage in every variant, interleaved round by round; median seconds and paired speed-up."""
-    rounds = settings.pick(1, 3)
+    rounds = settings.rounds or settings.pick(1, 3)
     peak = bench_peak(settings)
     results: dict[str, Any] = {"peak_gflops": {k: peak[k] for k in ("fp32", "bf16")}, "rounds": rounds, "stages": {}}
     scratch = tempfile.TemporaryDirectory()

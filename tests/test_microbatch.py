@@ -92,7 +92,7 @@ def test_trained_networks_match_whole_batch_training(breast) -> None:
 
 
 def test_expert_step_is_the_whole_batch_step(breast) -> None:
-    settings = ExpertSettings(epochs=1, model_kwargs={"width": 16})
+    settings = ExpertSettings(epochs=1, model_kwargs={"width": 64})
     flat_model, flats, _ = stacked_experts(breast, settings, [0, 1])
     step = StackedStep(flat_model, settings)
     x = torch.stack([breast.train.images[:100], breast.train.images[100:200]])
@@ -100,7 +100,8 @@ def test_expert_step_is_the_whole_batch_step(breast) -> None:
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
     chunked = step(flats, x, y, generators)
     with whole_batches():
-        whole = step(flats, x, y, [torch.Generator().manual_seed(s) for s in (1, 2)])
+        whole = StackedStep(flat_model, settings)(flats, x, y, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert step.chunk == 32 and not torch.equal(chunked, whole)  # width 64: 8 MiB / (64 x 32 x 32 x 4 B) = 32 a chunk, 3 of them
     assert not torch.equal(chunked, flats)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 

@@ -194,6 +194,7 @@ class StackedStep:
 
         self.grads = vmap(grad(loss))
         self.flat_model = flat_model
+        self.chunk: int | None = None  # images per chunk, sized on the first step's images
 
     def __call__(self, flats: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """The stacked parameters (E, P) after one step on the minibatches x (E, B, C, H, W), y (E, B).
@@ -204,8 +205,10 @@ class StackedStep:
         if self.augment is not None:
             x = torch.stack([self.augment(x[e], generator=generators[e]) for e in range(len(generators))])
         n = x.shape[1]
+        if self.chunk is None:
+            self.chunk = chunk_size(self.flat_model.module, x[0, 0]) or n
         gradient = torch.zeros_like(flats)
-        for part in chunks(n, chunk_size(self.flat_model.module, x[0, 0])):
+        for part in chunks(n, self.chunk):
             gradient += self.grads(flats, x[:, part], y[:, part]) * ((part.stop - part.start) / n)
         return flats - self.lr * gradient
 
