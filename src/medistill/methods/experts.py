@@ -86,9 +86,9 @@ class FlatModel:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat vector as the named parameters.
 
-        One `split` rather than a slice per parameter: their values are the same, but a split's backward
-        writes each parameter's gradient once into one vector, where every slice's backward fills a
-        zero vector of the full length and adds it (a quarter of MTT's unrolled step on the CPU).
+        One `split` rather than a slice per parameter: the same values, and a split's backward writes each
+        parameter's gradient once into one vector, where every slice's backward fills a zero vector of the
+        full length and adds it.
         """
         return {name: part.view(shape) for name, part, shape in zip(self.names, flat.split(self.numels, dim=-1), self.shapes)}
 
