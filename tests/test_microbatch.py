@@ -33,18 +33,18 @@ def convnet(breast, **kwargs) -> nn.Module:
 def test_chunks_are_sized_by_the_largest_activation(breast) -> None:
     image = breast.train.images[0]
     # 28 px padded to 32: the first convolution's 128 x 32 x 32 output is the largest, 4 bytes a value
-    assert chunk_size(convnet(breast), image) == microbatch.CACHE_BYTES // (4 * 128 * 32 * 32) == 16
+    assert chunk_size(convnet(breast), image) == microbatch.CACHE_BYTES // (4 * 128 * 32 * 32) == 8
     assert chunk_size(convnet(breast, width=8), image) == microbatch.CACHE_BYTES // (4 * 8 * 32 * 32)
     with whole_batches():
         assert chunk_size(convnet(breast), image) is None
-    assert chunk_size(convnet(breast), image) == 16  # the block restores chunking
+    assert chunk_size(convnet(breast), image) == 8  # the block restores chunking
 
 
 def test_batch_statistics_keep_the_whole_batch(breast) -> None:
     model = convnet(breast, norm="batch").train()
     image = breast.train.images[0]
     assert not samples_independent(model) and chunk_size(model, image) is None
-    assert chunk_size(model, image, forward_only=True) == 16  # scoring in eval mode may be chunked
+    assert chunk_size(model, image, forward_only=True) == 8  # scoring in eval mode may be chunked
     assert model.training  # sizing does not leave the model in eval mode
     assert samples_independent(model.eval())
 
@@ -101,7 +101,7 @@ def test_expert_step_is_the_whole_batch_step(breast) -> None:
     chunked = step(flats, x, y, generators)
     with whole_batches():
         whole = StackedStep(flat_model, settings)(flats, x, y, [torch.Generator().manual_seed(s) for s in (1, 2)])
-    assert step.chunk == 32 and not torch.equal(chunked, whole)  # width 64: 8 MiB / (64 x 32 x 32 x 4 B) = 32 a chunk, 3 of them
+    assert step.chunk == 16 and not torch.equal(chunked, whole)  # width 64: 4 MiB / (64 x 32 x 32 x 4 B) = 16 a chunk, 6 of them
     assert not torch.equal(chunked, flats)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
@@ -117,7 +117,7 @@ def test_distilled_sets_match_whole_batch_ones(breast, method: str) -> None:
 
 def test_dc_real_gradient_uses_chunks_only_without_live_batch_statistics(breast) -> None:
     instance = GradientMatching(breast, 1, DCConfig(batch_real=40), 1, 1)
-    assert instance.real_chunk == 16
+    assert instance.real_chunk == 8
     params = list(instance.network.module.parameters())
     real = breast.train.images[:40]
     chunked = instance.real_gradient(real, 1, params)
