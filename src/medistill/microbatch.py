@@ -6,8 +6,8 @@ the batch's gradient, and chunked logits or features are the batch's, up to floa
 changes is where the work runs from: a ConvNet's memory-bound passes between convolutions (instance
 norm, ReLU, pooling and their backward passes) read and write every activation, and once a chunk's
 largest activation fits in the cache they run from there instead of from main memory. On the CPU this
-makes a 256-image training step about twice as fast and needs a fraction of the memory
-(docs/RESULTS.md, "CPU speed"). On a GPU the whole batch is kept: there, parallel work, not the cache,
+makes a 256-image training step faster and needs a fraction of the memory (docs/RESULTS.md,
+"CPU speed"). On a GPU the whole batch is kept: there, parallel work, not the cache,
 bounds the speed.
 
 `chunk_size` picks the images per chunk from the network itself: the largest output of any layer for

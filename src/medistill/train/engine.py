@@ -5,7 +5,7 @@ SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256; `epochs + 1` epochs (0.
 epoch `epochs // 2 + 1` a NEW SGD optimiser at lr x0.1 (so the momentum buffer starts again from
 zero); optional DSA augmentation (non-Siamese, a fresh draw per sample). On the CPU each batch's
 gradient is accumulated over cache-sized chunks (`microbatch`): the same gradient up to float rounding,
-about twice as fast.
+computed faster.
 
 The K networks are trained one after the other (`train_model`) or in lockstep (`stacked.train_stacked`);
 both give the same networks for the same seeds. On CUDA the stacked path is the default for models
