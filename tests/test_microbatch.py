@@ -31,20 +31,21 @@ def convnet(breast, **kwargs) -> nn.Module:
 
 
 def test_chunks_are_sized_by_the_largest_activation(breast) -> None:
-    image = breast.train.images[0]
+    images = breast.train.images
     # 28 px padded to 32: the first convolution's 128 x 32 x 32 output is the largest, 4 bytes a value
-    assert chunk_size(convnet(breast), image) == microbatch.CACHE_BYTES // (4 * 128 * 32 * 32) == 8
-    assert chunk_size(convnet(breast, width=8), image) == microbatch.CACHE_BYTES // (4 * 8 * 32 * 32)
+    assert chunk_size(convnet(breast), images) == microbatch.CACHE_BYTES // (4 * 128 * 32 * 32) == 8
+    assert chunk_size(convnet(breast, width=8), images) == microbatch.CACHE_BYTES // (4 * 8 * 32 * 32)
     with whole_batches():
-        assert chunk_size(convnet(breast), image) is None
-    assert chunk_size(convnet(breast), image) == 8  # the block restores chunking
+        assert chunk_size(convnet(breast), images) is None
+    assert chunk_size(convnet(breast), images) == 8  # the block restores chunking
+    assert chunk_size(convnet(breast), images[:0]) is None  # an empty batch is one (empty) piece
 
 
 def test_batch_statistics_keep_the_whole_batch(breast) -> None:
     model = convnet(breast, norm="batch").train()
-    image = breast.train.images[0]
-    assert not samples_independent(model) and chunk_size(model, image) is None
-    assert chunk_size(model, image, forward_only=True) == 8  # scoring in eval mode may be chunked
+    images = breast.train.images
+    assert not samples_independent(model) and chunk_size(model, images) is None
+    assert chunk_size(model, images, forward_only=True) == 8  # scoring in eval mode may be chunked
     assert model.training  # sizing does not leave the model in eval mode
     assert samples_independent(model.eval())
 
@@ -120,7 +121,7 @@ def test_dc_real_gradient_uses_chunks_only_without_live_batch_statistics(breast)
     assert instance.real_chunk == 8
     params = list(instance.network.module.parameters())
     real = breast.train.images[:40]
-    chunked = instance.real_gradient(real, 1, params)
+    chunked = instance.real_gradient(real, torch.ones(40, dtype=torch.long), params)
     with torch.enable_grad():
         whole = torch.autograd.grad(F.cross_entropy(instance.network.module(real), torch.ones(40, dtype=torch.long)), params)
     for a, b in zip(chunked, whole):

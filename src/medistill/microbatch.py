@@ -50,7 +50,7 @@ def samples_independent(module: nn.Module) -> bool:
 
 
 def largest_activation_bytes(module: nn.Module, image: Tensor) -> int:
-    """Bytes (4 a value) of the largest output of any leaf layer of `module` for one image (C, H, W)."""
+    """Bytes (4 a value) of the largest output of any leaf layer of `module` for one image (1, C, H, W)."""
     sizes: list[int] = [image.numel()]
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0)) for m in leaves]
@@ -58,7 +58,7 @@ def largest_activation_bytes(module: nn.Module, image: Tensor) -> int:
     try:
         module.eval()  # one image through batch norm in training mode would fail or move its statistics
         with torch.no_grad():
-            module(image.unsqueeze(0))
+            module(image)
     finally:
         module.train(was_training)
         for hook in hooks:
@@ -66,15 +66,16 @@ def largest_activation_bytes(module: nn.Module, image: Tensor) -> int:
     return 4 * max(sizes)
 
 
-def chunk_size(module: nn.Module, image: Tensor, *, forward_only: bool = False) -> int | None:
-    """Images per chunk for `module` on `image`'s device, or None for the whole batch.
+def chunk_size(module: nn.Module, images: Tensor, *, forward_only: bool = False) -> int | None:
+    """Images per chunk when `module` runs on batches like `images` (N, C, H, W), or None for the whole batch.
 
-    None off the CPU, within `whole_batches()`, and, unless `forward_only` (no gradient, the module in eval mode), when the
-    module normalises by batch statistics (chunks would change the result, not only its rounding).
+    None for an empty batch, off the CPU, within `whole_batches()`, and, unless `forward_only` (no
+    gradient, the module in eval mode), when the module normalises by batch statistics (chunks would
+    change the result, not only its rounding).
     """
-    if _whole_batches or image.device.type != "cpu" or (not forward_only and not samples_independent(module)):
+    if not len(images) or _whole_batches or images.device.type != "cpu" or (not forward_only and not samples_independent(module)):
         return None
-    return max(1, CACHE_BYTES // largest_activation_bytes(module, image))
+    return max(1, CACHE_BYTES // largest_activation_bytes(module, images[:1]))
 
 
 def chunks(n: int, size: int | None) -> list[slice]:
@@ -88,10 +89,15 @@ def chunks(n: int, size: int | None) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def weighted_chunks(n: int, size: int | None) -> list[tuple[slice, float]]:
+    """`chunks(n, size)`, each with its share of the n images: the weight of its mean in the batch's mean."""
+    return [(part, (part.stop - part.start) / n) for part in chunks(n, size)]
+
+
 def backward_in_chunks(loss_of: Callable[[slice], Tensor], n: int, size: int | None) -> None:
     """Accumulate into `.grad` the gradient of the mean loss over n images: each chunk's mean loss, weighted by its share."""
-    for part in chunks(n, size):
-        (loss_of(part) * ((part.stop - part.start) / n)).backward()
+    for part, share in weighted_chunks(n, size):
+        (loss_of(part) * share).backward()
 
 
 def forward_in_chunks(forward: Callable[[Tensor], Tensor], images: Tensor, size: int | None) -> Tensor:
@@ -103,4 +109,4 @@ def forward_in_chunks(forward: Callable[[Tensor], Tensor], images: Tensor, size:
 
 
 __all__ = ["CACHE_BYTES", "backward_in_chunks", "chunk_size", "chunks", "forward_in_chunks", "largest_activation_bytes",
-           "samples_independent", "whole_batches"]
+           "samples_independent", "weighted_chunks", "whole_batches"]

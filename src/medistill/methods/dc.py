@@ -49,7 +49,7 @@ from medistill.methods.pixel_loop import (
     run_pixel_loop,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.microbatch import chunk_size, chunks, samples_independent
+from medistill.microbatch import chunk_size, samples_independent, weighted_chunks
 from medistill.runtime import autocast, maybe_compile
 
 # The reference's (IPC, outer_loop, inner_loop) rows.
@@ -124,7 +124,7 @@ class GradientMatching:
         self.batch_norms = [m for m in self.network.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.bn_sampler = RealSampler(dataset, BN_IMAGES_PER_CLASS) if self.batch_norms else None
         self.syn_labels = class_labels(dataset, ipc)
-        self.real_chunk = chunk_size(self.network.module, self.real[0], forward_only=True)  # used while no batch statistics are live
+        self.real_chunk = chunk_size(self.network.module, self.real, forward_only=True)  # used while no batch statistics are live
         self.net_optimizer = torch.optim.SGD(self.network.module.parameters(), lr=config.lr_net)
         self.match: Callable[[Tensor, list[Tensor], IterationRandom], Tensor] = (
             self.match_vmap if config.class_batching == "vmap" else self.match_loop
@@ -170,22 +170,20 @@ class GradientMatching:
             real, syn = self._pair(self.real[idx], images[c * self.ipc : (c + 1) * self.ipc], rng)
             with autocast(self.device, self.config.bf16):
                 loss_syn = F.cross_entropy(self.network.module(syn).float(), self.syn_labels[c * self.ipc : (c + 1) * self.ipc])
-            g_real = [g.unsqueeze(0) for g in self.real_gradient(real, c, params)]
+            g_real = [g.unsqueeze(0) for g in self.real_gradient(real, torch.full_like(idx, c), params)]
             g_syn = [g.unsqueeze(0) for g in torch.autograd.grad(loss_syn, params, create_graph=True)]
             total = total + self.distance(g_real, g_syn)
         return total
 
-    def real_gradient(self, real: Tensor, label: int, params: list[Tensor]) -> list[Tensor]:
+    def real_gradient(self, real: Tensor, labels: Tensor, params: list[Tensor]) -> list[Tensor]:
         """The gradient of the mean cross-entropy on a class's real images, accumulated over cache-sized chunks on the
         CPU when the network treats images independently (`microbatch`; the same gradient up to float rounding)."""
-        n = real.shape[0]
         size = self.real_chunk if samples_independent(self.network.module) else None
         total: list[Tensor] = []
-        for part in chunks(n, size):
+        for part, share in weighted_chunks(real.shape[0], size):
             with autocast(self.device, self.config.bf16):
                 logits = self.first_order(real[part]).float()
-            loss = F.cross_entropy(logits, torch.full((part.stop - part.start,), label, device=self.device)) * ((part.stop - part.start) / n)
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels[part]) * share, params)
             total = list(grads) if not total else [a + g for a, g in zip(total, grads)]
         return [g.detach() for g in total]
 

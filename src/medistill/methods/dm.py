@@ -60,7 +60,7 @@ class DistributionMatching:
         self.network = FreshNetwork(dataset, config.model)
         self.network.module.requires_grad_(False)
         self.embed = maybe_compile(self.network.module.embed, config.compile)
-        self.real_chunk = chunk_size(self.network.module, self.real[0])  # the real features in cache-sized chunks on the CPU
+        self.real_chunk = chunk_size(self.network.module, self.real)  # the real features in cache-sized chunks on the CPU
         self.augment = DiffAugment(config.dsa_strategy)
         sizes = torch.tensor(self.sampler.take, device=self.device)
         self.segment = torch.arange(self.num_classes, device=self.device).repeat_interleave(sizes)

@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, DataError
-from medistill.microbatch import chunk_size, chunks
+from medistill.microbatch import chunk_size, chunks, weighted_chunks
 from medistill.models import create_model
 from medistill.progress import progress_bar
 from medistill.runtime import autocast
@@ -206,10 +206,10 @@ class StackedStep:
             x = torch.stack([self.augment(x[e], generator=generators[e]) for e in range(len(generators))])
         n = x.shape[1]
         if self.chunk is None:
-            self.chunk = chunk_size(self.flat_model.module, x[0, 0]) or n
+            self.chunk = chunk_size(self.flat_model.module, x[0]) or n
         gradient = torch.zeros_like(flats)
-        for part in chunks(n, self.chunk):
-            gradient += self.grads(flats, x[:, part], y[:, part]) * ((part.stop - part.start) / n)
+        for part, share in weighted_chunks(n, self.chunk):
+            gradient += self.grads(flats, x[:, part], y[:, part]) * share
         return flats - self.lr * gradient
 
 
@@ -337,7 +337,7 @@ def expert_accuracy(flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset
     """Test accuracy of each stacked expert (in the space it was trained in)."""
     images = dataset.test.images if zca is None else zca.whiten_normalised(dataset, dataset.test.images)
     forward = vmap(flat_model, in_dims=(0, None))
-    size = (chunk_size(flat_model.module, images[0], forward_only=True) if len(images) else None) or batch_size
+    size = chunk_size(flat_model.module, images, forward_only=True) or batch_size
     correct = torch.zeros(flats.shape[0], device=flats.device)
     for part in chunks(images.shape[0], size):
         logits = forward(flats, images[part])

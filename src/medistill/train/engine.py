@@ -109,7 +109,7 @@ def train_model(
     criterion = loss_function(dataset.task)
     model.train()
     n = images.shape[0]
-    chunk = chunk_size(model, images[0]) if n else None  # cache-sized chunks on the CPU: the same gradient, faster
+    chunk = chunk_size(model, images)  # cache-sized chunks on the CPU: the same gradient, faster
     for epoch in range(protocol.total_epochs):
         order = to_device(stream.epoch_order(n), device)
         for start in range(0, n, protocol.batch_size):
@@ -135,7 +135,7 @@ def test_scores(model: nn.Module, dataset: Dataset, split: str = "test", batch_s
     """(ACC, AUC) of a model on one split of the dataset."""
     model.eval()
     data = dataset.split(split)
-    size = (chunk_size(model, data.images[0], forward_only=True) if len(data) else None) or batch_size
+    size = chunk_size(model, data.images, forward_only=True) or batch_size
     logits = forward_in_chunks(model, data.images, size)
     return score(data.labels, predict_scores(logits, dataset.task), dataset.task)
 
