@@ -60,6 +60,7 @@ class Settings:
     data_root: Path
     stages: frozenset[str] | None = None  # the `stages` section's stages to run (None: all)
     rounds: int | None = None  # the `stages` section's rounds (None: 1 quick, 3 otherwise)
+    cases: frozenset[str] | None = None  # the `precision` section's cases to run (None: all)
     _breast: Dataset | None = None
 
     def breast(self) -> Dataset:
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stages", default=None, help="the stages section's stages to run, comma-separated (default: all)")
     parser.add_argument("--rounds", type=int, default=None, help="the stages section's interleaved rounds (default: 1 quick, 3 otherwise)")
+    parser.add_argument("--cases", default=None, help="the precision section's cases to run, comma-separated (default: all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    stages = frozenset(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
+    stages, cases = (frozenset(s.strip() for s in value.split(",") if s.strip()) if value else None for value in (args.stages, args.cases))
     settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=resolve_data_root(args.data), stages=stages,
-                        rounds=args.rounds)
+                        rounds=args.rounds, cases=cases)
     report: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "hardware": hardware(settings.device), "sections": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medistill.errors import ConfigError
 from medistill.models import ConvNet, create_model, list_models, register_model
 from medistill.models import zoo
+from medistill.models.convnet import make_pool
 
 NUM_CLASSES = 3
 
@@ -113,3 +115,27 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert create_model("tiny", 1, NUM_CLASSES, 8)(torch.randn(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
     with pytest.raises(ValueError, match="already registered"):
         register_model("tiny")(tiny)
+
+
+@pytest.mark.parametrize("size", [32, 9, 4])  # 9: the 36-px ConvNet's last pool drops a row and a column
+def test_bf16_pooling_on_the_cpu_is_the_average_of_each_window(size: int) -> None:
+    torch.manual_seed(0)
+    pool = make_pool("avg")
+    x = torch.randn(2, 3, size, size).requires_grad_(True)
+    reference = F.avg_pool2d(x, 2, 2)
+    low = x.detach().to(torch.bfloat16).requires_grad_(True)
+    out = pool(low)
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    torch.testing.assert_close(out.float(), reference, atol=0.03, rtol=0.02)  # bf16 rounding, nothing more
+    # first and second derivatives (MTT differentiates through the gradient), against fp32 autograd
+    weight, direction = torch.randn_like(reference), torch.randn_like(x)
+    (grad,) = torch.autograd.grad((out.float().square() * weight).sum(), low, create_graph=True)
+    (expected,) = torch.autograd.grad((reference.square() * weight).sum(), x, create_graph=True)
+    torch.testing.assert_close(grad.float(), expected, atol=0.05, rtol=0.05)
+    (second,) = torch.autograd.grad((grad.float() * direction).sum(), low)
+    (expected_second,) = torch.autograd.grad((expected * direction).sum(), x)
+    torch.testing.assert_close(second.float(), expected_second, atol=0.05, rtol=0.05)
+
+def test_fp32_pooling_is_pytorchs_kernel_bit_for_bit() -> None:
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(make_pool("avg")(x), F.avg_pool2d(x, 2, 2))

@@ -145,6 +145,8 @@ class Unroll:
         x = batch
         if self.augment is not None:
             x = self.augment(x, generator=torch.Generator().manual_seed(self.seeds[k]))
+        if self.bf16:  # one cast of the whole vector per step, not one per layer by autocast, forward and backward
+            theta = theta.to(torch.bfloat16)
         with autocast(theta.device, self.bf16):  # cross-entropy itself runs in fp32 under autocast
             return F.cross_entropy(self.student(theta, x), self.labels[self.batches[k]])
 

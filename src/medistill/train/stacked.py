@@ -32,7 +32,7 @@ from medistill.augment import DiffAugment
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.models import create_model
-from medistill.models.convnet import ConvNet
+from medistill.models.convnet import AvgPool, ConvNet
 from medistill.runtime import autocast
 from medistill.train.metrics import predict_scores, score
 from medistill.transfer import to_device
@@ -141,6 +141,7 @@ _GROUPED_LAYERS: dict[type, Callable[[nn.Module, str, dict[str, Tensor], Tensor,
     nn.LeakyReLU: _channelwise,
     nn.Sigmoid: _channelwise,
     nn.AvgPool2d: _channelwise,
+    AvgPool: _channelwise,
     nn.MaxPool2d: _channelwise,
     nn.Identity: _channelwise,
 }
