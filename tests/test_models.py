@@ -10,7 +10,7 @@ from torch import nn
 from medistill.errors import ConfigError
 from medistill.models import ConvNet, create_model, list_models, register_model
 from medistill.models import zoo
-from medistill.models.convnet import make_pool
+from medistill.models.convnet import keep_few_channel_convs_fp32, make_pool
 
 NUM_CLASSES = 3
 
@@ -139,3 +139,16 @@ def test_bf16_pooling_on_the_cpu_is_the_average_of_each_window(size: int) -> Non
 def test_fp32_pooling_is_pytorchs_kernel_bit_for_bit() -> None:
     x = torch.randn(2, 4, 9, 9)
     assert torch.equal(make_pool("avg")(x), F.avg_pool2d(x, 2, 2))
+
+
+def test_few_channel_convolutions_can_be_kept_in_fp32_under_cpu_bf16() -> None:
+    model = keep_few_channel_convs_fp32(ConvNet(1, NUM_CLASSES, 28, width=8))
+    first, *rest = (m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.fp32_under_autocast and rest and not any(m.fp32_under_autocast for m in rest)  # only the 1-channel input layer
+    x = torch.randn(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, plain = first(x), F.conv2d(x, first.weight, first.bias, padding=first.padding)
+    exact = F.conv2d(x, first.weight, first.bias, padding=first.padding).to(torch.bfloat16)
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, exact)  # fp32 arithmetic, rounded once at the end
+    assert not torch.equal(plain, exact)  # autocast alone computes it in bf16
+    assert torch.equal(first(x), F.conv2d(x, first.weight, first.bias, padding=first.padding))  # no autocast: plain fp32

@@ -43,6 +43,37 @@ def make_activation(activation: str) -> nn.Module:
     return nn.Sigmoid()
 
 
+FEW_CHANNELS = 3  # input channels per group: a convolution with at most these may be kept in fp32 under bf16
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can be kept in fp32 under CPU bf16 autocast (`fp32_under_autocast`), returning bf16
+    as autocast would. Off unless set (`keep_few_channel_convs_fp32`)."""
+
+    fp32_under_autocast = False
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not (self.fp32_under_autocast and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            return super()._conv_forward(input, weight, bias)
+        with torch.autocast("cpu", enabled=False):
+            out = super()._conv_forward(input.float(), weight.float(), None if bias is None else bias.float())
+        return out.to(torch.get_autocast_dtype("cpu"))
+
+
+def keep_few_channel_convs_fp32(model: nn.Module) -> nn.Module:
+    """Keep `model`'s convolutions of at most `FEW_CHANNELS` input channels per group (the first layer on 1- and
+    3-channel images) in fp32 under CPU bf16 autocast; returns the model.
+
+    For networks differentiated twice (MTT's student): there oneDNN's bf16 kernels for so few input channels
+    are slower than its fp32 ones (the 1-channel 28-px first layer's backward about 1.9x) and the layer's
+    work is small either way. First-order training measured slower with it, so it is not the default.
+    """
+    for module in model.modules():
+        if isinstance(module, Conv2d) and module.in_channels // module.groups <= FEW_CHANNELS:
+            module.fp32_under_autocast = True
+    return model
+
+
 class AvgPool(nn.AvgPool2d):
     """2x2, stride-2 average pooling, as ``nn.AvgPool2d(2, 2)`` (a trailing odd row or column is dropped).
 
@@ -116,7 +147,7 @@ class ConvNet(nn.Module):
             padding = first_padding(in_channels, image_size) if index == 0 else 1
             size += 2 * padding - 2
             layers += [
-                nn.Conv2d(channels, width, kernel_size=3, padding=padding),
+                Conv2d(channels, width, kernel_size=3, padding=padding),
                 make_norm(norm, width),
                 make_activation(activation),
                 make_pool(pooling),

@@ -32,7 +32,7 @@ from medistill.augment import DiffAugment
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.models import create_model
-from medistill.models.convnet import AvgPool, ConvNet
+from medistill.models.convnet import AvgPool, Conv2d, ConvNet
 from medistill.runtime import autocast
 from medistill.train.metrics import predict_scores, score
 from medistill.transfer import to_device
@@ -136,6 +136,7 @@ def _channelwise(layer: nn.Module, name: str, params: dict[str, Tensor], h: Tens
 
 _GROUPED_LAYERS: dict[type, Callable[[nn.Module, str, dict[str, Tensor], Tensor, int], Tensor]] = {
     nn.Conv2d: _grouped_conv,
+    Conv2d: _grouped_conv,
     nn.GroupNorm: _grouped_group_norm,
     nn.ReLU: _channelwise,
     nn.LeakyReLU: _channelwise,
