@@ -10,7 +10,8 @@ from torch import nn
 from medistill.errors import ConfigError
 from medistill.models import ConvNet, create_model, list_models, register_model
 from medistill.models import zoo
-from medistill.models.convnet import keep_few_channel_convs_fp32, make_pool
+from medistill.models import convnet
+from medistill.models.convnet import make_pool
 
 NUM_CLASSES = 3
 
@@ -141,14 +142,44 @@ def test_fp32_pooling_is_pytorchs_kernel_bit_for_bit() -> None:
     assert torch.equal(make_pool("avg")(x), F.avg_pool2d(x, 2, 2))
 
 
-def test_few_channel_convolutions_can_be_kept_in_fp32_under_cpu_bf16() -> None:
-    model = keep_few_channel_convs_fp32(ConvNet(1, NUM_CLASSES, 28, width=8))
-    first, *rest = (m for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert first.fp32_under_autocast and rest and not any(m.fp32_under_autocast for m in rest)  # only the 1-channel input layer
-    x = torch.randn(2, 1, 28, 28)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept, plain = first(x), F.conv2d(x, first.weight, first.bias, padding=first.padding)
-    exact = F.conv2d(x, first.weight, first.bias, padding=first.padding).to(torch.bfloat16)
-    assert kept.dtype == torch.bfloat16 and torch.equal(kept, exact)  # fp32 arithmetic, rounded once at the end
-    assert not torch.equal(plain, exact)  # autocast alone computes it in bf16
-    assert torch.equal(first(x), F.conv2d(x, first.weight, first.bias, padding=first.padding))  # no autocast: plain fp32
+def test_few_channel_convolutions_under_cpu_bf16_take_the_same_derivatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = ConvNet(1, NUM_CLASSES, 28, width=8)
+    first = model.features[0]
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    params = (first.weight, first.bias)
+
+    def derivatives() -> list[torch.Tensor]:
+        """Output, first derivatives and a second derivative (through the gradient, as MTT takes it)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = first(x)
+        loss = (out.float().square() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        grads = torch.autograd.grad(loss, (x, *params), create_graph=True)
+        second = torch.autograd.grad(sum(g.float().square().sum() for g in grads[1:]), x)[0]
+        return [type(out.grad_fn).__name__, out.float(), *(g.float() for g in grads), second]
+
+    ours = derivatives()
+    monkeypatch.setattr(convnet, "FEW_CHANNELS", 0)  # every convolution on autocast's own kernels
+    plain = derivatives()
+    assert ours[0] == "_FewChannelConvBackward" and plain[0] != ours[0]
+    assert torch.equal(ours[1], plain[1])  # the same forward kernel
+    for mine, theirs in zip(ours[2:], plain[2:]):
+        assert (mine - theirs).abs().max() <= 0.02 * theirs.abs().max()  # bf16 rounding, nothing more
+    assert torch.equal(first(x), F.conv2d(x, first.weight, first.bias, padding=first.padding))  # fp32: nn.Conv2d's own
+
+
+def test_few_channel_convolutions_work_under_vmap_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = ConvNet(1, NUM_CLASSES, 28, width=8)
+    params = {k: torch.stack([v.detach(), v.detach() * 0.5]) for k, v in model.named_parameters()}
+    x = torch.randn(2, 4, 1, 28, 28)
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.func.functional_call(model, p, (xi,)).float().square().mean()
+
+    ours = torch.func.vmap(torch.func.grad(loss))(params, x)  # as the experts' stacked step takes it
+    monkeypatch.setattr(convnet, "FEW_CHANNELS", 0)
+    plain = torch.func.vmap(torch.func.grad(loss))(params, x)
+    for name in ours:
+        assert (ours[name] - plain[name]).abs().max() <= 0.02 * plain[name].abs().max()

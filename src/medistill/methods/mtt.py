@@ -36,7 +36,6 @@ from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, b
 from medistill.methods.mtt_presets import stable_preset
 from medistill.methods.pixel_loop import class_labels, real_init
 from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
-from medistill.models.convnet import keep_few_channel_convs_fp32
 from medistill.registry import Registry
 from medistill.runtime import autocast
 from medistill.transfer import to_device, to_host_async
@@ -228,8 +227,7 @@ class MTTDistiller(Distiller):
             dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
             parallel=config.experts_parallel, max_minutes=config.max_expert_minutes,
             smaller_buffer_hint=config.smaller_buffer_hint(), progress=context.progress, log=context.log)
-        # differentiated twice per step: its few-channel first convolution is faster in fp32 under bf16
-        self.student = FlatModel(keep_few_channel_convs_fp32(new_network(dataset, config.expert_settings(config.zca))))
+        self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
         self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)
         self.labels = class_labels(dataset, ipc)

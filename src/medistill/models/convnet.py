@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medistill.errors import ConfigError
@@ -43,35 +46,57 @@ def make_activation(activation: str) -> nn.Module:
     return nn.Sigmoid()
 
 
-FEW_CHANNELS = 3  # input channels per group: a convolution with at most these may be kept in fp32 under bf16
+FEW_CHANNELS = 3  # input channels up to which a CPU bf16 convolution takes its weight gradient from one matrix product
+
+
+class _FewChannelConv(torch.autograd.Function):
+    """A convolution whose weight gradient is one matrix product of the unfolded input with the output
+    gradient (fp32 accumulation, one rounding). Its backward is made of differentiable operations, so
+    it can be differentiated again (MTT), and it works under torch.func transforms (the experts' vmap)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, weight, bias, ctx.stride, ctx.padding, ctx.dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding, ctx.dilation)
+        if ctx.needs_input_grad[1]:
+            columns = F.unfold(x, weight.shape[-2:], ctx.dilation, ctx.padding, ctx.stride)  # (N, C*kh*kw, L)
+            columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # (C*kh*kw, N*L)
+            outputs = grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(0, 1).reshape(grad.shape[1], -1)  # (O, N*L)
+            grad_weight = (outputs @ columns.t()).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that can be kept in fp32 under CPU bf16 autocast (`fp32_under_autocast`), returning bf16
-    as autocast would. Off unless set (`keep_few_channel_convs_fp32`)."""
-
-    fp32_under_autocast = False
+    """``nn.Conv2d``, except under CPU bf16 autocast with at most `FEW_CHANNELS` input channels (the first
+    layer on 1- and 3-channel images): its weight gradient is then one matrix product of the unfolded
+    input, where oneDNN's bf16 weight-gradient kernel for so few input channels is more than 10x slower
+    (its forward and input gradient stay oneDNN's). The same bf16 arithmetic otherwise; fp32 and GPU
+    convolutions are ``nn.Conv2d``'s own."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not (self.fp32_under_autocast and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        few = self.in_channels <= FEW_CHANNELS and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if not (few and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
             return super()._conv_forward(input, weight, bias)
+        dtype = torch.get_autocast_dtype("cpu")
         with torch.autocast("cpu", enabled=False):
-            out = super()._conv_forward(input.float(), weight.float(), None if bias is None else bias.float())
-        return out.to(torch.get_autocast_dtype("cpu"))
-
-
-def keep_few_channel_convs_fp32(model: nn.Module) -> nn.Module:
-    """Keep `model`'s convolutions of at most `FEW_CHANNELS` input channels per group (the first layer on 1- and
-    3-channel images) in fp32 under CPU bf16 autocast; returns the model.
-
-    For networks differentiated twice (MTT's student): there oneDNN's bf16 kernels for so few input channels
-    are slower than its fp32 ones (the 1-channel 28-px first layer's backward about 1.9x) and the layer's
-    work is small either way. First-order training measured slower with it, so it is not the default.
-    """
-    for module in model.modules():
-        if isinstance(module, Conv2d) and module.in_channels // module.groups <= FEW_CHANNELS:
-            module.fp32_under_autocast = True
-    return model
+            return _FewChannelConv.apply(input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                         self.stride, self.padding, self.dilation)
 
 
 class AvgPool(nn.AvgPool2d):
