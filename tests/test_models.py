@@ -137,6 +137,7 @@ def test_bf16_pooling_on_the_cpu_is_the_average_of_each_window(size: int) -> Non
     (expected_second,) = torch.autograd.grad((expected * direction).sum(), x)
     torch.testing.assert_close(second.float(), expected_second, atol=0.05, rtol=0.05)
 
+
 def test_fp32_pooling_is_pytorchs_kernel_bit_for_bit() -> None:
     x = torch.randn(2, 4, 9, 9)
     assert torch.equal(make_pool("avg")(x), F.avg_pool2d(x, 2, 2))

@@ -85,9 +85,10 @@ class _FewChannelConv(torch.autograd.Function):
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d``, except under CPU bf16 autocast with at most `FEW_CHANNELS` input channels (the first
     layer on 1- and 3-channel images): its weight gradient is then one matrix product of the unfolded
-    input, where oneDNN's bf16 weight-gradient kernel for so few input channels is more than 10x slower
-    (its forward and input gradient stay oneDNN's). The same bf16 arithmetic otherwise; fp32 and GPU
-    convolutions are ``nn.Conv2d``'s own."""
+    input and its bias gradient a sum, where oneDNN's bf16 backward asked for both together (as autograd
+    asks) is about 3x slower for so few input channels (`benchmarks/bf16_kernels.py`). Its forward and
+    input gradient stay oneDNN's. The same bf16 arithmetic otherwise; fp32 and GPU convolutions are
+    ``nn.Conv2d``'s own."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         few = self.in_channels <= FEW_CHANNELS and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)

@@ -1,0 +1,84 @@
+"""The two CPU bf16 kernels medistill replaces, against its replacements; prints JSON.
+
+- Average pooling (2x2, stride 2) of a 128 x 32 x 32 map, forward and backward: PyTorch's `avg_pool2d`
+  against `models.convnet.AvgPool` (three strided adds), in bf16, and PyTorch's in fp32 for scale.
+- The first layer's weight and bias gradients (1 input channel, 28 px padded by 3, 128 outputs):
+  oneDNN's `convolution_backward` as autograd calls it (both in one call) in bf16 and fp32, and for the
+  weight alone in bf16, against `models.convnet.Conv2d`'s backward under bf16 autocast (one matrix
+  product of the unfolded input for the weight, a sum for the bias).
+
+Each time is the best of `--repeats` calls, in CPU seconds, on `--threads` torch threads.
+
+    python benchmarks/bf16_kernels.py [--threads 1] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medistill.models.convnet import AvgPool, Conv2d
+
+
+def best_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls after three warm-up calls, in CPU milliseconds."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return 1000 * min(times)
+
+
+def pooling(batch: int, repeats: int) -> dict[str, float]:
+    """Forward + backward of 2x2 average pooling on (batch, 128, 32, 32)."""
+    def run(pool: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> float:
+        x = torch.randn(batch, 128, 32, 32, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, 128, 16, 16, dtype=dtype)
+        return best_ms(lambda: torch.autograd.grad(pool(x), x, grad), repeats)
+
+    return {"pytorch_bf16_ms": run(lambda x: F.avg_pool2d(x, 2, 2), torch.bfloat16),
+            "medistill_bf16_ms": run(AvgPool(), torch.bfloat16),
+            "pytorch_fp32_ms": run(lambda x: F.avg_pool2d(x, 2, 2), torch.float32)}
+
+
+def first_layer_weight_gradient(batch: int, repeats: int) -> dict[str, float]:
+    """The weight and bias gradients of a 1-channel 3x3 convolution, 28 px padded by 3 (output 128 x 32 x 32)."""
+    x = torch.randn(batch, 1, 28, 28)
+    grad = torch.randn(batch, 128, 32, 32)
+    conv = Conv2d(1, 128, kernel_size=3, padding=3)
+
+    def onednn(dtype: torch.dtype, bias: bool) -> float:
+        args = (grad.to(dtype), x.to(dtype), conv.weight.detach().to(dtype), [128], [1, 1], [3, 3], [1, 1], False, [0, 0], 1)
+        return best_ms(lambda: torch.ops.aten.convolution_backward(*args, [False, True, bias]), repeats)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    ours = best_ms(lambda: torch.autograd.grad(out, (conv.weight, conv.bias), grad.to(out.dtype), retain_graph=True), repeats)
+    return {"onednn_bf16_weight_and_bias_ms": onednn(torch.bfloat16, True), "onednn_bf16_weight_only_ms": onednn(torch.bfloat16, False),
+            "medistill_bf16_weight_and_bias_ms": ours, "onednn_fp32_weight_and_bias_ms": onednn(torch.float32, True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    report = {"threads": args.threads, "repeats": args.repeats,
+              "pooling_forward_backward": {f"batch_{n}": pooling(n, args.repeats) for n in (2, 10)},
+              "first_layer_weight_gradient": {f"batch_{n}": first_layer_weight_gradient(n, args.repeats) for n in (2, 10)}}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
