@@ -4,8 +4,8 @@
   against `models.convnet.AvgPool` (three strided adds), in bf16, and PyTorch's in fp32 for scale.
 - The first layer's weight and bias gradients (1 input channel, 28 px padded by 3, 128 outputs):
   oneDNN's `convolution_backward` as autograd calls it (both in one call) in bf16 and fp32, and for the
-  weight alone in bf16, against `models.convnet.Conv2d`'s backward under bf16 autocast (one matrix
-  product of the unfolded input for the weight, a sum for the bias).
+  weight alone in bf16, against `models.convnet.Conv2d`'s backward under bf16 autocast (oneDNN for the
+  weight alone, a sum for the bias).
 
 Each time is the best of `--repeats` calls, in CPU seconds, on `--threads` torch threads.
 

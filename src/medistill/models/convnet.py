@@ -46,13 +46,13 @@ def make_activation(activation: str) -> nn.Module:
     return nn.Sigmoid()
 
 
-FEW_CHANNELS = 3  # input channels up to which a CPU bf16 convolution takes its weight gradient from one matrix product
+FEW_CHANNELS = 3  # input channels up to which a CPU bf16 convolution asks oneDNN for its weight gradient alone
 
 
 class _FewChannelConv(torch.autograd.Function):
-    """A convolution whose weight gradient is one matrix product of the unfolded input with the output
-    gradient (fp32 accumulation, one rounding). Its backward is made of differentiable operations, so
-    it can be differentiated again (MTT), and it works under torch.func transforms (the experts' vmap)."""
+    """A convolution whose backward asks oneDNN for the weight gradient alone and sums the bias gradient
+    separately. Its backward is made of differentiable operations, so it can be differentiated again
+    (MTT), and it works under torch.func transforms (the experts' vmap)."""
 
     generate_vmap_rule = True
 
@@ -73,10 +73,8 @@ class _FewChannelConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding, ctx.dilation)
         if ctx.needs_input_grad[1]:
-            columns = F.unfold(x, weight.shape[-2:], ctx.dilation, ctx.padding, ctx.stride)  # (N, C*kh*kw, L)
-            columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # (C*kh*kw, N*L)
-            outputs = grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(0, 1).reshape(grad.shape[1], -1)  # (O, N*L)
-            grad_weight = (outputs @ columns.t()).view_as(weight)
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1, [False, True, False])[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None
@@ -84,11 +82,11 @@ class _FewChannelConv(torch.autograd.Function):
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d``, except under CPU bf16 autocast with at most `FEW_CHANNELS` input channels (the first
-    layer on 1- and 3-channel images): its weight gradient is then one matrix product of the unfolded
-    input and its bias gradient a sum, where oneDNN's bf16 backward asked for both together (as autograd
-    asks) is about 3x slower for so few input channels (`benchmarks/bf16_kernels.py`). Its forward and
-    input gradient stay oneDNN's. The same bf16 arithmetic otherwise; fp32 and GPU convolutions are
-    ``nn.Conv2d``'s own."""
+    layer on 1- and 3-channel images): its backward then asks oneDNN for the weight gradient alone and
+    sums the bias gradient itself, where oneDNN's bf16 backward asked for both together (as autograd
+    asks) is several times slower for so few input channels (`benchmarks/bf16_kernels.py`). Its forward
+    and input gradient are oneDNN's as usual; both parameter gradients accumulate in fp32 and round once
+    to bf16, as oneDNN's do. fp32 and GPU convolutions are ``nn.Conv2d``'s own."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         few = self.in_channels <= FEW_CHANNELS and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
