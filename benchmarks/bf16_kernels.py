@@ -6,6 +6,9 @@
   oneDNN's `convolution_backward` as autograd calls it (both in one call) in bf16 and fp32, and for the
   weight alone in bf16, against `models.convnet.Conv2d`'s backward under bf16 autocast (oneDNN for the
   weight alone, a sum for the bias).
+- For scale, what bf16 gains on the ConvNet's 128-channel 3x3 convolutions at the sizes MTT's IPC 1
+  student (2 images) and a 10-image chunk run them: forward, input gradient and weight gradient in fp32
+  and bf16, with the achieved GFLOP/s.
 
 Each time is the best of `--repeats` calls, in CPU seconds, on `--threads` torch threads.
 
@@ -67,6 +70,24 @@ def first_layer_weight_gradient(batch: int, repeats: int) -> dict[str, float]:
             "medistill_bf16_weight_and_bias_ms": ours, "onednn_fp32_weight_and_bias_ms": onednn(torch.float32, True)}
 
 
+def wide_convolution(batch: int, size: int, repeats: int) -> dict[str, float]:
+    """oneDNN's 128 -> 128 channel 3x3 convolution (padding 1) on a (batch, 128, size, size) map, per kernel and dtype."""
+    gflop = 2 * batch * size * size * 128 * 128 * 9 / 1e9
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, grad = torch.randn(batch, 128, size, size, dtype=dtype), torch.randn(batch, 128, size, size, dtype=dtype)
+        weight = torch.randn(128, 128, 3, 3, dtype=dtype)
+        geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        kernels = {"forward": lambda: torch.ops.aten.convolution(x, weight, None, *geometry),
+                   "input_gradient": lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, [True, False, False]),
+                   "weight_gradient": lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, [False, True, False])}
+        for kernel, fn in kernels.items():
+            ms = best_ms(fn, repeats)
+            out[f"{kernel}_{name}_ms"] = ms
+            out[f"{kernel}_{name}_gflops"] = gflop / (ms / 1000)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -76,7 +97,8 @@ def main() -> None:
     torch.manual_seed(0)
     report = {"threads": args.threads, "repeats": args.repeats,
               "pooling_forward_backward": {f"batch_{n}": pooling(n, args.repeats) for n in (2, 10)},
-              "first_layer_weight_gradient": {f"batch_{n}": first_layer_weight_gradient(n, args.repeats) for n in (2, 10)}}
+              "first_layer_weight_gradient": {f"batch_{n}": first_layer_weight_gradient(n, args.repeats) for n in (2, 10)},
+              "wide_convolution": {f"batch_{n}_{size}px": wide_convolution(n, size, args.repeats) for n in (2, 10) for size in (16, 8)}}
     print(json.dumps(report, indent=1))
 
 
