@@ -69,14 +69,10 @@ class _FewChannelConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding, ctx.dilation)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1, [False, True, False])[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3))
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(  # oneDNN, never asked for the bias
+            grad, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1, [needs_x, needs_weight, False])
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
