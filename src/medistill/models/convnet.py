@@ -50,8 +50,8 @@ FEW_CHANNELS = 3  # input channels up to which a CPU bf16 convolution asks oneDN
 
 
 class _FewChannelConv(torch.autograd.Function):
-    """A convolution whose backward asks oneDNN for the weight gradient alone and sums the bias gradient
-    separately. Its backward is made of differentiable operations, so it can be differentiated again
+    """A convolution whose backward asks oneDNN for the input and weight gradients only, never the bias,
+    and sums the bias gradient itself. Its backward is made of differentiable operations, so it can be differentiated again
     (MTT), and it works under torch.func transforms (the experts' vmap)."""
 
     generate_vmap_rule = True
