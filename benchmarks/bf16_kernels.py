@@ -9,6 +9,12 @@
 - For scale, what bf16 gains on the ConvNet's 128-channel 3x3 convolutions at the sizes MTT's IPC 1
   student (2 images) and a 10-image chunk run them: forward, input gradient and weight gradient in fp32
   and bf16, with the achieved GFLOP/s.
+- For scale, the elementwise kernels around them on the first block's map (128 x 32 x 32, 2 and 10
+  images): ReLU and its backward, a product, a sum, instance norm forward and backward, and a dtype cast,
+  in fp32 and bf16 (PyTorch's CPU kernels; bf16 is converted to fp32 and back inside each).
+- MTT's student at IPC 1 (2 random 28-px images, 20 steps, no augmentation), split by phase: the 20
+  forward passes, the 20 first backward passes (with a graph) and the one backward through the whole
+  unroll, in fp32 and under bf16 (the parameter vector cast once per step, as `methods.mtt` does).
 
 Each time is the best of `--repeats` calls, in CPU seconds, on `--threads` torch threads.
 
@@ -26,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medistill.models.convnet import AvgPool, Conv2d
+from medistill.methods.experts import FlatModel
+from medistill.models.convnet import AvgPool, Conv2d, ConvNet
 
 
 def best_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -88,6 +95,61 @@ def wide_convolution(batch: int, size: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def elementwise(batch: int, repeats: int) -> dict[str, float]:
+    """PyTorch's CPU elementwise and instance-norm kernels on a (batch, 128, 32, 32) map, fp32 against bf16."""
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = torch.randn(batch, 128, 32, 32, dtype=dtype), torch.randn(batch, 128, 32, 32, dtype=dtype)
+        gamma, beta = torch.randn(128, dtype=dtype), torch.randn(128, dtype=dtype)
+        _, mean, rstd = torch.ops.aten.native_group_norm(x, gamma, beta, batch, 128, 32 * 32, 128, 1e-5)
+        other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+        kernels = {"relu": lambda: torch.relu(x),
+                   "relu_backward": lambda: torch.ops.aten.threshold_backward(y, x, 0),
+                   "product": lambda: x * y,
+                   "sum": lambda: x + y,
+                   "instance_norm_forward": lambda: torch.ops.aten.native_group_norm(x, gamma, beta, batch, 128, 32 * 32, 128, 1e-5),
+                   "instance_norm_backward": lambda: torch.ops.aten.native_group_norm_backward(
+                       y, x, mean, rstd, gamma, batch, 128, 32 * 32, 128, [True, True, True]),
+                   "cast_to_other_dtype": lambda: x.to(other)}
+        for kernel, fn in kernels.items():
+            out[f"{kernel}_{name}_ms"] = best_ms(fn, repeats)
+    return out
+
+
+def mtt_student(repeats: int, steps: int = 20) -> dict[str, float]:
+    """One MTT IPC 1 unroll of a 1-channel 28-px ConvNet on 2 images, timed by phase, fp32 and bf16."""
+    net = ConvNet(1, 2, 28)
+    student = FlatModel(net)
+    start = student.flatten(net)
+    images = torch.randn(2, 1, 28, 28, requires_grad=True)
+    labels = torch.tensor([0, 1])
+    lr = torch.tensor(0.01, requires_grad=True)
+    out: dict[str, float] = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        phases: dict[str, list[float]] = {"forward": [], "first_backward": [], "final_backward": []}
+        for _ in range(repeats + 1):  # the first unroll warms up
+            spent = dict.fromkeys(phases, 0.0)
+            theta = start.clone().requires_grad_(True)
+            for _ in range(steps):
+                tick = time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(student(theta.to(torch.bfloat16) if bf16 else theta, images), labels)
+                tock = time.process_time()
+                grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
+                theta = theta - lr * grad
+                spent["forward"] += tock - tick
+                spent["first_backward"] += time.process_time() - tock
+            tick = time.process_time()
+            torch.autograd.grad((theta - start).square().sum(), (images, lr))
+            spent["final_backward"] = time.process_time() - tick
+            for phase, seconds in spent.items():
+                phases[phase].append(seconds)
+        for phase, times in phases.items():
+            out[f"{phase}_{name}_ms"] = 1000 * min(times[1:])
+        out[f"unroll_{name}_ms"] = sum(out[f"{phase}_{name}_ms"] for phase in phases)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -98,7 +160,9 @@ def main() -> None:
     report = {"threads": args.threads, "repeats": args.repeats,
               "pooling_forward_backward": {f"batch_{n}": pooling(n, args.repeats) for n in (2, 10)},
               "first_layer_weight_gradient": {f"batch_{n}": first_layer_weight_gradient(n, args.repeats) for n in (2, 10)},
-              "wide_convolution": {f"batch_{n}_{size}px": wide_convolution(n, size, args.repeats) for n in (2, 10) for size in (16, 8)}}
+              "wide_convolution": {f"batch_{n}_{size}px": wide_convolution(n, size, args.repeats) for n in (2, 10) for size in (16, 8)},
+              "elementwise": {f"batch_{n}": elementwise(n, args.repeats) for n in (2, 10)},
+              "mtt_student": mtt_student(max(3, args.repeats // 6))}
     print(json.dumps(report, indent=1))
 
 
