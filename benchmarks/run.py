@@ -61,12 +61,18 @@ class Settings:
     stages: frozenset[str] | None = None  # the `stages` section's stages to run (None: all)
     rounds: int | None = None  # the `stages` section's rounds (None: 1 quick, 3 otherwise)
     cases: frozenset[str] | None = None  # the `precision` section's cases to run (None: all)
+    precision_dataset: str = "breastmnist"  # the `precision` section's dataset: a MedMNIST flag or an npz path
     _breast: Dataset | None = None
 
     def breast(self) -> Dataset:
         if self._breast is None:
             self._breast = load_dataset("breastmnist", root=self.data_root, device=self.device, progress=False)
         return self._breast
+
+    def precision_data(self) -> Dataset:
+        if self.precision_dataset == "breastmnist":
+            return self.breast()
+        return load_dataset(self.precision_dataset, root=self.data_root, device=self.device, progress=False)
 
     def pick(self, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
@@ -286,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=None, help="the stages section's stages to run, comma-separated (default: all)")
     parser.add_argument("--rounds", type=int, default=None, help="the stages section's interleaved rounds (default: 1 quick, 3 otherwise)")
     parser.add_argument("--cases", default=None, help="the precision section's cases to run, comma-separated (default: all)")
+    parser.add_argument("--precision-dataset", default="breastmnist",
+                        help="the precision section's dataset: a MedMNIST flag or an npz with MedMNIST array names (default: breastmnist)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     stages, cases = (frozenset(s.strip() for s in value.split(",") if s.strip()) if value else None for value in (args.stages, args.cases))
     settings = Settings(device=resolve_device(args.device), quick=args.quick, data_root=resolve_data_root(args.data), stages=stages,
-                        rounds=args.rounds, cases=cases)
+                        rounds=args.rounds, cases=cases, precision_dataset=args.precision_dataset)
     report: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "hardware": hardware(settings.device), "sections": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -304,7 +304,8 @@ def bench_stages(settings: Settings) -> dict[str, Any]:
 # -- precision --------------------------------------------------------------------------------------
 
 def bench_precision(settings: Settings) -> dict[str, Any]:
-    """DM IPC 10, DC IPC 1 and MTT IPC 1 on BreastMNIST, fp32 and bf16 end to end (distillation and scoring), per seed.
+    """DM IPC 10, DC IPC 1 and MTT IPC 1 (on BreastMNIST unless `--precision-dataset` names another), fp32 and bf16
+    end to end (distillation and scoring), per seed.
 
     MTT's two precisions share one fp32 expert buffer (4 experts x 12 epochs, built once): what is
     compared is the student's unroll and the scoring, not the experts.
@@ -321,8 +322,8 @@ def bench_precision(settings: Settings) -> dict[str, Any]:
             raise SystemExit(f"unknown case(s) {', '.join(sorted(settings.cases - cases.keys()))}; choose from {', '.join(cases)}")
         cases = {name: case for name, case in cases.items() if name in settings.cases}
     nets, epochs = settings.pick((1, 30), (2, 300))
-    data = settings.breast()
-    out: dict[str, Any] = {"seeds": list(seeds), "networks": nets, "epochs": epochs, "cases": {}}
+    data = settings.precision_data()
+    out: dict[str, Any] = {"dataset": data.name, "seeds": list(seeds), "networks": nets, "epochs": epochs, "cases": {}}
     for name, (method, ipc, config, augment) in cases.items():
         rows = []
         for seed in seeds:
