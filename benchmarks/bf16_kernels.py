@@ -16,7 +16,8 @@
   forward passes, the 20 first backward passes (with a graph) and the one backward through the whole
   unroll, in fp32 and under bf16 (the parameter vector cast once per step, as `methods.mtt` does).
 
-Each time is the best of `--repeats` calls, in CPU seconds, on `--threads` torch threads.
+Each time is the best of `--repeats` calls (of `--repeats` // 6 unrolls, at least 3, for the MTT student), in CPU
+seconds, on `--threads` torch threads.
 
     python benchmarks/bf16_kernels.py [--threads 1] [--repeats 30]
 """
