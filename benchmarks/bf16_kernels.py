@@ -14,7 +14,7 @@
   in fp32 and bf16 (PyTorch's CPU kernels; bf16 is converted to fp32 and back inside each).
 - MTT's student at IPC 1 (2 random 28-px images, 20 steps, no augmentation), split by phase: the 20
   forward passes, the 20 first backward passes (with a graph) and the one backward through the whole
-  unroll, in fp32 and under bf16 (the parameter vector cast once per step, as `methods.mtt` does).
+  unroll, in fp32 and under bf16, through `methods.mtt.Unroll`'s own step.
 
 Each time is the best of `--repeats` calls (of `--repeats` // 6 unrolls, at least 3, for the MTT student), in CPU
 seconds, on `--threads` torch threads.
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from medistill.methods.experts import FlatModel
+from medistill.methods.mtt import Unroll
 from medistill.models.convnet import AvgPool, Conv2d, ConvNet
 
 
@@ -118,30 +119,32 @@ def elementwise(batch: int, repeats: int) -> dict[str, float]:
 
 
 def mtt_student(repeats: int, steps: int = 20) -> dict[str, float]:
-    """One MTT IPC 1 unroll of a 1-channel 28-px ConvNet on 2 images, timed by phase, fp32 and bf16."""
+    """One MTT IPC 1 unroll of a 1-channel 28-px ConvNet on 2 images, timed by phase, fp32 and bf16.
+
+    The steps are `methods.mtt.plain_unroll`'s, through the same `Unroll.step_loss` and `Unroll.distance`,
+    with a clock between the phases."""
     net = ConvNet(1, 2, 28)
     student = FlatModel(net)
     start = student.flatten(net)
     images = torch.randn(2, 1, 28, 28, requires_grad=True)
-    labels = torch.tensor([0, 1])
-    lr = torch.tensor(0.01, requires_grad=True)
+    everything = torch.arange(2)
     out: dict[str, float] = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
+        problem = Unroll(student, start, start + 0.01 * torch.randn_like(start), images, torch.tensor([0, 1]),
+                         torch.tensor(0.01, requires_grad=True), [everything] * steps, [0] * steps, augment=None, bf16=bf16)
         phases: dict[str, list[float]] = {"forward": [], "first_backward": [], "final_backward": []}
         for _ in range(repeats + 1):  # the first unroll warms up
             spent = dict.fromkeys(phases, 0.0)
             theta = start.clone().requires_grad_(True)
-            for _ in range(steps):
+            for k in range(steps):
                 tick = time.process_time()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = F.cross_entropy(student(theta.to(torch.bfloat16) if bf16 else theta, images), labels)
+                loss = problem.step_loss(theta, problem.images[problem.batches[k]], k)
                 tock = time.process_time()
-                grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
-                theta = theta - lr * grad
+                theta = theta - problem.syn_lr * torch.autograd.grad(loss, theta, create_graph=True)[0]
                 spent["forward"] += tock - tick
                 spent["first_backward"] += time.process_time() - tock
             tick = time.process_time()
-            torch.autograd.grad((theta - start).square().sum(), (images, lr))
+            torch.autograd.grad(problem.distance(theta), (problem.images, problem.syn_lr))
             spent["final_backward"] = time.process_time() - tick
             for phase, seconds in spent.items():
                 phases[phase].append(seconds)
