@@ -127,10 +127,11 @@ def mtt_student(repeats: int, steps: int = 20) -> dict[str, float]:
     student = FlatModel(net)
     start = student.flatten(net)
     images = torch.randn(2, 1, 28, 28, requires_grad=True)
+    target = start + 0.01 * torch.randn_like(start)  # one problem for both precisions
     everything = torch.arange(2)
     out: dict[str, float] = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        problem = Unroll(student, start, start + 0.01 * torch.randn_like(start), images, torch.tensor([0, 1]),
+        problem = Unroll(student, start, target, images, torch.tensor([0, 1]),
                          torch.tensor(0.01, requires_grad=True), [everything] * steps, [0] * steps, augment=None, bf16=bf16)
         phases: dict[str, list[float]] = {"forward": [], "first_backward": [], "final_backward": []}
         for _ in range(repeats + 1):  # the first unroll warms up
