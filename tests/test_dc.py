@@ -96,8 +96,10 @@ def test_killed_and_resumed_run_ends_with_the_same_images(method: str, tmp_path,
 def test_a_different_run_refuses_the_checkpoint(tmp_path) -> None:
     data = tiny_dataset(classes=2)
     distill("dc", data, 1, {"iterations": 1}, context=RunContext(seed=0, checkpoint_dir=tmp_path))
-    with pytest.raises(ConfigError, match="different run"):
+    with pytest.raises(ConfigError, match=r"different run \(lr_img \(checkpoint 0.1, now 0.2\) differ\)"):
         distill("dc", data, 1, {"iterations": 1, "lr_img": 0.2}, context=RunContext(seed=0, checkpoint_dir=tmp_path, resume=True))
+    with pytest.raises(ConfigError, match=r"different run \(seed, bf16 \(checkpoint false, now true\) differ\)"):
+        distill("dc", data, 1, {"iterations": 1, "bf16": True}, context=RunContext(seed=1, checkpoint_dir=tmp_path, resume=True))
 
 
 def test_evaluation_points_report_last_and_best() -> None:

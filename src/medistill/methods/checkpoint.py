@@ -54,7 +54,8 @@ class Checkpoint:
             raise ConfigError(f"{path} holds an unfinished run; pass --resume to continue it, or choose another output folder")
         saved = read_state(path)
         if _canonical(saved.get("fingerprint")) != _canonical(self.fingerprint):
-            raise ConfigError(f"the checkpoint {path} belongs to a different run (method, dataset, IPC, settings or seed differ)")
+            raise ConfigError(f"the checkpoint {path} belongs to a different run ({_differences(saved.get('fingerprint'), self.fingerprint)} "
+                              "differ); resume with the run's own settings, or choose another output folder")
         return saved["state"]
 
     def save(self, state: dict[str, Any]) -> None:
@@ -121,6 +122,20 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in value[_ITEMS]}
         return {k: _decode(v, tensors) for k, v in value.items()}
     return value
+
+
+def _differences(saved: Any, current: dict[str, Any]) -> str:
+    """What differs between a checkpoint's fingerprint and this run's: the fields, and the settings by name with both values."""
+    if not isinstance(saved, dict):
+        return "method, dataset, IPC, settings or seed"
+    fields = [key for key in current if key != "config" and _canonical(saved.get(key)) != _canonical(current[key])]
+    old, new = saved.get("config"), current["config"]
+    if isinstance(old, dict):
+        fields += [f"{key} (checkpoint {_canonical(old.get(key))}, now {_canonical(new.get(key))})"
+                   for key in sorted(set(old) | set(new)) if _canonical(old.get(key)) != _canonical(new.get(key))]
+    elif _canonical(old) != _canonical(new):
+        fields.append("settings")
+    return ", ".join(fields) or "method, dataset, IPC, settings or seed"
 
 
 def _canonical(value: Any) -> str:
