@@ -210,3 +210,11 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     assert again.count("finished earlier: reused") == len(expected) and "expected time" not in again
     assert [r["test_acc_mean"] for r in returned[-1]] == [r["test_acc_mean"] for r in records]
     assert all(r["reused"] for r in returned[-1])
+
+
+def test_a_bf16_setting_that_is_not_a_boolean_is_one_clear_line(medmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    code, err = _run_main(["distill", "breastmnist", "-m", "dc", "--ipc", "1", "--out", tmp_path / "x", "--data-root", medmnist_root,
+                           "--device", "cpu", "--set", "bf16=maybe", "--no-progress"], monkeypatch, capsys)
+    _assert_one_line_error(code, err, "setting bf16 must be true or false, got 'maybe'")
+    assert not (tmp_path / "x").exists()

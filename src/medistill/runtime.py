@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,41 @@ def maybe_compile(fn: Callable[..., Any], enabled: bool, *, dynamic: bool | None
     """`torch.compile(fn)` when enabled, else fn: the one compile switch (methods' passes and scoring networks).
     `dynamic=False` compiles one graph per input shape (the default lets torch decide)."""
     return torch.compile(fn, dynamic=dynamic) if enabled else fn
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` is a CPU whose instructions compute bf16 natively (AVX512-BF16 or AMX).
+
+    Without them oneDNN emulates bf16 and autocast is slower than fp32, so bf16 is never chosen there."""
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume no native bf16
+        return False
+
+
+# The architectures on which a paired test over seeds showed bf16 within the spread of fp32's evaluation networks
+# (DC, DM and MTT through them, and scoring with them; docs/RESULTS.md, "CPU speed"); others train fp32 unless asked.
+BF16_MEASURED_MODELS = frozenset({"convnet"})
+
+
+def choose_bf16(flag: bool | None, pinned: bool | None, device: torch.device,
+                models: Iterable[str] = ("convnet",)) -> tuple[bool, str]:
+    """The precision a command trains its networks (`models`) in, and why: the flag (--bf16 / --fp32) when
+    given, else a `bf16` setting the method's configuration pins (the shipped reference presets pin fp32),
+    else bf16 on a CPU that computes it natively when every network is one bf16 was measured on, and fp32
+    elsewhere (GPUs, other CPUs, other architectures: as the references)."""
+    if flag is not None:
+        return flag, "as asked"
+    if pinned is not None:
+        return bool(pinned), "as the method's settings pin it"
+    if not native_bf16(device):
+        return False, "as the references" + ("" if device.type != "cpu" else "; this CPU has no native bf16")
+    unmeasured = sorted({name.lower() for name in models} - BF16_MEASURED_MODELS)
+    if unmeasured:
+        return False, f"as the references: bf16 was measured on the ConvNet only, not on {', '.join(unmeasured)}; --bf16 to ask"
+    return True, "this CPU computes bf16 natively; --fp32 for the references' fp32 numerics"
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:

@@ -14,14 +14,15 @@ from rich.table import Table
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, open_dataset, parse_settings, speed_settings
+from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, method_networks,
+                                   open_dataset, parse_settings, pinned_bf16, speed_settings)
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
 from medistill.demo import DEMO_DATASET, DEMO_IPC, run_demo
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.models import list_models, model_summary
 from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, load_source_dataset, run_job, score_set
-from medistill.runtime import resolve_device
+from medistill.runtime import choose_bf16, resolve_device
 from medistill.scoretext import mean_std, record_score
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -70,19 +71,22 @@ def distill(
                                            "to take longer than this; the estimate is printed before any expert is trained either way."),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
-    bf16: bool = BF16,
+    bf16: Optional[bool] = BF16,
     compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=bf16, compile=compile)
     private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
     overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private,
                                    "max_expert_minutes": max_expert_minutes}.items() if v is not None}
     given = {**parse_settings(config, settings), **overrides}
-    given.update(speed_settings(get_method(method), bf16, compile, given))
+    spec = get_method(method)
+    use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *method_networks(spec, given)])
+    announce_precision(use_bf16, why)
+    evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=use_bf16, compile=compile)
+    given.update(speed_settings(spec, use_bf16, compile, given))
     result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume, force=force)
     r = result.record
@@ -111,7 +115,7 @@ def evaluate(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
     force: bool = Force,
-    bf16: bool = BF16,
+    bf16: Optional[bool] = BF16,
     compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
@@ -124,10 +128,12 @@ def evaluate(
     if unknown or not names:
         raise ConfigError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(list_models())}")
     data = load_source_dataset(synthetic, root=data_root, device=resolve_device(device), progress=progress)
+    use_bf16, why = choose_bf16(bf16, None, data.device, names)
+    announce_precision(use_bf16, why)
     table = Table("model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")
     report = {}
     for name in names:
-        protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment, bf16=bf16,
+        protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment, bf16=use_bf16,
                                 compile=compile).protocol_for(synthetic.method)
         scores = score_set(synthetic, data, protocol, num_models=eval_models, seed=seed, progress=progress)
         report[name] = {**scores.summary(), "eval_protocol": protocol.to_dict()}

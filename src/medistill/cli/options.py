@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +21,10 @@ Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the 
 Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
 ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
 Force = typer.Option(False, "--force", help="Replace an existing output instead of refusing it.")
-BF16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast for the networks this command trains (default fp32, as the references).")
+BF16 = typer.Option(None, "--bf16/--fp32", show_default=False,
+                    help="bf16 autocast (fp32 weights and sums) for the networks this command trains, or fp32 as the references. "
+                         "Default: bf16 on a CPU that computes it natively (AVX512-BF16 or AMX) when every network is the ConvNet, else fp32; "
+                         "the shipped method presets pin fp32.")
 Compile = typer.Option(False, "--compile/--no-compile", help="torch.compile the networks' training passes (a first run compiles; later runs reuse torch's cache).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
@@ -56,6 +60,28 @@ def parse_pairs(pairs: list[str], option: str) -> dict[str, Any]:
 
 
 def speed_settings(spec: MethodSpec, bf16: bool, compile: bool, given: dict[str, Any]) -> dict[str, Any]:
-    """The method settings that --bf16 / --compile set: only those the method has and the user did not set."""
-    wanted = {"bf16": bf16, "compile": compile}
-    return {k: v for k, v in wanted.items() if v and k in spec.setting_names and k not in given}
+    """The method settings the precision choice and --compile set, where the method has them: bf16 always (the
+    choice has already weighed a `bf16` the settings pin), compile only when asked and not set."""
+    settings: dict[str, Any] = {"bf16": bf16} if "bf16" in spec.setting_names else {}
+    if compile and "compile" in spec.setting_names and "compile" not in given:
+        settings["compile"] = True
+    return settings
+
+
+def method_networks(spec: MethodSpec, given: dict[str, Any]) -> list[str]:
+    """The architecture the method's own passes train (its `model` setting, given or default); none for a method without one."""
+    fields = {f.name: f for f in dataclasses.fields(spec.config_class)}
+    return [str(given.get("model", fields["model"].default))] if "model" in fields else []
+
+
+def pinned_bf16(given: dict[str, Any]) -> bool | None:
+    """The `bf16` method setting a preset, config file or --set gives (None when none does)."""
+    value = given.get("bf16")
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"setting bf16 must be true or false, got {value!r}")
+    return value
+
+
+def announce_precision(bf16: bool, why: str) -> None:
+    """Say which precision the command's networks train in, and why (stdout, as the thread count)."""
+    typer.echo(f"medistill: {'bf16' if bf16 else 'fp32'} networks ({why})")
