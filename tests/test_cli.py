@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import medistill.demo
 from medistill.artifact import SyntheticSet
 from medistill.cli import EXIT_USER_ERROR, app, main
+from medistill.runtime import native_bf16
 from medistill.data import FLAGS
 from medistill.pipeline import EvalSettings
 
@@ -199,7 +200,7 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
         epochs = 1 if record["method"] == "full" else 2
         assert record["dataset"] == "breastmnist" and record["eval_protocol"]["epochs"] == epochs and record["eval_models"] == 1
         assert 0.0 <= record["test_acc_mean"] <= 1.0
-        assert (out / f"{record['method']}-seed0" / "result.json").is_file()
+        assert (out / f"{record['method']}-seed0{'-bf16' if record['eval_protocol']['bf16'] else ''}" / "result.json").is_file()
         assert f"{record['test_acc_mean']:.3f}" in output  # the printed table shows each row's score
     assert records[0]["num_images"] == 20 and records[-1]["num_images"] == 546
     assert "expected time on this machine: about" in output  # the plan and its time are stated before the work
@@ -210,6 +211,14 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     assert again.count("finished earlier: reused") == len(expected) and "expected time" not in again
     assert [r["test_acc_mean"] for r in returned[-1]] == [r["test_acc_mean"] for r in records]
     assert all(r["reused"] for r in returned[-1])
+
+    native = native_bf16(torch.device("cpu"))  # the demo trains in the CLI's default precision, and says which
+    assert f"{'bf16' if native else 'fp32'} networks (" in output
+    assert all(r["eval_protocol"]["bf16"] is native for r in records)
+    assert all(r["hyperparameters"]["bf16"] is native for r in records if r["method"] == best)
+    other = _invoke("demo", "--data-root", medmnist_root, "--device", "cpu", "--out", out, "--no-progress", "--fp32" if native else "--bf16").output
+    assert "finished earlier: reused" not in other  # a run of the other precision is not reused
+    assert all(r["eval_protocol"]["bf16"] is not native for r in returned[-1])
 
 
 def test_a_bf16_setting_that_is_not_a_boolean_is_one_clear_line(medmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

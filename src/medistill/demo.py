@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,8 @@ class DemoRun:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def folder(self, out: Path, seed: int) -> Path:
-        return out / f"{self.method}-seed{seed}"
+        """Where the run goes: one folder per method, seed and precision, so neither precision's runs replace the other's."""
+        return out / f"{self.method}-seed{seed}{'-bf16' if self.evaluation.bf16 else ''}"
 
 
 def best_distillation_method() -> str | None:
@@ -46,14 +47,22 @@ def best_distillation_method() -> str | None:
     return min(ranked)[1] if ranked else None
 
 
-def demo_plan(method_settings: dict[str, Any] | None = None) -> list[DemoRun]:
-    """random, the best distillation method (if any) with its demo settings (overridden by `method_settings`), full."""
-    plan = [DemoRun("random", DEMO_EVALUATION)]
+def demo_plan(method_settings: dict[str, Any] | None = None, bf16: bool = False) -> list[DemoRun]:
+    """random, the best distillation method (if any) with its demo settings (overridden by `method_settings`), full;
+    every network trained under bf16 autocast when `bf16`."""
+    scoring, reference = replace(DEMO_EVALUATION, bf16=bf16), replace(FULL_EVALUATION, bf16=bf16)
+    plan = [DemoRun("random", scoring)]
     best = best_distillation_method()
     if best is not None:
-        plan.append(DemoRun(best, DEMO_EVALUATION, {**get_method(best).demo_settings, **(method_settings or {})}))
-    plan.append(DemoRun("full", FULL_EVALUATION))
+        precision = {"bf16": bf16} if "bf16" in get_method(best).setting_names else {}
+        plan.append(DemoRun(best, scoring, {**get_method(best).demo_settings, **precision, **(method_settings or {})}))
+    plan.append(DemoRun("full", reference))
     return plan
+
+
+def demo_networks() -> list[str]:
+    """The architectures the demo trains: its scoring networks' and the distillation method's own."""
+    return [name for run in demo_plan() for name in (run.evaluation.model, *get_method(run.method).networks(run.settings))]
 
 
 def finished_record(run: DemoRun, folder: Path, dataset: Dataset) -> dict[str, Any] | None:
@@ -90,8 +99,9 @@ def estimate_seconds(plan: list[DemoRun], dataset: Dataset, seed: int = 0) -> fl
     """
     batch = min(len(dataset.train), TrainProtocol().batch_size)
     images, labels = dataset.train.images[:batch], dataset.train.labels[:batch]
+    bf16 = plan[0].evaluation.bf16  # one precision for the whole plan
     def train(epochs: int) -> float:
-        return _seconds(lambda: train_model(images, labels, dataset, TrainProtocol(epochs=epochs), seed=seed))
+        return _seconds(lambda: train_model(images, labels, dataset, TrainProtocol(epochs=epochs, bf16=bf16), seed=seed))
 
     train(1)  # the first training in a process pays one-off set-up (allocator, kernel selection): not timed
     per_image = max(train(3) - train(1), 0.0) / (2 * batch)  # the difference leaves out per-run costs
@@ -118,16 +128,17 @@ def _seconds(work: Callable[[], object]) -> float:
 
 
 def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool = False,
-             method_settings: dict[str, Any] | None = None, estimate: bool = False,
+             method_settings: dict[str, Any] | None = None, estimate: bool = False, bf16: bool = False,
              say: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
     """Run the demo plan and return the result records (with `reused` True for runs found finished in `out`).
 
-    `method_settings` override the distillation method's demo settings (e.g. a smaller budget).
+    `method_settings` override the distillation method's demo settings (e.g. a smaller budget); `bf16` trains
+    every network under bf16 autocast (a run finished earlier in the other precision is not reused).
     The plan (and, with `estimate`, its expected time) is told through `say` before anything runs.
-    Runs go to `out/<method>-seed<seed>`; a killed distillation continues from its checkpoint.
+    Runs go to `out/<method>-seed<seed>` (`-bf16` appended under bf16); a killed distillation continues from its checkpoint.
     """
     out = Path(out)
-    plan = demo_plan(method_settings)
+    plan = demo_plan(method_settings, bf16)
     finished = {run.method: finished_record(run, run.folder(out, seed), dataset) for run in plan}
     say(f"demo: {dataset.name}, {DEMO_IPC} images per class, seed {seed}; each set is scored on the official test split:")
     for run in plan:

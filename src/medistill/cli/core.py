@@ -14,10 +14,10 @@ from rich.table import Table
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, method_networks,
-                                   open_dataset, parse_settings, pinned_bf16, speed_settings)
+from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, open_dataset,
+                                   parse_settings, pinned_bf16, speed_settings)
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
-from medistill.demo import DEMO_DATASET, DEMO_IPC, run_demo
+from medistill.demo import DEMO_DATASET, DEMO_IPC, demo_networks, run_demo
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.models import list_models, model_summary
@@ -83,7 +83,7 @@ def distill(
                                    "max_expert_minutes": max_expert_minutes}.items() if v is not None}
     given = {**parse_settings(config, settings), **overrides}
     spec = get_method(method)
-    use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *method_networks(spec, given)])
+    use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *spec.networks(given)])
     announce_precision(use_bf16, why)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=use_bf16, compile=compile)
     given.update(speed_settings(spec, use_bf16, compile, given))
@@ -188,6 +188,7 @@ def demo(
     device: str = Device,
     seed: int = Seed,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo's runs are written."),
+    bf16: Optional[bool] = BF16,
     progress: bool = Progress,
 ) -> None:
     """The main job on its default: BreastMNIST, random vs the best available distillation method at IPC 10, vs full.
@@ -197,7 +198,9 @@ def demo(
     on_interrupt(lambda: f"Kept: finished runs in {out} and the distillation's last checkpoint. "
                          f"Continue with: {rerun_command()} (finished runs are reused)")
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
-    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, say=typer.echo)
+    use_bf16, why = choose_bf16(bf16, None, data.device, demo_networks())
+    announce_precision(use_bf16, why)
+    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, bf16=use_bf16, say=typer.echo)
     table = Table(title=f"{DEMO_DATASET}, IPC {DEMO_IPC} (test split; mean ± std over evaluation networks)")
     for column in ("method", "images", "ACC", "AUC", "evaluation", "seconds"):
         table.add_column(column)

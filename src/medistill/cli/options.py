@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,12 +65,6 @@ def speed_settings(spec: MethodSpec, bf16: bool, compile: bool, given: dict[str,
     if compile and "compile" in spec.setting_names and "compile" not in given:
         settings["compile"] = True
     return settings
-
-
-def method_networks(spec: MethodSpec, given: dict[str, Any]) -> list[str]:
-    """The architecture the method's own passes train (its `model` setting, given or default); none for a method without one."""
-    fields = {f.name: f for f in dataclasses.fields(spec.config_class)}
-    return [str(given.get("model", fields["model"].default))] if "model" in fields else []
 
 
 def pinned_bf16(given: dict[str, Any]) -> bool | None:

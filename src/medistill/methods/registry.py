@@ -56,6 +56,11 @@ class MethodSpec:
         """The settings this method has: its config's fields."""
         return frozenset(f.name for f in dataclasses.fields(self.config_class))
 
+    def networks(self, settings: dict[str, Any]) -> list[str]:
+        """The architecture the method's own passes train (its `model` setting, given or default); none for a method without one."""
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+        return [str(settings.get("model", fields["model"].default))] if "model" in fields else []
+
     def default_protocol(self, model: str = "convnet") -> TrainProtocol:
         """The reference evaluation protocol: 1000 epochs with DSA, else 300 without."""
         epochs = DSA_EVAL_EPOCHS if self.eval_augment else PLAIN_EVAL_EPOCHS
