@@ -84,8 +84,8 @@ def distill(
     given = {**parse_settings(config, settings), **overrides}
     spec = get_method(method)
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *spec.networks(given)])
-    announce_precision(use_bf16, why)
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=use_bf16, compile=compile)
+    announce_precision(use_bf16, why)  # after the settings are checked: an unknown model gets its error line alone
     given.update(speed_settings(spec, use_bf16, compile, given))
     result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,
                      out_dir=out, progress=progress, resume=resume, force=force)
