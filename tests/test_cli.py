@@ -225,5 +225,5 @@ def test_a_bf16_setting_that_is_not_a_boolean_is_one_clear_line(medmnist_root: P
                                                                 capsys: pytest.CaptureFixture) -> None:
     code, err = _run_main(["distill", "breastmnist", "-m", "dc", "--ipc", "1", "--out", tmp_path / "x", "--data-root", medmnist_root,
                            "--device", "cpu", "--set", "bf16=maybe", "--no-progress"], monkeypatch, capsys)
-    _assert_one_line_error(code, err, "setting bf16 must be true or false, got 'maybe'")
+    _assert_one_line_error(code, err, "setting 'bf16' must be true or false, got 'maybe' (str)")
     assert not (tmp_path / "x").exists()

@@ -80,6 +80,11 @@ def check_settings(config_class: type, values: dict[str, Any], what: str) -> dic
             for key, value in values.items()}
 
 
+def check_value(hint: Any, value: Any, where: str) -> Any:
+    """One value checked against a type hint as `check_settings` checks each setting (the same conversions and message)."""
+    return _coerce(hint, value, where)
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     if value is None and type(None) in options:
@@ -122,4 +127,4 @@ def _type_name(option: Any) -> str:
         option, getattr(typing.get_origin(option) or option, "__name__", str(option)))
 
 
-__all__ = ["MAX_CONFIG_BYTES", "SettingsLoader", "check_settings", "parse_value", "parse_yaml", "read_yaml"]
+__all__ = ["MAX_CONFIG_BYTES", "SettingsLoader", "check_settings", "check_value", "parse_value", "parse_yaml", "read_yaml"]

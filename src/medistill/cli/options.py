@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from medistill.data import Dataset, load_dataset
-from medistill.configfile import parse_value, read_yaml
+from medistill.configfile import check_value, parse_value, read_yaml
 from medistill.errors import ConfigError
 from medistill.methods.registry import MethodSpec
 from medistill.presets import resolve_config_path
@@ -70,9 +70,7 @@ def speed_settings(spec: MethodSpec, bf16: bool, compile: bool, given: dict[str,
 def pinned_bf16(given: dict[str, Any]) -> bool | None:
     """The `bf16` method setting a preset, config file or --set gives (None when none does)."""
     value = given.get("bf16")
-    if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"setting bf16 must be true or false, got {value!r}")
-    return value
+    return None if value is None else check_value(bool, value, "setting 'bf16'")
 
 
 def announce_precision(bf16: bool, why: str) -> None:
