@@ -19,7 +19,8 @@ from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_loop
 from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
-from medistill.methods.private import public_view, release_class_counts
+from medistill.methods.private import GaussianMechanism, PoissonSampler, public_view, release_class_counts
+from medistill.secret_random import SECRET_NAME, SecretRandom
 from medistill.pipeline import renormalize
 from medistill.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
 
@@ -94,10 +95,11 @@ def test_clipping_bounds_one_extreme_images_contribution() -> None:
     extreme = data.train.images[:1] * 0 + 1e4  # one image far outside the pixel range
     config = DPDMConfig(**TINY)
     ledger = PrivacyLedger(config, config.iterations, "test")
-    counts = release_class_counts(data, config, 0)
+    secret = SecretRandom.fresh()
+    counts = release_class_counts(data, config, secret)
     labels = torch.tensor([0])
 
-    matcher = PrivateDistributionMatching(data, 1, config, ledger, counts)
+    matcher = PrivateDistributionMatching(data, 1, config, ledger, counts, secret)
     matcher.network.reset(0)
     features = matcher.network.module.embed(extreme)
     assert features.norm() > 10 * config.clip_norm  # unclipped, the image would dominate
@@ -105,7 +107,7 @@ def test_clipping_bounds_one_extreme_images_contribution() -> None:
     assert change.norm() <= config.clip_norm * (1 + 1e-5)
 
     dc_config = DPDCConfig(**TINY)
-    dc = PrivateGradientMatching(data, 1, dc_config, 1, 1, PrivacyLedger(dc_config, 4, "test"), counts)
+    dc = PrivateGradientMatching(data, 1, dc_config, 1, 1, PrivacyLedger(dc_config, 4, "test"), counts, secret)
     dc.network.reset(0)
     grads = dc.per_example_gradients(extreme, labels)
     assert grads.norm() > 10 * dc_config.clip_norm
@@ -113,6 +115,13 @@ def test_clipping_bounds_one_extreme_images_contribution() -> None:
     with_extreme = dc.mechanism.class_sums(torch.cat([others, grads]), torch.cat([data.train.labels[:5], labels]), 2)
     without = dc.mechanism.class_sums(others, data.train.labels[:5], 2)
     assert (with_extreme - without).norm() <= dc_config.clip_norm * (1 + 1e-5)
+    # the batched path: the extreme image in the middle of a chunk of real images, through real_class_sums
+    picks = [torch.arange(0, 8), torch.arange(8, 16)]
+    base = dc.real_class_sums(picks)
+    dc.real = dc.real.clone()
+    dc.real[3] = extreme[0]
+    assert (dc.real_class_sums(picks) - base).norm() <= 2 * dc_config.clip_norm * (1 + 1e-5)  # one row replaced: at most 2C
+    assert (dc.real_class_sums(picks) - base)[1].abs().max() == 0  # and only its own class's sum moves
 
 
 @pytest.mark.parametrize("method,matcher", [("dp-dm", PrivateDistributionMatching), ("dp-dc", PrivateGradientMatching)])
@@ -149,12 +158,18 @@ def test_budget_refusal_before_the_run_and_before_a_step() -> None:
 
 @pytest.mark.parametrize("method", ["dp-dm", "dp-dc"])
 def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkeypatch, kill_at) -> None:
+    """With the secret kept beside the checkpoint (owner-only), a resumed run redraws what the killed one would have."""
     data = tiny_dataset()
     settings = {**TINY, "iterations": 5, "public_class_counts": False}
+    key = SecretRandom.fresh()
+    monkeypatch.setattr(SecretRandom, "fresh", classmethod(lambda cls: key))  # the uninterrupted run draws the same secret
     whole = distill(method, data, 2, settings, context=RunContext(seed=1))
     state = kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         distill(method, data, 2, settings, context=RunContext(seed=1, checkpoint_dir=tmp_path))
+    kept = tmp_path / SECRET_NAME
+    assert kept.is_file() and kept.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr(SecretRandom, "fresh", classmethod(lambda cls: pytest.fail("a resumed run reads its kept secret")))
     state["kill"] = False
     spent_at_resume = []
     original = PrivacyLedger.charge
@@ -170,6 +185,7 @@ def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkey
     assert torch.equal(resumed.images, whole.images)
     assert resumed.extra["privacy"] == whole.extra["privacy"]
     assert resumed.extra["privacy"]["steps"] == 5 * releases
+    assert not kept.exists()  # forgotten once the run finished: nothing left can redraw its noise
 
 
 def test_private_set_is_exported_with_its_guarantee(tmp_path) -> None:
@@ -234,3 +250,183 @@ def test_init_real_with_a_private_method_is_one_line_exit_2_from_the_executable(
                              "--epsilon", "1", "--init", "real"], capture_output=True, text=True, env=env, timeout=600)
     _assert_one_line_exit_2(result.returncode, result.stderr, "private methods start from noise")
     assert not (tmp_path / "o").exists()
+
+
+# A reader of everything published: the secret is not derivable from the seed, so the noise cannot be redrawn.
+
+
+def _old_count_noise(seed: int, shape) -> torch.Tensor:
+    """The class-count noise as a seed-derived stream would draw it: what a reader who knows the seed regenerates."""
+    tag = 0x636F756E
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, tag]).generate_state(1)[0]))
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def test_seed_replay_reader_recovers_neither_counts_nor_sums(medmnist_root, monkeypatch) -> None:
+    """The attack that regenerated every private draw from the published seed now recovers nothing."""
+    from medistill.methods.pixel_loop import IterationRandom
+
+    data = load_dataset("breastmnist", root=medmnist_root)
+    seen = []
+    original = GaussianMechanism.release
+
+    def capture(self, sums):
+        released = original(self, sums)
+        seen.append((sums.clone(), released.clone(), self.expected.clone(), self.sigma * self.clip_norm))
+        return released
+
+    monkeypatch.setattr(GaussianMechanism, "release", capture)
+    seed = 0
+    synthetic = distill("dp-dm", data, 1, {"iterations": 2, "epsilon": 1.0, "sample_rate": 0.1}, context=RunContext(seed=seed))
+    true_counts = torch.tensor(data.class_counts(), dtype=torch.float64)
+    released = torch.tensor(synthetic.extra["privacy"]["released_class_counts"], dtype=torch.float64)
+    replayed = released - 30.0 * _old_count_noise(seed, true_counts.shape)
+    assert (replayed - true_counts).abs().max() > 1.0  # seed replay once gave them to 1e-3; now off by the noise (σ = 30)
+    for iteration, (sums, noisy_means, expected, noise_std) in enumerate(seen):
+        generator = IterationRandom.for_iteration(seed, iteration, torch.device("cpu")).device
+        torch.rand(data.train.labels.shape, generator=generator)  # the Poisson draw came first from the same stream
+        guess = noisy_means * expected - noise_std * torch.randn(sums.shape, generator=generator)
+        assert (guess - sums).std() > 0.5 * noise_std  # the error is the noise itself, not 5e-7
+
+
+def test_two_runs_with_one_seed_draw_different_noise() -> None:
+    data = tiny_dataset()
+    settings = {**TINY, "public_class_counts": False}
+    first, second = (distill("dp-dm", data, 1, settings, context=RunContext(seed=4)) for _ in range(2))
+    assert not torch.equal(first.images, second.images)
+    assert first.extra["privacy"]["released_class_counts"] != second.extra["privacy"]["released_class_counts"]
+    assert first.extra["privacy"]["epsilon"] == second.extra["privacy"]["epsilon"]  # the same guarantee, its own noise
+    assert "operating-system entropy" in first.extra["privacy"]["randomness"]
+
+
+def test_secret_stream_is_keyed_deterministic_and_never_printed(tmp_path) -> None:
+    secret = SecretRandom.fresh()
+    again = SecretRandom.load((secret.save(tmp_path / "k"), tmp_path / "k")[1])
+    assert torch.equal(secret.normal("noise", 3, (5,)), again.normal("noise", 3, (5,)))
+    assert not torch.equal(secret.normal("noise", 3, (5,)), secret.normal("noise", 4, (5,)))
+    assert not torch.equal(secret.normal("noise", 3, (5,)), SecretRandom.fresh().normal("noise", 3, (5,)))
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600 and "secret" in repr(secret)
+    uniforms = secret.uniform("u", 0, (200_000,))
+    assert 0 < float(uniforms.min()) and float(uniforms.max()) < 1 and abs(float(uniforms.mean()) - 0.5) < 0.005
+    z = secret.normal("z", 0, (200_000,), dtype=torch.float64)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    (tmp_path / "link").symlink_to(tmp_path / "k")
+    with pytest.raises(Exception, match="cannot be read as a run's secret"):
+        SecretRandom.load(tmp_path / "link")
+
+
+def test_noise_scale_is_sigma_c_over_q_n_per_class() -> None:
+    """Each class's released mean carries N(0, (σC / (q n_c))²) per coordinate."""
+    settings = PrivacySettings(noise_multiplier=2.0, clip_norm=0.5, sample_rate=0.25, public_class_counts=True)
+    ledger = PrivacyLedger(settings, 1, "test")
+    counts = torch.tensor([40.0, 400.0])
+    mechanism = GaussianMechanism(ledger, counts, torch.device("cpu"), SecretRandom.fresh())
+    released = mechanism.release(torch.zeros(2, 40_000, dtype=torch.float64))
+    expected = 2.0 * 0.5 / (0.25 * counts)
+    assert torch.allclose(released.std(dim=1), expected.to(released.dtype), rtol=0.03)
+    assert ledger.spent == 1
+
+
+def test_poisson_rate_within_three_standard_errors() -> None:
+    data = tiny_dataset(per_class=50)
+    sampler = PoissonSampler(data, 0.3, SecretRandom.fresh())
+    draws, n = 400, len(data.train)
+    taken = sum(sum(len(idx) for idx in sampler.draw(r)) for r in range(draws))
+    standard_error = (0.3 * 0.7 / (draws * n)) ** 0.5
+    assert abs(taken / (draws * n) - 0.3) < 3 * standard_error
+    first = sampler.draw(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, sampler.draw(0)))  # release r's sample is fixed by the secret
+
+
+def test_prv_accountant_matches_opacus_stepped() -> None:
+    from opacus.accountants import PRVAccountant
+
+    history = [(30.0, 1.0, 1), (1.3, 0.05, 200)]
+    reference = PRVAccountant()
+    for sigma, rate, steps in history:
+        for _ in range(steps):
+            reference.step(noise_multiplier=sigma, sample_rate=rate)
+    prv = epsilon_of(history, 1e-5, "prv")
+    assert prv == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-3)
+    assert prv < epsilon_of(history, 1e-5, "rdp")  # PRV is the tighter of the two
+
+
+@pytest.mark.parametrize("method", ["dp-dm", "dp-dc"])
+def test_batch_norm_is_refused(method) -> None:
+    with pytest.raises(ConfigError, match="batch norm"):
+        distill(method, tiny_dataset(), 1, {**TINY, "model": "convnet_bn"})
+
+
+def test_batch_norm_is_refused_by_dpsgd() -> None:
+    from medistill.privacy.dpsgd import DPSGDSettings, run_dpsgd
+
+    with pytest.raises(ConfigError, match="batch norm"):
+        run_dpsgd(tiny_dataset(), DPSGDSettings(epsilon=3.0, epochs=1, batch_size=8, model="convnet_bn"), num_models=1)
+
+
+def test_dpsgd_draws_from_the_secret_not_the_seed() -> None:
+    from medistill.privacy.dpsgd import DPSGDSettings, train_dpsgd
+
+    data = public_view(tiny_dataset())
+    settings = DPSGDSettings(epsilon=3.0, epochs=1, batch_size=8)
+    secret = SecretRandom.fresh()
+    runs = [train_dpsgd(data, settings, 0, key) for key in (secret, secret, SecretRandom.fresh())]
+    weights = [torch.cat([p.detach().flatten() for p in network.parameters()]) for network, _ in runs]
+    assert torch.equal(weights[0], weights[1])  # the seed and the secret fix the run
+    assert not torch.equal(weights[0], weights[2])  # the same seed with another secret draws other batches and noise
+    assert "secret" in runs[0][1]["randomness"]
+
+
+# Export verifies a privacy record instead of trusting it.
+
+
+def test_copied_privacy_record_on_a_non_private_set_is_refused(tmp_path) -> None:
+    data = tiny_dataset_on_disk(tmp_path)
+    private = distill("dp-dm", data, 1, {**TINY, "epsilon": 50.0})
+    plain = distill("dm", data, 1, {"iterations": 1, "init": "noise"})
+    plain.extra = {**plain.extra, "privacy": private.extra["privacy"]}
+    with pytest.raises(ConfigError, match="not a differentially private method"):
+        export_bundle(plain, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda r: r.update(epsilon=r["epsilon"] / 10), "accountant gives"),
+    (lambda r: r.update(noise_multiplier=r["noise_multiplier"] * 5), "history"),
+    (lambda r: r.update(steps=1), "accounts 1 releases"),
+    (lambda r: r.update(accountant="none"), "no valid 'accountant'"),
+    (lambda r: r.update(delta="1e-5"), "no valid 'delta'"),
+    (lambda r: r.pop("epsilon"), "no valid 'epsilon'"),
+])
+def test_edited_privacy_record_is_refused(edit, needle, tmp_path) -> None:
+    data = tiny_dataset_on_disk(tmp_path)
+    synthetic = distill("dp-dm", data, 1, {**TINY, "epsilon": 50.0})
+    edit(synthetic.extra["privacy"])
+    with pytest.raises(ConfigError, match=needle):
+        export_bundle(synthetic, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_infinite_epsilon_set_is_not_carded_private(tmp_path) -> None:
+    data = tiny_dataset_on_disk(tmp_path)
+    synthetic = distill("dp-dm", data, 1, {**TINY, "noise_multiplier": None, "epsilon": float("inf")})
+    folder = export_bundle(synthetic, tmp_path / "b")
+    text = (folder / CARD_MD).read_text()
+    assert "differentially private**" not in text and "No formal guarantee" in text
+
+
+def test_private_card_carries_nothing_else_computed_from_the_private_images(tmp_path) -> None:
+    data = tiny_dataset_on_disk(tmp_path)
+    synthetic = distill("dp-dm", data, 1, {**TINY, "epsilon": 50.0, "public_class_counts": False})
+    synthetic.metrics = {"seconds_per_iteration": 0.1, "eval_points": [{"seconds": 3.0, "acc_mean": 0.5}], "loss_curve": [[1, 2.0]]}
+    folder = export_bundle(synthetic, tmp_path / "b")
+    card = json.loads((folder / CARD_JSON).read_text())
+    assert card["source"]["train_images"] is None and card["source"]["md5"] is None  # a local file's MD5 identifies it
+    assert card["near_copy_screen"] == {"passed": True, "statistics": "withheld: computed from the private training images"}
+    assert "seconds" not in json.dumps(card["metrics"]) and card["metrics"]["eval_points"] == [{"acc_mean": 0.5}]
+    assert "released_class_counts" in card["privacy"]
+    from medistill.artifact import SyntheticSet
+
+    shared = SyntheticSet.load(folder)
+    assert "num_train" not in shared.source and "seconds" not in json.dumps(shared.metrics)
+    assert not any("key" in p.name or p.name == SECRET_NAME for p in folder.iterdir())

@@ -19,6 +19,7 @@ from typing import Any
 from medistill.errors import ConfigError
 
 ACCOUNTANTS = ("rdp", "prv")
+PUBLIC_COUNTS = "public: the guarantee assumes the per-class training counts are public and does not protect them"
 SIGMA_TOLERANCE = 1e-3  # relative: calibrated σ is within 0.1% of the smallest σ that meets the target
 SIGMA_CEILING = 1e4
 
@@ -178,29 +179,95 @@ class PrivacyLedger:
             "sample_rate": s.sample_rate,
             "sampling": "Poisson",
             "steps": self.spent,
-            "class_counts": "public" if s.public_class_counts else f"released once with Gaussian noise (σ = {s.count_noise_multiplier:g})",
+            "class_counts": (PUBLIC_COUNTS if s.public_class_counts
+                             else f"released once with Gaussian noise (σ = {s.count_noise_multiplier:g})"),
             "history": [list(entry) for entry in self.history()],
             "accountant": s.accountant,
             "accountant_library": accountant_version(),
         }
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> dict[str, Any]:
+    """A set's privacy record checked against its own settings and recomputed by the accountant, or a ConfigError.
+
+    The record must name a known accountant, agree with the settings the set was made with (δ, C, q, the
+    count release), account exactly `planned_steps` subsampled releases at its σ (plus the one count
+    release when the counts were private), and state the ε that the accountant computes from that history.
+    """
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"refusing to export: the set's privacy record {why}; it is not the record of this set's run")
+
+    if not isinstance(record, dict):
+        raise refuse("is not a mapping")
+    fields = {"epsilon": _number, "delta": lambda v: _number(v) and 0 < v < 1, "noise_multiplier": lambda v: _number(v) and 0 <= v < math.inf,
+              "sample_rate": lambda v: _number(v) and 0 < v <= 1, "clip_norm": lambda v: _number(v) and 0 < v < math.inf,
+              "steps": lambda v: isinstance(v, int) and not isinstance(v, bool), "accountant": lambda v: v in ACCOUNTANTS,
+              "history": lambda v: isinstance(v, list)}
+    for name, valid in fields.items():
+        if not valid(record.get(name)):
+            raise refuse(f"has no valid '{name}' (found {str(record.get(name))[:40]!r})")
+    for name in ("delta", "sample_rate", "clip_norm", "accountant"):
+        if settings.get(name) != record[name]:
+            raise refuse(f"says {name} = {record[name]!r} but the set was made with {settings.get(name)!r}")
+    if record["steps"] != planned_steps:
+        raise refuse(f"accounts {record['steps']} releases but the set's settings make {planned_steps}")
+    public_counts = settings.get("public_class_counts") is True
+    fixed: History = [] if public_counts else [(float(settings.get("count_noise_multiplier", math.nan)), 1.0, 1)]
+    history: History = [*fixed, (float(record["noise_multiplier"]), float(record["sample_rate"]), planned_steps)]
+    if [list(entry) for entry in history] != record["history"]:
+        raise refuse(f"has the history {str(record['history'])[:80]}, not {[list(e) for e in history]} of its own mechanism")
+    if settings.get("noise_multiplier") is not None and settings["noise_multiplier"] != record["noise_multiplier"]:
+        raise refuse(f"says σ = {record['noise_multiplier']} but the set was made with σ = {settings['noise_multiplier']}")
+    epsilon = epsilon_of(history, record["delta"], record["accountant"])
+    if not (epsilon == record["epsilon"] or math.isclose(epsilon, record["epsilon"], rel_tol=1e-6)):
+        raise refuse(f"states ε = {record['epsilon']:.6g}, but the {record['accountant']} accountant gives ε = {epsilon:.6g} for it")
+    budget = settings.get("epsilon")
+    if _number(budget) and epsilon > budget * (1 + 1e-9):
+        raise refuse(f"reaches ε = {epsilon:.6g}, past the run's budget {budget:g}")
+    return {**record, "epsilon": epsilon, "class_counts": PUBLIC_COUNTS if public_counts else record.get("class_counts")}
+
+
+def is_guarantee(record: dict[str, Any] | None) -> bool:
+    """Whether a privacy record states a differential-privacy guarantee: a finite ε (σ = 0 gives ε = ∞, no guarantee)."""
+    return record is not None and isinstance(record.get("epsilon"), (int, float)) and math.isfinite(record["epsilon"])
+
+
 def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
-    """Markdown lines stating a set's differential-privacy guarantee (or its absence)."""
+    """Markdown lines stating a set's differential-privacy guarantee (or its absence).
+
+    Only a record `bundle.verified_privacy` checked reaches a card; this states what it covers."""
     if record is None:
         return ["## Differential privacy", "", "No formal guarantee: this set was not made by a differentially private method.", ""]
+    if not is_guarantee(record):
+        return ["## Differential privacy", "",
+                f"**No formal guarantee**: this set was made by a private method's pipeline without noise (noise multiplier "
+                f"σ = {record.get('noise_multiplier')}, ε = ∞): clipping and sampling alone bound nothing.", ""]
+    from medistill.markdown import cell
+
+    counts = cell(record["class_counts"])
     return [
         "## Differential privacy",
         "",
-        f"**(ε = {record['epsilon']:.4g}, δ = {record['delta']:g})-differentially private** with respect to the training images. "
-        f"Mechanism: {record['mechanism']}; clip norm C = {record['clip_norm']:g}, noise multiplier σ = {record['noise_multiplier']:.4g}, "
-        f"{record['sampling']} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {record['class_counts']}; "
-        f"accountant {record['accountant']} ({record['accountant_library']}).",
+        f"**(ε = {record['epsilon']:.4g}, δ = {record['delta']:g})-differentially private** with respect to the training images "
+        "(adding or removing one image). The guarantee covers the released images and, when they were noised, the released "
+        "class counts; the method, its settings, the seed and the class names are public choices. Nothing else in this bundle "
+        "was computed from the private training images. "
+        f"Mechanism: {cell(record['mechanism'])}; clip norm C = {record['clip_norm']:g}, noise multiplier σ = {record['noise_multiplier']:.4g}, "
+        f"{record['sampling']} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {counts}; "
+        f"accountant {cell(record['accountant'])} ({cell(record.get('accountant_library'))}), ε recomputed from this record at export. "
+        f"Randomness: {cell(record.get('randomness', 'not recorded'))}.",
+        "",
+        "Each release made from the same training data spends its own budget: two sets (or a set and a model) released "
+        "from these images together guarantee at most the composition of their (ε, δ), not the larger ε alone.",
         "",
     ]
 
 
 __all__ = [
     "ACCOUNTANTS", "BudgetExceeded", "PrivacyLedger", "PrivacySettings", "accountant_version", "calibrate_noise",
-    "epsilon_of", "privacy_markdown",
+    "epsilon_of", "is_guarantee", "verify_record", "privacy_markdown", "PUBLIC_COUNTS",
 ]

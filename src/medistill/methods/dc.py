@@ -136,13 +136,17 @@ class GradientMatching:
         total = torch.zeros((), device=self.device)
         for outer in range(self.outer):
             self.freeze_batch_norm(rng)
-            loss = self.match(images, self.sampler.draw(rng.device), rng)
+            loss = self.match(images, self.draw_real(rng), rng)
             (images.grad,) = torch.autograd.grad(loss, [images])
             optimizer.step()
             total += loss.detach()
             if outer < self.outer - 1:
                 self.train_network(images.detach(), rng)
         return total / (self.num_classes * self.outer)
+
+    def draw_real(self, rng: IterationRandom) -> list[Tensor]:
+        """The real images of one match: `batch_real` per class, from the iteration's generator."""
+        return self.sampler.draw(rng.device)
 
     def freeze_batch_norm(self, rng: IterationRandom) -> None:
         """Batch-norm networks only: update the running statistics with one train-mode pass of real images

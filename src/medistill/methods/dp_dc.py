@@ -29,12 +29,14 @@ from medistill.methods.private import (
     PoissonSampler,
     PrivateSettings,
     finish_private_set,
+    private_run,
     public_view,
     release_class_counts,
     require_per_example,
     sync_ledger,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.secret_random import SecretRandom
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-example loss gradients, summed per class (DP gradient matching)"
 PER_EXAMPLE_CHUNK = 64  # real images whose per-example gradients are held at once
@@ -58,13 +60,17 @@ class PrivateGradientMatching(GradientMatching):
     """DC's gradient matching whose real side is a noisy mean of clipped per-example gradients."""
 
     def __init__(self, dataset: Dataset, ipc: int, config: DPDCConfig, outer: int, inner: int,
-                 ledger: PrivacyLedger, counts: Tensor) -> None:
+                 ledger: PrivacyLedger, counts: Tensor, secret: SecretRandom) -> None:
         super().__init__(dataset, ipc, config, outer, inner)
         require_per_example(self.network.module, config.model)
-        self.sampler = PoissonSampler(dataset, config.sample_rate)
+        self.private_sampler = PoissonSampler(dataset, config.sample_rate, secret)
         self.ledger = ledger
-        self.mechanism = GaussianMechanism(ledger, counts, self.device)
+        self.mechanism = GaussianMechanism(ledger, counts, self.device, secret)
         self.match = self.match_private
+
+    def draw_real(self, rng: IterationRandom) -> list[Tensor]:
+        """The Poisson sample of the release about to be made (secret draws, not the public per-iteration generator)."""
+        return self.private_sampler.draw(self.mechanism.next_release)
 
     def step(self, images: Tensor, optimizer: torch.optim.Optimizer, rng: IterationRandom) -> Tensor:
         sync_ledger(self.ledger, rng.iteration, self.outer)
@@ -97,7 +103,7 @@ class PrivateGradientMatching(GradientMatching):
     def match_private(self, images: Tensor, picks: list[Tensor], rng: IterationRandom) -> Tensor:
         """Summed distance over classes between the noisy real mean gradient and the synthetic gradient."""
         params = list(self.network.module.parameters())
-        real = self.mechanism.release(self.real_class_sums(picks), rng.device)
+        real = self.mechanism.release(self.real_class_sums(picks))
         shapes = [p.shape for p in params]
         total = images.new_zeros(())
         for c in range(self.num_classes):
@@ -116,13 +122,17 @@ def run_dp_dc(dataset: Dataset, ipc: int, config: DPDCConfig, context: RunContex
     outer = config.outer_loop or table_outer
     inner = table_inner if config.inner_loop is None else config.inner_loop
     ledger = PrivacyLedger(config, config.iterations * outer, MECHANISM)
-    counts = release_class_counts(dataset, config, context.seed)
     public = public_view(dataset)
-    matcher = PrivateGradientMatching(public, ipc, config, outer, inner, ledger, counts)
-    synthetic = run_pixel_loop("dp-dc", public, ipc, config, context, matcher.step,
-                               hyperparameters={"outer_loop": outer, "inner_loop": inner})
-    sync_ledger(ledger, config.iterations, outer)
-    return finish_private_set(synthetic, ledger, counts, config)
+
+    def run(secret: SecretRandom) -> SyntheticSet:
+        counts = release_class_counts(dataset, config, secret)
+        matcher = PrivateGradientMatching(public, ipc, config, outer, inner, ledger, counts, secret)
+        synthetic = run_pixel_loop("dp-dc", public, ipc, config, context, matcher.step,
+                                   hyperparameters={"outer_loop": outer, "inner_loop": inner})
+        sync_ledger(ledger, config.iterations, outer)
+        return finish_private_set(synthetic, ledger, counts, config)
+
+    return private_run(context, run)
 
 
 SPEC = register_method(
@@ -133,5 +143,6 @@ SPEC = register_method(
         summary="differentially private gradient matching: clipped, noised per-example real gradients, (ε, δ) by Opacus",
         eval_augment=None,
         supports_multilabel=False,
+        private_releases=lambda settings: int(settings["iterations"]) * int(settings["outer_loop"]),
     )
 )

@@ -27,12 +27,14 @@ from medistill.methods.private import (
     PrivateSettings,
     clip_rows,
     finish_private_set,
+    private_run,
     public_view,
     release_class_counts,
     require_per_example,
     sync_ledger,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.secret_random import SecretRandom
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 
@@ -59,17 +61,18 @@ class DPDMConfig(PixelConfig, PrivateSettings):
 class PrivateDistributionMatching:
     """One dp-dm run's state: the public-normalised real images, the network, the sampler and the mechanism."""
 
-    def __init__(self, dataset: Dataset, ipc: int, config: DPDMConfig, ledger: PrivacyLedger, counts: Tensor) -> None:
+    def __init__(self, dataset: Dataset, ipc: int, config: DPDMConfig, ledger: PrivacyLedger, counts: Tensor,
+                 secret: SecretRandom) -> None:
         self.ipc, self.config, self.ledger = ipc, config, ledger
         self.device = dataset.device
         self.num_classes = dataset.num_classes
         self.real = dataset.train.images
-        self.sampler = PoissonSampler(dataset, config.sample_rate)
+        self.sampler = PoissonSampler(dataset, config.sample_rate, secret)
         self.network = FreshNetwork(dataset, config.model)
         require_per_example(self.network.module, config.model)
         self.network.module.requires_grad_(False)
         self.augment = DiffAugment(config.dsa_strategy)
-        self.mechanism = GaussianMechanism(ledger, counts, self.device)
+        self.mechanism = GaussianMechanism(ledger, counts, self.device, secret)
 
     def real_embeddings(self, picks: list[Tensor], seeds: list[int], width: int) -> tuple[Tensor, Tensor]:
         """Embeddings (`width` features) of the sampled real images, each class under its Siamese draw, and their labels."""
@@ -84,14 +87,14 @@ class PrivateDistributionMatching:
         """One image step on the summed per-class squared distance to the noisy real mean embeddings."""
         sync_ledger(self.ledger, rng.iteration, 1)
         self.network.reset(rng.net_seed)
-        picks = self.sampler.draw(rng.device)
+        picks = self.sampler.draw(self.mechanism.next_release)
         seeds = [rng.siamese_seed() for _ in range(self.num_classes)]
         syns = [self.augment(images[c * self.ipc : (c + 1) * self.ipc], siamese_seed=seed) for c, seed in enumerate(seeds)]
         with autocast(self.device, self.config.bf16):
             syn_features = self.network.module.embed(torch.cat(syns)).float()
         syn_mean = clip_rows(syn_features, self.config.clip_norm).view(self.num_classes, self.ipc, -1).mean(1)
         features, labels = self.real_embeddings(picks, seeds, syn_features.shape[1])
-        real_mean = self.mechanism.release(self.mechanism.class_sums(features, labels, self.num_classes), rng.device)
+        real_mean = self.mechanism.release(self.mechanism.class_sums(features, labels, self.num_classes))
         loss = ((real_mean - syn_mean) ** 2).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,12 +105,16 @@ class PrivateDistributionMatching:
 def run_dp_dm(dataset: Dataset, ipc: int, config: DPDMConfig, context: RunContext) -> SyntheticSet:
     """The registry's `run` for dp-dm."""
     ledger = PrivacyLedger(config, config.iterations, MECHANISM)
-    counts = release_class_counts(dataset, config, context.seed)
     public = public_view(dataset)
-    matcher = PrivateDistributionMatching(public, ipc, config, ledger, counts)
-    synthetic = run_pixel_loop("dp-dm", public, ipc, config, context, matcher.step)
-    sync_ledger(ledger, config.iterations, 1)
-    return finish_private_set(synthetic, ledger, counts, config)
+
+    def run(secret: SecretRandom) -> SyntheticSet:
+        counts = release_class_counts(dataset, config, secret)
+        matcher = PrivateDistributionMatching(public, ipc, config, ledger, counts, secret)
+        synthetic = run_pixel_loop("dp-dm", public, ipc, config, context, matcher.step)
+        sync_ledger(ledger, config.iterations, 1)
+        return finish_private_set(synthetic, ledger, counts, config)
+
+    return private_run(context, run)
 
 
 SPEC = register_method(
@@ -118,5 +125,6 @@ SPEC = register_method(
         summary="differentially private distribution matching: clipped, noised real embeddings, (ε, δ) by Opacus",
         eval_augment=DEFAULT_STRATEGY,
         supports_multilabel=False,
+        private_releases=lambda settings: int(settings["iterations"]),
     )
 )

@@ -10,8 +10,13 @@ reads through the Gaussian mechanism here:
 - a noisy sum is turned into a mean by dividing by q·n_c, with n_c the class's count: public when
   the user says so, else released once at the start with Gaussian noise (charged to the budget);
 - images are normalised with fixed public constants, never the training split's mean/std;
-- synthetic images start from noise and network weights are random (`FreshNetwork`); random draws
-  (sampling, augmentation, noise) come from the loop's per-iteration generators, never the data.
+- synthetic images start from noise and network weights are random (`FreshNetwork`);
+- every private draw (the Poisson sample, the noise on the sums, the noise on the counts) comes from
+  the run's `SecretRandom` (`medistill.secret_random`): a key from the operating system's entropy,
+  never derived from `--seed` or anything recorded, so a reader of the published set, its card and
+  its seed cannot redraw the noise. Release number r (0, 1, ...) draws its sample and its noise from
+  streams named by r, so a resumed run redraws exactly what the killed one would have. The public,
+  data-independent draws (network weights, augmentation, the initial noise images) stay on `--seed`.
 
 The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `medistill.accounting`.
 """
@@ -19,21 +24,22 @@ The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medistill.accounting import PrivacyLedger, PrivacySettings
+from medistill.accounting import PrivacyLedger, PrivacySettings, verify_record
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset, Split
 from medistill.errors import ConfigError
+from medistill.methods.registry import RunContext, get_method
+from medistill.secret_random import DESCRIPTION as SECRET_DESCRIPTION
+from medistill.secret_random import SecretRandom, forget_secret, run_secret
 
 # Fixed public normalisation (the constants MedMNIST's own examples use): pixel 0.5 -> 0, range [-1, 1].
 PUBLIC_MEAN = 0.5
 PUBLIC_STD = 0.5
-COUNT_SEED_TAG = 0x636F756E  # keeps the class-count noise stream apart from the loop's per-iteration streams
 
 
 @dataclass
@@ -64,25 +70,25 @@ def require_per_example(network: nn.Module, model: str) -> None:
                           "per-example computation (e.g. the default ConvNet with instance norm)")
 
 
-def release_class_counts(dataset: Dataset, settings: PrivacySettings, seed: int) -> Tensor:
+def release_class_counts(dataset: Dataset, settings: PrivacySettings, secret: SecretRandom) -> Tensor:
     """Per-class training counts: exact when public, else with N(0, count_noise_multiplier²) noise (floored at 1)."""
     counts = torch.tensor(dataset.class_counts(), dtype=torch.float64)
     if not settings.public_class_counts:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, COUNT_SEED_TAG]).generate_state(1)[0]))
-        counts = counts + settings.count_noise_multiplier * torch.randn(counts.shape, generator=generator, dtype=torch.float64)
+        counts = counts + settings.count_noise_multiplier * secret.normal("class-counts", 0, counts.shape, dtype=torch.float64)
     return counts.clamp_min(1.0)
 
 
 class PoissonSampler:
-    """Each training image joins a release independently with probability q; returned split by class."""
+    """Each training image joins release r independently with probability q (secret uniforms named by r); split by class."""
 
-    def __init__(self, dataset: Dataset, sample_rate: float) -> None:
+    def __init__(self, dataset: Dataset, sample_rate: float, secret: SecretRandom) -> None:
         self.labels = dataset.train.labels
         self.num_classes = dataset.num_classes
         self.sample_rate = sample_rate
+        self.secret = secret
 
-    def draw(self, generator: torch.Generator) -> list[Tensor]:
-        keep = torch.rand(self.labels.shape, generator=generator, device=self.labels.device) < self.sample_rate
+    def draw(self, release: int) -> list[Tensor]:
+        keep = self.secret.uniform("poisson-sample", release, self.labels.shape, self.labels.device) < self.sample_rate
         return [torch.nonzero(keep & (self.labels == c)).flatten() for c in range(self.num_classes)]
 
 
@@ -95,8 +101,8 @@ def clip_rows(rows: Tensor, clip_norm: float) -> Tensor:
 class GaussianMechanism:
     """Clipped per-class sums plus Gaussian noise, divided by the expected class batch q·n_c; charged to the ledger."""
 
-    def __init__(self, ledger: PrivacyLedger, counts: Tensor, device: torch.device) -> None:
-        self.ledger = ledger
+    def __init__(self, ledger: PrivacyLedger, counts: Tensor, device: torch.device, secret: SecretRandom) -> None:
+        self.ledger, self.secret = ledger, secret
         settings = ledger.settings
         self.clip_norm, self.sigma = settings.clip_norm, ledger.sigma
         self.expected = (settings.sample_rate * counts).float().to(device).unsqueeze(1)
@@ -108,10 +114,15 @@ class GaussianMechanism:
         sums = torch.zeros(num_classes, rows.shape[1], device=rows.device, dtype=rows.dtype)
         return sums.index_add_(0, labels, clip_rows(rows, self.clip_norm))
 
-    def release(self, sums: Tensor, generator: torch.Generator) -> Tensor:
+    @property
+    def next_release(self) -> int:
+        """The number of the release about to be made (its sample and its noise are drawn under it)."""
+        return self.ledger.spent
+
+    def release(self, sums: Tensor) -> Tensor:
         """Noisy per-class means from the clipped class sums of one Poisson sample; one charge to the ledger."""
+        noise = self.secret.normal("gaussian-noise", self.next_release, sums.shape, dtype=sums.dtype, device=sums.device)
         self.ledger.charge()
-        noise = torch.randn(sums.shape, generator=generator, device=sums.device, dtype=sums.dtype)
         return (sums + self.sigma * self.clip_norm * noise) / self.expected
 
 
@@ -119,10 +130,40 @@ def finish_private_set(synthetic: SyntheticSet, ledger: PrivacyLedger, counts: T
     """Record the guarantee in the set (its `extra["privacy"]`) and the released counts when they were noised."""
     record: dict[str, Any] = ledger.record()
     record["normalization"] = f"fixed public constants (mean {PUBLIC_MEAN}, std {PUBLIC_STD})"
+    record["randomness"] = SECRET_DESCRIPTION + "; the seed governs the public draws only"
     if not settings.public_class_counts:
         record["released_class_counts"] = [round(float(c), 3) for c in counts]
     synthetic.extra = {**synthetic.extra, "privacy": record}
     return synthetic
+
+
+def private_run(context: RunContext, run: Callable[[SecretRandom], SyntheticSet]) -> SyntheticSet:
+    """Run a private method with this run's secret (`secret_random.run_secret`), forgotten once the run has finished."""
+    secret = run_secret(context.checkpoint_dir, context.resume)
+    synthetic = run(secret)
+    forget_secret(context.checkpoint_dir)
+    return synthetic
+
+
+def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
+    """The set's privacy record, verified against its method and settings, or None for a set of a non-private method.
+
+    A ConfigError refuses a record on a non-private method's set, a private set without one, and a record
+    that its own mechanism and settings do not reproduce (`accounting.verify_record`)."""
+    spec = get_method(synthetic.method)
+    record = synthetic.extra.get("privacy")
+    if spec.private_releases is None:
+        if record is not None:
+            raise ConfigError(f"refusing to export: the set carries a privacy record, but '{spec.name}' is not a "
+                              "differentially private method; only dp-dm and dp-dc sets carry a guarantee")
+        return None
+    if record is None:
+        raise ConfigError(f"refusing to export: this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
+    try:
+        releases = spec.private_releases(synthetic.hyperparameters)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"refusing to export: the set's settings do not say how many releases its '{spec.name}' run made") from None
+    return verify_record(record, synthetic.hyperparameters, releases)
 
 
 def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: int) -> None:
@@ -134,5 +175,5 @@ def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: i
 
 __all__ = [
     "GaussianMechanism", "PUBLIC_MEAN", "PUBLIC_STD", "PoissonSampler", "PrivateSettings", "clip_rows", "finish_private_set",
-    "public_view", "release_class_counts", "require_per_example", "sync_ledger",
+    "private_run", "public_view", "release_class_counts", "require_per_example", "sync_ledger", "verified_privacy",
 ]

@@ -50,6 +50,13 @@ class MethodSpec:
     demo_settings: dict[str, Any] = field(default_factory=dict)  # settings sized for a laptop CPU
     # Settings under the caller's for an IPC, for a method whose reference has no single default (MTT)
     ipc_defaults: Callable[[int], dict[str, Any]] | None = None
+    # A differentially private method: the subsampled releases a run with these recorded settings makes (what its
+    # privacy record must account for); None for every other method, whose sets never carry a privacy record.
+    private_releases: Callable[[dict[str, Any]], int] | None = None
+
+    @property
+    def private(self) -> bool:
+        return self.private_releases is not None
 
     @property
     def setting_names(self) -> frozenset[str]:

@@ -3,7 +3,10 @@
 Each network is trained on the real training split with Opacus's `PrivacyEngine` (Poisson
 batches, per-example clipping to C, Gaussian noise σC on the summed gradient, σ calibrated by the
 engine's accountant to (ε, δ) for the planned epochs; ε = ∞ trains with clipping and no noise) and
-scored on the test split exactly like an evaluation network. Images use the same fixed public
+scored on the test split exactly like an evaluation network. The Poisson batches and the noise are
+drawn from generators seeded by the run's secret (`medistill.secret_random`), never by `--seed`
+(which seeds the network's initialisation only); with `torchcsprng` installed, Opacus's `secure_mode`
+draws both from the operating system instead. The record says which. Images use the same fixed public
 normalisation as the private distillation methods, and the network is the evaluation protocol's.
 """
 
@@ -26,6 +29,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.private import public_view, require_per_example
 from medistill.models import create_model
+from medistill.secret_random import SecretRandom
 from medistill.train.engine import model_seeds, test_scores
 from medistill.train.metrics import Scores
 
@@ -57,10 +61,34 @@ class DPSGDSettings:
             raise ConfigError(f"unknown accountant '{self.accountant}'; choose one of {', '.join(ACCOUNTANTS)}")
 
 
-def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """One network trained with DP-SGD on the (publicly normalised) training split; returns it and its guarantee."""
+def secure_mode_available() -> bool:
+    """Whether Opacus can draw from the operating system's CSPRNG (it needs the `torchcsprng` package)."""
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def private_generators(secret: SecretRandom, index: int) -> tuple[torch.Generator, torch.Generator, str]:
+    """Generators for network `index`'s Poisson batches and noise, seeded from the secret, and how they are made."""
+    sampling = torch.Generator().manual_seed(secret.seed("dpsgd-poisson-sample", index))
+    noise = torch.Generator().manual_seed(secret.seed("dpsgd-gaussian-noise", index))
+    return sampling, noise, ("torch generators (Mersenne Twister) seeded with 63 bits each of a secret key of 256 bits of "
+                             "operating-system entropy drawn at run start (Opacus secure_mode needs torchcsprng, not installed)")
+
+
+def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: SecretRandom,
+                index: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """One network trained with DP-SGD on the (publicly normalised) training split; returns it and its guarantee.
+
+    `seed` draws the network's initialisation (public); the batches and the noise come from `secret`."""
     from opacus import PrivacyEngine
 
+    secure = secure_mode_available()
+    sampling, noise, randomness = private_generators(secret, index)
+    if secure:
+        randomness = "Opacus secure_mode: torchcsprng's generator on the operating system's /dev/urandom"
     torch.manual_seed(seed)
     model = create_model(settings.model, dataset.channels, dataset.num_classes, dataset.image_size).to(dataset.device)
     require_per_example(model, settings.model)
@@ -69,17 +97,21 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int) -> tuple[t
             module.inplace = False
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     n = len(dataset.train)
-    loader = DataLoader(TensorDataset(dataset.train.images, dataset.train.labels), batch_size=min(settings.batch_size, n))
+    # Opacus's Poisson loader takes the generator of the loader it wraps; without one it would use the global
+    # generator, which the public seed set above.
+    loader = DataLoader(TensorDataset(dataset.train.images, dataset.train.labels), batch_size=min(settings.batch_size, n),
+                        generator=None if secure else sampling)
+    generators = {} if secure else {"noise_generator": noise}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus notes secure_mode is off: fine for an experiment, not for production
-        engine = PrivacyEngine(accountant=settings.accountant)
+        warnings.simplefilter("ignore")  # Opacus's note that secure_mode is off: the record says how the draws are made
+        engine = PrivacyEngine(accountant=settings.accountant, secure_mode=secure)
         if math.isinf(settings.epsilon):
             model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                           noise_multiplier=0.0, max_grad_norm=settings.clip_norm)
+                                                           noise_multiplier=0.0, max_grad_norm=settings.clip_norm, **generators)
         else:
             model, optimizer, loader = engine.make_private_with_epsilon(
                 module=model, optimizer=optimizer, data_loader=loader, target_epsilon=settings.epsilon,
-                target_delta=settings.delta, epochs=settings.epochs, max_grad_norm=settings.clip_norm)
+                target_delta=settings.delta, epochs=settings.epochs, max_grad_norm=settings.clip_norm, **generators)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
     with warnings.catch_warnings():
@@ -106,6 +138,7 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int) -> tuple[t
         "steps": steps,
         "accountant": settings.accountant,
         "accountant_library": accountant_version(),
+        "randomness": randomness,
     }
     return model._module, record
 
@@ -121,8 +154,9 @@ def run_dpsgd(dataset: Dataset, settings: DPSGDSettings, *, num_models: int = 2,
     start = time.perf_counter()
     public = public_view(dataset)
     scores, records = Scores(), []
-    for model_seed in model_seeds(seed, num_models):
-        network, record = train_dpsgd(public, settings, model_seed)
+    secret = SecretRandom.fresh()
+    for index, model_seed in enumerate(model_seeds(seed, num_models)):
+        network, record = train_dpsgd(public, settings, model_seed, secret, index)
         acc, auc = test_scores(network, public)
         scores.acc.append(acc)
         scores.auc.append(auc)
