@@ -11,6 +11,12 @@ method's kind, `export` runs the near-copy screen itself against the source trai
 and MD5-checked like for `evaluate`), so a set whose header was edited, or a "distilled" set that
 never moved away from its real initialisation, is refused. There is no override. A privacy
 audit report is put into the card only when it was made for this exact file (its SHA-256).
+
+A privacy record is verified, not trusted: only a registered private method's set may carry one,
+and its ε is recomputed by the accountant from the recorded mechanism and the set's own settings
+(`accounting.verify_record`). A set whose verified record states a finite ε leaves with nothing
+else computed from its private training images: no training-set size, no MD5 of a local source
+file, no timings, no near-copy or membership statistics (the screen still runs and must pass).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from medistill import __version__
+from medistill.accounting import is_guarantee
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_path, atomic_write, refuse_existing
 from medistill.data import load_dataset
@@ -33,6 +40,7 @@ from medistill.data.dataset import DataSource, Dataset, Split
 from medistill.errors import ConfigError, DataError
 from medistill.markdown import cell
 from medistill.methods import get_method
+from medistill.methods.private import verified_privacy
 from medistill.models import create_model
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset
 from medistill.privacy.audit import file_sha256 as sha256
@@ -60,6 +68,11 @@ class ExportEvidence:
     thresholds: CopyThresholds = field(default_factory=CopyThresholds)
 
     @cached_property
+    def privacy(self) -> dict[str, Any] | None:
+        """The set's privacy record, verified against its method and settings (ConfigError when it does not hold)."""
+        return verified_privacy(self.synthetic)
+
+    @cached_property
     def screen(self) -> dict[str, Any]:
         """The near-copy screen of the set against the training split of the source it names (MD5-checked)."""
         dataset = load_source_dataset(self.synthetic, root=self.data_root, device=self.device, progress=False)
@@ -81,6 +94,15 @@ def method_outputs_synthetic_images(evidence: ExportEvidence) -> str | None:
     method = evidence.synthetic.method
     if not get_method(method).synthetic:
         return f"refusing to export a '{method}' set: its images are real training images; only synthetic (distilled) sets can be shared"
+    return None
+
+
+@export_rule
+def privacy_record_holds(evidence: ExportEvidence) -> str | None:
+    try:
+        evidence.privacy
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -141,26 +163,49 @@ def export_bundle(artifact: SyntheticSet | str | Path, out_dir: str | Path, *, d
         raise ConfigError(f"{out} exists and is not an empty folder or an earlier bundle; choose another --out")
     evidence = ExportEvidence(synthetic, data_root=data_root, device=device)
     check_export(evidence)
-    shared = shareable(synthetic)
+    private = is_guarantee(evidence.privacy)
+    if private and audit is not None:
+        raise ConfigError("refusing to attach an audit report to a differentially private set: its statistics are computed "
+                          "from the private training images, which the guarantee does not cover; keep the report at the source")
+    shared = shareable(synthetic, evidence.privacy)
+    screen = {"passed": True, "statistics": "withheld: computed from the private training images"} if private else evidence.screen
     out.mkdir(parents=True, exist_ok=True)
     shared.save(out / ARTIFACT_NAME)
     shared.to_npz(out / NPZ_NAME)
     shared.to_png_grid(out / GRID_NAME)
-    card = dataset_card(shared, {name: sha256(out / name) for name in DATA_FILES}, screen=evidence.screen, audit=audit)
+    card = dataset_card(shared, {name: sha256(out / name) for name in DATA_FILES}, screen=screen, audit=audit)
     atomic_write(out / CARD_MD, card_markdown(card))
     atomic_write(out / CARD_JSON, json.dumps(card, indent=2, allow_nan=True) + "\n")  # last: its presence marks a complete bundle
     return out
 
 
-def shareable(synthetic: SyntheticSet) -> SyntheticSet:
-    """The set as it leaves: no local paths of the source site, no unbound audit claim in its metadata."""
+def shareable(synthetic: SyntheticSet, privacy: dict[str, Any] | None = None) -> SyntheticSet:
+    """The set as it leaves: no local paths of the source site, no unbound audit claim in its metadata, the privacy
+    record as verified; for a differentially private set nothing else computed from its private training images."""
     source = dict(synthetic.source)
     origin = dict(source.get("source") or {})
     if origin.get("path"):
         origin["path"] = Path(str(origin["path"])).name
+    extra = {k: v for k, v in synthetic.extra.items() if k not in ("audit", "privacy")}
+    if privacy is not None:
+        extra["privacy"] = privacy
+    metrics = synthetic.metrics
+    if is_guarantee(privacy):
+        source.pop("num_train", None)
+        if origin.get("kind") != "medmnist":  # the MD5 of an official MedMNIST file is public; a local file's identifies it
+            origin.pop("md5", None)
+        metrics = without_timings(metrics)
     source["source"] = origin
-    extra = {k: v for k, v in synthetic.extra.items() if k != "audit"}
-    return replace(synthetic, source=source, extra=extra)
+    return replace(synthetic, source=source, extra=extra, metrics=metrics)
+
+
+def without_timings(value: Any) -> Any:
+    """`value` with every field that measures time removed (at any depth): timings depend on the private data's size."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if "seconds" not in str(k)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict[str, Any] | None = None,
@@ -194,9 +239,14 @@ def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict
         "recommended_training": {**protocol.to_dict(), "lr": synthetic.learned_lr or protocol.lr},
         "near_copy_screen": screen,
         "audit": audit,
-        "privacy": synthetic.extra.get("privacy"),  # the (ε, δ) guarantee of a private method, else None
+        "privacy": synthetic.extra.get("privacy"),  # the verified (ε, δ) record of a private method, else None
         "files": files,
     }
+
+
+def withheld(value: Any) -> str:
+    """A card value, or 'withheld' where a differentially private set leaves it out."""
+    return "withheld" if value is None else cell(value)
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -213,7 +263,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| source dataset | {cell(src['dataset'])} ({cell(src['kind'])}, {cell(src['train_images'])} training images, MD5 {cell(src['md5'])}) |",
+        f"| source dataset | {cell(src['dataset'])} ({cell(src['kind'])}, {withheld(src['train_images'])} training images, "
+        f"MD5 {withheld(src['md5'])}) |",
         f"| task | {cell(card['task'])}: {cell('; '.join(map(str, card['label_names'])))} |",
         f"| images | {card['images']} of shape {tuple(card['shape'])} (ipc {cell(card['ipc'])}) |",
         f"| method | {cell(card['method'])}, seed {cell(card['seed'])} |",
@@ -228,7 +279,9 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"AUC {metrics['test_auc_mean']:.3f} ± {metrics['test_auc_std']:.3f} "
                      f"({cell(metrics.get('eval_models'))} x {cell(protocol.get('model'))}, {cell(protocol.get('epochs'))} epochs) |")
     screen = card.get("near_copy_screen")
-    if screen is not None:
+    if screen is not None and "statistics" in screen:
+        lines.append("| near-copy screen at export | passed; its statistics are withheld (computed from the private training images) |")
+    elif screen is not None:
         lines.append(f"| near-copy screen at export | passed: none of {screen['images']} images within the near-copy rule of any of "
                      f"{screen['real_images_searched']} training images (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS "
                      f"distance {screen['lowest_rms_distance']:.4f}) |")

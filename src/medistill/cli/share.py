@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import typer
 
+from medistill.accounting import is_guarantee
 from medistill.artifact import SyntheticSet
 from medistill.bundle import export_bundle, train_on_bundle
 from medistill.cli import app
@@ -68,8 +69,13 @@ def export(
     """
     folder = export_bundle(artifact, out, data_root=data_root, device=resolve_device(device), audit_report=audit_report)
     synthetic = SyntheticSet.load(folder)
-    typer.echo(f"bundle of {len(synthetic)} synthetic images ({synthetic.method}) written to {folder}; near-copy screen passed")
-    if audit_report is None:
+    privacy = synthetic.extra.get("privacy")
+    claim = ""
+    if privacy is not None:
+        claim = (f"; (ε = {privacy['epsilon']:.4g}, δ = {privacy['delta']:g})-differential privacy verified by the accountant"
+                 if is_guarantee(privacy) else "; no differential-privacy guarantee (ε = ∞)")
+    typer.echo(f"bundle of {len(synthetic)} synthetic images ({synthetic.method}) written to {folder}; near-copy screen passed{claim}")
+    if audit_report is None and not is_guarantee(privacy):
         typer.echo("note: no membership-inference audit attached; run `medistill audit` and export with --audit to include one", err=True)
 
 

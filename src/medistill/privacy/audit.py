@@ -25,6 +25,7 @@ from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.markdown import cell
+from medistill.methods.private import verified_privacy
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
@@ -122,6 +123,10 @@ def audit(
         membership = membership_audit(synthetic, dataset, model=config.mia_model, epochs=config.mia_epochs,
                                       shadows=config.lira_shadows, seed=config.seed, log=log)
     near = summary["near_copies"]
+    try:
+        privacy, privacy_refused = verified_privacy(synthetic), None
+    except ConfigError as exc:
+        privacy, privacy_refused = None, str(exc).removeprefix("refusing to export: ")
     return {
         "kind": "medistill-audit",
         "version": __version__,
@@ -129,7 +134,8 @@ def audit(
         "source": {"name": dataset.name, "md5": dataset.source.md5, "train_images": len(dataset.train)},
         "device": str(device),
         "config": asdict(config),
-        "privacy": synthetic.extra.get("privacy"),  # the set's (ε, δ) guarantee when a private method made it
+        "privacy": privacy,  # the set's (ε, δ) record, verified, when a private method made it
+        "privacy_refused": privacy_refused,  # why a record the set carries does not hold
         "passed": near == 0,
         "verdict": (f"{near} of {len(synthetic)} synthetic images are near-copies of a real training image" if near
                     else f"no near-copies among {len(synthetic)} synthetic images"),
@@ -243,6 +249,8 @@ def audit_markdown(report: dict[str, Any]) -> str:
     lines += ["", *_membership_markdown(report.get("membership"))]
     if report.get("privacy") is not None:
         lines += ["", *privacy_markdown(report["privacy"])]
+    elif report.get("privacy_refused"):
+        lines += ["", "## Differential privacy", "", f"No guarantee: {cell(report['privacy_refused'])}."]
     return "\n".join(lines).rstrip() + "\n"
 
 
