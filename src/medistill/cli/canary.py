@@ -1,0 +1,78 @@
+"""`privacy-audit`: an empirical lower bound on the ε a method spends, from canaries and one run of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from medistill.atomic import refuse_existing
+from medistill.cli import app
+from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, open_dataset,
+                                   parse_settings, pinned_bf16, speed_settings)
+from medistill.errors import ConfigError
+from medistill.methods import get_method
+from medistill.privacy.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, run_canary_audit,
+                                      write_canary_report)
+from medistill.runtime import choose_bf16
+
+
+def _say(enabled: bool) -> Callable[[str], None]:
+    return (lambda message: typer.echo(f"medistill: {message}", err=True)) if enabled else (lambda message: None)
+
+
+@app.command("privacy-audit")
+def privacy_audit(
+    dataset: str = typer.Argument(..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder (single-label)."),
+    method: str = typer.Option(..., "--method", "-m", help="The method to audit (see `medistill methods`)."),
+    ipc: int = typer.Option(10, "--ipc", help="Images per class."),
+    out: Path = typer.Option(..., "--out", help=f"Folder for {CANARY_AUDIT_JSON} (created; the released set is not written)."),
+    canaries: int = typer.Option(CanaryAuditConfig.canaries, "--canaries", help="Canaries drawn; each joins the training split with probability 1/2."),
+    real_per_class: int = typer.Option(CanaryAuditConfig.real_per_class, "--real-per-class",
+                                       help="Real training images kept per class beside the canaries (0: all; fewer give the attack more power)."),
+    canary_resolution: int = typer.Option(CanaryAuditConfig.canary_resolution, "--canary-resolution",
+                                          help="Side of the random pattern each canary is upsampled from."),
+    confidence: float = typer.Option(CanaryAuditConfig.confidence, "--confidence", help="Confidence of the lower bound."),
+    data_root: Optional[Path] = DataRoot,
+    device: str = Device,
+    seed: int = typer.Option(0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets)."),
+    settings: list[str] = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference)."),
+    lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5)."),
+    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached."),
+    public_class_counts: bool = typer.Option(False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."),
+    force: bool = Force,
+    size: int = Size,
+    image_size: Optional[int] = ImageSize,
+    bf16: Optional[bool] = BF16,
+    compile: bool = Compile,
+    progress: bool = Progress,
+) -> None:
+    """Audit a method empirically: train it once with canaries, guess which were in, and bound ε from below.
+
+    Canary designs follow --seed (publishable); which canaries join the training split is decided by the operating system's entropy. Writes OUT/canary_audit.json (the bound per number of guesses, the claimed ε if any, and, the experiment being over, the inclusion bits); the released set itself is not kept.
+    """
+    spec = get_method(method)
+    audit_config = CanaryAuditConfig(canaries=canaries, real_per_class=real_per_class, canary_resolution=canary_resolution,
+                                     confidence=confidence)
+    audit_config.check()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    refuse_existing(out / CANARY_AUDIT_JSON, force, "audit report")
+    data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
+    if data.is_multilabel:
+        raise ConfigError(f"the canary audit needs single-label classes; '{data.name}' is multi-label")
+    private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
+    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private}.items() if v is not None}
+    given = {**parse_settings(config, settings), **overrides}
+    use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, spec.networks(given))
+    announce_precision(use_bf16, why)
+    given.update(speed_settings(spec, use_bf16, compile, given))
+    report = run_canary_audit(data, spec.name, ipc, given, seed=seed, config=audit_config, progress=progress, log=_say(progress))
+    path = write_canary_report(report, out)
+    typer.echo(f"{canary_summary(report)} -> {path}")
