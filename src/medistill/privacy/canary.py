@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -138,7 +139,10 @@ def with_canaries(dataset: Dataset, pixels: Tensor, labels: Tensor, included: Te
     normalised = ((pixels[chosen].float() - mean) / std).to(device=device, dtype=dataset.train.images.dtype)
     images = torch.cat([dataset.train.images, normalised])
     train_labels = torch.cat([dataset.train.labels, labels[chosen].to(device=device, dtype=dataset.train.labels.dtype)])
-    return replace(dataset, train=Split(images, train_labels))
+    # Its own identity (a random, data-independent one): nothing cached for the source file (an MTT expert buffer)
+    # may be reused for it, and nothing recorded about it depends on which canaries are in.
+    source = replace(dataset.source, md5=secrets.token_hex(16))
+    return replace(dataset, train=Split(images, train_labels), source=source)
 
 
 def pixel_scores(synthetic_images: Tensor, synthetic_labels: Tensor, canary_images: Tensor, canary_labels: Tensor) -> Tensor:
@@ -314,7 +318,11 @@ def run_canary_audit(
     included = draw_inclusion(config.canaries)
     audited = with_canaries(real_subset(dataset, config.real_per_class), pixels, labels, included)
     log(f"canary audit: {int(included.sum())} of {config.canaries} canaries in the training split; running {spec.name}")
-    synthetic = distill(spec.name, audited, ipc, dict(settings or {}), context=RunContext(seed=seed, progress=progress, log=log))
+    settings = dict(settings or {})
+    with tempfile.TemporaryDirectory(prefix="medistill-canary-") as scratch:
+        if "buffer_root" in spec.setting_names and settings.get("buffer_root") is None:
+            settings["buffer_root"] = scratch  # MTT's experts are trained on the audited split and thrown away with it
+        synthetic = distill(spec.name, audited, ipc, settings, context=RunContext(seed=seed, progress=progress, log=log))
     scores = score_released_set(synthetic, pixels, labels)
     privacy = synthetic.extra.get("privacy") if isinstance(synthetic.extra.get("privacy"), dict) else None
     delta = float(privacy["delta"]) if privacy and privacy.get("delta") is not None else DEFAULT_DELTA
