@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-PNEUMONIA = os.environ.get("PNEUMONIA_NPZ", str(ROOT.parent / "shared/data/unofficial/pneumoniamnist_balanced.npz"))
+PNEUMONIA = os.environ.get("PNEUMONIA_NPZ", "../shared/data/unofficial/pneumoniamnist_balanced.npz")  # from the repository root
 DATASETS = {"breast": ("breastmnist", 0.1), "pneumonia": (PNEUMONIA, 0.02)}  # data, the private methods' sampling rate
 EPSILONS = ("1", "10")
 # The private and non-private methods at the grid's reduced budget (docs/RESULTS.md): DM-type 100 iterations,
@@ -104,7 +104,7 @@ def run(part: str, jobs: list[tuple[str, list[str]]]) -> Path:
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "out"
             print(f"+ {command} --out {out}", flush=True)
-            result = subprocess.run(medistill(*args, "--out", str(out)), capture_output=True, text=True,
+            result = subprocess.run(medistill(*args, "--out", str(out)), capture_output=True, text=True, cwd=ROOT,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
             if result.returncode != 0:
                 print(f"FAILED {key}: {result.stderr.strip()[-500:]}", flush=True)
@@ -119,7 +119,7 @@ def run(part: str, jobs: list[tuple[str, list[str]]]) -> Path:
 def summary(part: str, report: dict[str, Any]) -> dict[str, Any]:
     if part == "canary":
         return {key: report[key] for key in ("dataset", "method", "ipc", "canaries", "canaries_included", "real_images", "score",
-                                             "guesses", "best_k", "epsilon_lower_bound", "confidence", "delta", "claimed_epsilon",
+                                             "guesses", "best_k", "best_score", "epsilon_lower_bound", "confidence", "delta", "claimed_epsilon",
                                              "contradicts_claim", "wall_seconds") if key in report}
     privacy = report.get("privacy") or {}
     return {"dataset": report["dataset"], "method": report["method"], "ipc": report["ipc"], "seed": report["seed"],
