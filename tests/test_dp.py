@@ -398,6 +398,7 @@ def test_copied_privacy_record_on_a_non_private_set_is_refused(tmp_path) -> None
     (lambda r: r.update(accountant="none"), "no valid 'accountant'"),
     (lambda r: r.update(delta="1e-5"), "no valid 'delta'"),
     (lambda r: r.pop("epsilon"), "no valid 'epsilon'"),
+    (lambda r: r.pop("randomness"), "followed its published seed"),  # a set made before the draws were secret
 ])
 def test_edited_privacy_record_is_refused(edit, needle, tmp_path) -> None:
     data = tiny_dataset_on_disk(tmp_path)
