@@ -216,13 +216,19 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     if record["steps"] != planned_steps:
         raise refuse(f"accounts {record['steps']} releases but the set's settings make {planned_steps}")
     public_counts = settings.get("public_class_counts") is True
-    fixed: History = [] if public_counts else [(float(settings.get("count_noise_multiplier", math.nan)), 1.0, 1)]
+    count_sigma = settings.get("count_noise_multiplier")
+    if not public_counts and not (_number(count_sigma) and 0 < count_sigma < math.inf):
+        raise refuse(f"comes with private class counts but no valid count noise multiplier ({str(count_sigma)[:40]!r})")
+    fixed: History = [] if public_counts else [(float(count_sigma), 1.0, 1)]
     history: History = [*fixed, (float(record["noise_multiplier"]), float(record["sample_rate"]), planned_steps)]
     if [list(entry) for entry in history] != record["history"]:
         raise refuse(f"has the history {str(record['history'])[:80]}, not {[list(e) for e in history]} of its own mechanism")
     if settings.get("noise_multiplier") is not None and settings["noise_multiplier"] != record["noise_multiplier"]:
         raise refuse(f"says σ = {record['noise_multiplier']} but the set was made with σ = {settings['noise_multiplier']}")
-    epsilon = epsilon_of(history, record["delta"], record["accountant"])
+    try:
+        epsilon = epsilon_of(history, record["delta"], record["accountant"])
+    except (ArithmeticError, ValueError) as exc:
+        raise refuse(f"has a mechanism the accountant cannot evaluate ({type(exc).__name__})") from None
     if not (epsilon == record["epsilon"] or math.isclose(epsilon, record["epsilon"], rel_tol=1e-6)):
         raise refuse(f"states ε = {record['epsilon']:.6g}, but the {record['accountant']} accountant gives ε = {epsilon:.6g} for it")
     budget = settings.get("epsilon")

@@ -159,12 +159,14 @@ def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
         return None
     if record is None:
         raise ConfigError(f"refusing to export: this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
+    if not isinstance(record, dict):
+        raise ConfigError("refusing to export: the set's privacy record is not a mapping")
     if not str(record.get("randomness", "")).startswith(SECRET_DESCRIPTION):
         raise ConfigError("refusing to export: this set was made by a version whose private draws followed its published seed, "
                           "so anyone with the seed can remove the noise; make it again with this version")
     try:
         releases = spec.private_releases(synthetic.hyperparameters)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ArithmeticError):
         raise ConfigError(f"refusing to export: the set's settings do not say how many releases its '{spec.name}' run made") from None
     return verify_record(record, synthetic.hyperparameters, releases)
 
