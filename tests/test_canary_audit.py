@@ -181,6 +181,13 @@ def test_an_unknown_method_or_an_existing_report_is_one_line_exit_2(tmp_path: Pa
     (tmp_path / "o" / CANARY_AUDIT_JSON).write_text("{}")
     code, err = _run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", tmp_path / "o"], monkeypatch, capsys)
     _assert_one_line_exit_2(code, err, "already exists")
+    for marker, needle in (("dataset_card.json", "a shared bundle"), ("synthetic.safetensors", "a synthetic set's folder")):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        code, err = _run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", folder], monkeypatch, capsys)
+        _assert_one_line_exit_2(code, err, needle)
+        assert [p.name for p in folder.iterdir()] == [marker]  # nothing written into it
 
 
 def test_the_embedding_score_sees_a_set_that_matches_the_members_mean_features() -> None:

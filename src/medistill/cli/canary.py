@@ -7,12 +7,14 @@ from typing import Callable, Optional
 
 import typer
 
+from medistill.artifact import ARTIFACT_NAME
 from medistill.atomic import refuse_existing
 from medistill.cli import app
 from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, open_dataset,
                                    parse_settings, pinned_bf16, speed_settings)
 from medistill.errors import ConfigError
 from medistill.methods import get_method
+from medistill.pipeline import BUNDLE_MARKER
 from medistill.privacy.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, run_canary_audit,
                                       write_canary_report)
 from medistill.runtime import choose_bf16
@@ -63,6 +65,9 @@ def privacy_audit(
     audit_config.check()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    for marker, what in ((BUNDLE_MARKER, "a shared bundle"), (ARTIFACT_NAME, "a synthetic set's folder")):
+        if (out / marker).exists():
+            raise ConfigError(f"--out {out} is {what}; the audit report goes into a folder of its own")
     refuse_existing(out / CANARY_AUDIT_JSON, force, "audit report")
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     if data.is_multilabel:
