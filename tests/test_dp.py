@@ -19,10 +19,10 @@ from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_loop
 from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
-from medistill.methods.private import GaussianMechanism, PoissonSampler, public_view, release_class_counts
-from medistill.secret_random import SECRET_NAME, SecretRandom
+from medistill.dp.mechanism import GaussianMechanism, PoissonSampler, public_view, release_class_counts
+from medistill.dp.randomness import SECRET_NAME, SecretRandom
 from medistill.pipeline import renormalize
-from medistill.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
+from medistill.dp.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
 
 EXE = Path(sys.executable).parent / "medistill"
 TINY = {"iterations": 4, "checkpoint_every": 2, "sample_rate": 0.5, "noise_multiplier": 1.0, "public_class_counts": True}
@@ -210,7 +210,7 @@ def test_a_set_in_other_normalisation_is_evaluated_as_trained() -> None:
 
 
 def test_dpsgd_baseline_reports_its_guarantee(tmp_path) -> None:
-    from medistill.privacy.dpsgd import DPSGDSettings, run_dpsgd
+    from medistill.dp.dpsgd import DPSGDSettings, run_dpsgd
 
     data = tiny_dataset()
     result = run_dpsgd(data, DPSGDSettings(epsilon=3.0, epochs=2, batch_size=8), num_models=1, out_dir=tmp_path)
@@ -359,14 +359,14 @@ def test_batch_norm_is_refused(method) -> None:
 
 
 def test_batch_norm_is_refused_by_dpsgd() -> None:
-    from medistill.privacy.dpsgd import DPSGDSettings, run_dpsgd
+    from medistill.dp.dpsgd import DPSGDSettings, run_dpsgd
 
     with pytest.raises(ConfigError, match="batch norm"):
         run_dpsgd(tiny_dataset(), DPSGDSettings(epsilon=3.0, epochs=1, batch_size=8, model="convnet_bn"), num_models=1)
 
 
 def test_dpsgd_draws_from_the_secret_not_the_seed() -> None:
-    from medistill.privacy.dpsgd import DPSGDSettings, train_dpsgd
+    from medistill.dp.dpsgd import DPSGDSettings, train_dpsgd
 
     data = public_view(tiny_dataset())
     settings = DPSGDSettings(epsilon=3.0, epochs=1, batch_size=8)

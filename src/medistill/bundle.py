@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from medistill import __version__
-from medistill.accounting import is_guarantee
+from medistill.dp.accounting import is_guarantee
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_path, atomic_write, refuse_existing
 from medistill.data import load_dataset
@@ -40,7 +40,7 @@ from medistill.data.dataset import DataSource, Dataset, Split
 from medistill.errors import ConfigError, DataError
 from medistill.markdown import cell
 from medistill.methods import get_method
-from medistill.methods.private import verified_privacy
+from medistill.dp.mechanism import verified_privacy
 from medistill.models import create_model
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset
 from medistill.privacy.audit import file_sha256 as sha256
@@ -251,7 +251,7 @@ def withheld(value: Any) -> str:
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
-    from medistill.accounting import privacy_markdown
+    from medistill.dp.accounting import privacy_markdown
     from medistill.privacy.audit import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]

@@ -9,7 +9,7 @@ import typer
 
 from medistill.cli import app
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset
-from medistill.privacy.dpsgd import DPSGDSettings, run_dpsgd
+from medistill.dp.dpsgd import DPSGDSettings, run_dpsgd
 
 DEFAULTS = DPSGDSettings()
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import typer
 
-from medistill.accounting import is_guarantee
+from medistill.dp.accounting import is_guarantee
 from medistill.artifact import SyntheticSet
 from medistill.bundle import export_bundle, train_on_bundle
 from medistill.cli import app

@@ -2,11 +2,11 @@
 
 DM's loop (a fresh random network per iteration, one Siamese DSA draw per class, squared
 distance of per-class mean embeddings), with the real side released by the Gaussian mechanism of
-`methods.private`: the real images of an iteration are a Poisson sample (rate q) of the training
+`dp.mechanism`: the real images of an iteration are a Poisson sample (rate q) of the training
 set, each image's embedding is clipped to L2 norm C, and the per-class sums get N(0, (σC)²) noise
 before they become means. The synthetic embeddings are clipped the same way (so both sides
 estimate the same quantity) but carry no noise: they are not private data. One release per
-iteration; σ is calibrated to (ε, δ) for `iterations` releases (`medistill.accounting`).
+iteration; σ is calibrated to (ε, δ) for `iterations` releases (`medistill.dp.accounting`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medistill.accounting import PrivacyLedger
+from medistill.dp.accounting import PrivacyLedger
 from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.methods.pixel_loop import FreshNetwork, IterationRandom, PixelConfig, autocast, run_pixel_loop
-from medistill.methods.private import (
+from medistill.dp.mechanism import (
     GaussianMechanism,
     PoissonSampler,
     PrivateSettings,
@@ -34,7 +34,7 @@ from medistill.methods.private import (
     sync_ledger,
 )
 from medistill.methods.registry import MethodSpec, RunContext, register_method
-from medistill.secret_random import SecretRandom
+from medistill.dp.randomness import SecretRandom
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 

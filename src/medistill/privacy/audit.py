@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 
 from medistill import __version__
-from medistill.accounting import privacy_markdown
+from medistill.dp.accounting import privacy_markdown
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.markdown import cell
-from medistill.methods.private import verified_privacy
+from medistill.dp.mechanism import verified_privacy
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (

@@ -4,7 +4,7 @@ Each network is trained on the real training split with Opacus's `PrivacyEngine`
 batches, per-example clipping to C, Gaussian noise σC on the summed gradient, σ calibrated by the
 engine's accountant to (ε, δ) for the planned epochs; ε = ∞ trains with clipping and no noise) and
 scored on the test split exactly like an evaluation network. The Poisson batches and the noise are
-drawn from generators seeded by the run's secret (`medistill.secret_random`), never by `--seed`
+drawn from generators seeded by the run's secret (`medistill.dp.randomness`), never by `--seed`
 (which seeds the network's initialisation only); with `torchcsprng` installed, Opacus's `secure_mode`
 draws both from the operating system instead. The record says which. Images use the same fixed public
 normalisation as the private distillation methods, and the network is the evaluation protocol's.
@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medistill import __version__
-from medistill.accounting import ACCOUNTANTS, accountant_version, epsilon_of
+from medistill.dp.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
-from medistill.methods.private import public_view, require_per_example
+from medistill.dp.mechanism import public_view, require_per_example
 from medistill.models import create_model
-from medistill.secret_random import SecretRandom
+from medistill.dp.randomness import SecretRandom
 from medistill.train.engine import model_seeds, test_scores
 from medistill.train.metrics import Scores
 

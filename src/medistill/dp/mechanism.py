@@ -12,30 +12,32 @@ reads through the Gaussian mechanism here:
 - images are normalised with fixed public constants, never the training split's mean/std;
 - synthetic images start from noise and network weights are random (`FreshNetwork`);
 - every private draw (the Poisson sample, the noise on the sums, the noise on the counts) comes from
-  the run's `SecretRandom` (`medistill.secret_random`): a key from the operating system's entropy,
+  the run's `SecretRandom` (`medistill.dp.randomness`): a key from the operating system's entropy,
   never derived from `--seed` or anything recorded, so a reader of the published set, its card and
   its seed cannot redraw the noise. Release number r (0, 1, ...) draws its sample and its noise from
   streams named by r, so a resumed run redraws exactly what the killed one would have. The public,
   data-independent draws (network weights, augmentation, the initial noise images) stay on `--seed`.
 
-The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `medistill.accounting`.
+The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `medistill.dp.accounting`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from medistill.accounting import PrivacyLedger, PrivacySettings, verify_record
+from medistill.dp.accounting import PrivacyLedger, PrivacySettings, verify_record
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset, Split
 from medistill.errors import ConfigError
-from medistill.methods.registry import RunContext, get_method
-from medistill.secret_random import DESCRIPTION as SECRET_DESCRIPTION
-from medistill.secret_random import SecretRandom, forget_secret, run_secret
+
+if TYPE_CHECKING:  # the methods import this module; it reaches the method registry only when called
+    from medistill.methods.registry import RunContext
+from medistill.dp.randomness import DESCRIPTION as SECRET_DESCRIPTION
+from medistill.dp.randomness import SecretRandom, forget_secret, run_secret
 
 # Fixed public normalisation (the constants MedMNIST's own examples use): pixel 0.5 -> 0, range [-1, 1].
 PUBLIC_MEAN = 0.5
@@ -137,8 +139,8 @@ def finish_private_set(synthetic: SyntheticSet, ledger: PrivacyLedger, counts: T
     return synthetic
 
 
-def private_run(context: RunContext, run: Callable[[SecretRandom], SyntheticSet]) -> SyntheticSet:
-    """Run a private method with this run's secret (`secret_random.run_secret`), forgotten once the run has finished."""
+def private_run(context: "RunContext", run: Callable[[SecretRandom], SyntheticSet]) -> SyntheticSet:
+    """Run a private method with this run's secret (`randomness.run_secret`), forgotten once the run has finished."""
     secret = run_secret(context.checkpoint_dir, context.resume)
     synthetic = run(secret)
     forget_secret(context.checkpoint_dir)
@@ -150,6 +152,8 @@ def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
 
     A ConfigError refuses a record on a non-private method's set, a private set without one, and a record
     that its own mechanism and settings do not reproduce (`accounting.verify_record`)."""
+    from medistill.methods.registry import get_method
+
     spec = get_method(synthetic.method)
     record = synthetic.extra.get("privacy")
     if spec.private_releases is None:
