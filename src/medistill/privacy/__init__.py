@@ -1,4 +1,5 @@
-"""Is a synthetic set safe to share? Near-copy screening against the real training set and membership inference."""
+"""Is a synthetic set safe to share? Near-copy screening against the real training set, membership inference, and the
+canary audit (`canary`: an empirical lower bound on the ε a method spends)."""
 
 from medistill.privacy.audit import AuditConfig, audit, audit_markdown, run_audit, summarize
 from medistill.privacy.membership import membership_audit, roc_summary
