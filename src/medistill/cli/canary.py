@@ -10,8 +10,9 @@ import typer
 from medistill.artifact import ARTIFACT_NAME
 from medistill.atomic import refuse_existing
 from medistill.cli import app
-from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, open_dataset,
-                                   parse_settings, pinned_bf16, speed_settings)
+from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsilon, Force, ImageSize, Init, Iterations, LrImg,
+                                   MethodConfig, MethodSet, NoiseMultiplier, Progress, PublicClassCounts, Seed, Size,
+                                   announce_precision, method_settings, open_dataset, pinned_bf16, speed_settings)
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.pipeline import BUNDLE_MARKER
@@ -39,15 +40,15 @@ def privacy_audit(
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     seed: int = typer.Option(0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets)."),
-    settings: list[str] = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference)."),
-    lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
-    init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5)."),
-    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached."),
-    public_class_counts: bool = typer.Option(False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."),
+    config: Optional[Path] = MethodConfig,
+    settings: list[str] = MethodSet,
+    iterations: Optional[int] = Iterations,
+    lr_img: Optional[float] = LrImg,
+    init: Optional[str] = Init,
+    epsilon: Optional[float] = Epsilon,
+    delta: Optional[float] = Delta,
+    noise_multiplier: Optional[float] = NoiseMultiplier,
+    public_class_counts: bool = PublicClassCounts,
     force: bool = Force,
     size: int = Size,
     image_size: Optional[int] = ImageSize,
@@ -72,9 +73,8 @@ def privacy_audit(
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     if data.is_multilabel:
         raise ConfigError(f"the canary audit needs single-label classes; '{data.name}' is multi-label")
-    private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
-    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private}.items() if v is not None}
-    given = {**parse_settings(config, settings), **overrides}
+    given = method_settings(config, settings, iterations=iterations, lr_img=lr_img, init=init, epsilon=epsilon, delta=delta,
+                            noise_multiplier=noise_multiplier, public_class_counts=public_class_counts)
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, spec.networks(given))
     announce_precision(use_bf16, why)
     given.update(speed_settings(spec, use_bf16, compile, given))

@@ -14,8 +14,9 @@ from rich.table import Table
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import (BF16, Compile, DataRoot, Device, Force, ImageSize, Progress, Seed, Size, announce_precision, open_dataset,
-                                   parse_settings, pinned_bf16, speed_settings)
+from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsilon, Force, ImageSize, Init, Iterations, LrImg,
+                                   MethodConfig, MethodSet, NoiseMultiplier, Progress, PublicClassCounts, Seed, Size,
+                                   announce_precision, method_settings, open_dataset, pinned_bf16, speed_settings)
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
 from medistill.demo import DEMO_DATASET, DEMO_IPC, demo_networks, run_demo
 from medistill.errors import ConfigError
@@ -55,17 +56,17 @@ def distill(
     eval_models: int = typer.Option(5, "--eval-models", help="Networks trained to score the set."),
     eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Training epochs per network (default: 300, or 1000 with DSA)."),
     eval_model: str = typer.Option("convnet", "--eval-model", help="Architecture used for scoring."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets)."),
-    settings: list[str] = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference)."),
-    lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference)."),
-    init: Optional[str] = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference)."),
+    config: Optional[Path] = MethodConfig,
+    settings: list[str] = MethodSet,
+    iterations: Optional[int] = Iterations,
+    lr_img: Optional[float] = LrImg,
+    init: Optional[str] = Init,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     force: bool = Force,
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5)."),
-    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached."),
-    public_class_counts: bool = typer.Option(False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."),
+    epsilon: Optional[float] = Epsilon,
+    delta: Optional[float] = Delta,
+    noise_multiplier: Optional[float] = NoiseMultiplier,
+    public_class_counts: bool = PublicClassCounts,
     max_expert_minutes: Optional[float] = typer.Option(
         None, "--max-expert-minutes", help="MTT: refuse (exit 2, nothing trained) when the expert buffer still to train is estimated "
                                            "to take longer than this; the estimate is printed before any expert is trained either way."),
@@ -78,10 +79,9 @@ def distill(
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    private = {"epsilon": epsilon, "delta": delta, "noise_multiplier": noise_multiplier, "public_class_counts": public_class_counts or None}
-    overrides = {k: v for k, v in {"iterations": iterations, "lr_img": lr_img, "init": init, **private,
-                                   "max_expert_minutes": max_expert_minutes}.items() if v is not None}
-    given = {**parse_settings(config, settings), **overrides}
+    given = method_settings(config, settings, iterations=iterations, lr_img=lr_img, init=init, epsilon=epsilon, delta=delta,
+                            noise_multiplier=noise_multiplier, public_class_counts=public_class_counts,
+                            max_expert_minutes=max_expert_minutes)
     spec = get_method(method)
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *spec.networks(given)])
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=use_bf16, compile=compile)

@@ -26,6 +26,23 @@ BF16 = typer.Option(None, "--bf16/--fp32", show_default=False,
                          "the shipped method presets pin fp32.")
 Compile = typer.Option(False, "--compile/--no-compile", help="torch.compile the networks' training passes (a first run compiles; later runs reuse torch's cache).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+# A method's settings, as `distill` and `privacy-audit` take them (gathered by `method_settings`).
+MethodConfig = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets).")
+MethodSet = typer.Option([], "--set", help="Method setting KEY=VALUE (repeatable).")
+Iterations = typer.Option(None, "--iterations", help="Distillation iterations (default: the method's reference).")
+LrImg = typer.Option(None, "--lr-img", help="Learning rate of the synthetic images (default: the method's reference).")
+Init = typer.Option(None, "--init", help="Initial synthetic images: noise or real (default: the method's reference).")
+Epsilon = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it.")
+Delta = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5).")
+NoiseMultiplier = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached.")
+PublicClassCounts = typer.Option(False, "--public-class-counts",
+                                 help="Private methods: treat the per-class counts as public (else released with noise).")
+
+
+def method_settings(config_file: Optional[Path], pairs: list[str], **options: Any) -> dict[str, Any]:
+    """The settings a command line gives a method: the config file, then `--set`, then its own options (those given)."""
+    given = {k: v for k, v in options.items() if v is not None and not (k == "public_class_counts" and v is False)}
+    return {**parse_settings(config_file, pairs), **given}
 
 
 def open_dataset(name: str, data_root: Optional[Path], device: str, size: int = 28, image_size: Optional[int] = None,
