@@ -15,14 +15,14 @@ import torch
 from medistill.bundle import CARD_JSON, CARD_MD, export_bundle
 from medistill.data import load_dataset
 from medistill.data.dataset import ORDINAL, DataSource, build_dataset
+from medistill.dp.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
+from medistill.dp.mechanism import GaussianMechanism, PoissonSampler, public_view, release_class_counts
+from medistill.dp.randomness import SECRET_NAME, SecretRandom
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_loop
 from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
-from medistill.dp.mechanism import GaussianMechanism, PoissonSampler, public_view, release_class_counts
-from medistill.dp.randomness import SECRET_NAME, SecretRandom
 from medistill.pipeline import renormalize
-from medistill.dp.accounting import BudgetExceeded, PrivacyLedger, PrivacySettings, calibrate_noise, epsilon_of
 
 EXE = Path(sys.executable).parent / "medistill"
 TINY = {"iterations": 4, "checkpoint_every": 2, "sample_rate": 0.5, "noise_multiplier": 1.0, "public_class_counts": True}

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medistill.dp.accounting import PrivacyLedger, epsilon_of
-from medistill.errors import ConfigError
-from medistill.methods.dp_dm import MECHANISM, DPDMConfig
 from medistill.dp.mechanism import verified_privacy
 from medistill.dp.randomness import DESCRIPTION
+from medistill.errors import ConfigError
+from medistill.methods.dp_dm import MECHANISM, DPDMConfig
 
 EXAMPLES = settings(max_examples=25, deadline=None)  # a fixed budget: well under a minute in all
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),

@@ -32,15 +32,15 @@ import torch
 import torch.nn as nn
 
 from medistill import __version__
-from medistill.dp.accounting import is_guarantee
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_path, atomic_write, refuse_existing
 from medistill.data import load_dataset
 from medistill.data.dataset import DataSource, Dataset, Split
+from medistill.dp.accounting import is_guarantee
+from medistill.dp.mechanism import verified_privacy
 from medistill.errors import ConfigError, DataError
 from medistill.markdown import cell
 from medistill.methods import get_method
-from medistill.dp.mechanism import verified_privacy
 from medistill.models import create_model
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset
 from medistill.privacy.audit import file_sha256 as sha256
@@ -102,7 +102,7 @@ def privacy_record_holds(evidence: ExportEvidence) -> str | None:
     try:
         evidence.privacy
     except ConfigError as exc:
-        return str(exc)
+        return f"refusing to export: {exc}"
     return None
 
 
@@ -297,6 +297,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     lines += privacy_markdown(card.get("privacy"))
+    if is_guarantee(card.get("privacy")):
+        lines += ["Nothing else in this bundle was computed from the private training images.", ""]
     if card["audit"] is not None:
         audit = card["audit"]  # the worst-case PNG shows real images and stays at the source: do not point to it
         lines += [audit_markdown({**audit, "privacy": None,  # stated once, above

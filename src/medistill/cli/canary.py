@@ -16,8 +16,8 @@ from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsil
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.pipeline import BUNDLE_MARKER
-from medistill.privacy.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, run_canary_audit,
-                                      write_canary_report)
+from medistill.privacy.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, require_single_label,
+                                      run_canary_audit, write_canary_report)
 from medistill.runtime import choose_bf16
 
 
@@ -71,8 +71,7 @@ def privacy_audit(
             raise ConfigError(f"--out {out} is {what}; the audit report goes into a folder of its own")
     refuse_existing(out / CANARY_AUDIT_JSON, force, "audit report")
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    if data.is_multilabel:
-        raise ConfigError(f"the canary audit needs single-label classes; '{data.name}' is multi-label")
+    require_single_label(data)  # before the precision line: the refusal is the only line
     given = method_settings(config, settings, iterations=iterations, lr_img=lr_img, init=init, epsilon=epsilon, delta=delta,
                             noise_multiplier=noise_multiplier, public_class_counts=public_class_counts)
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, spec.networks(given))

@@ -31,6 +31,17 @@ class BudgetExceeded(ConfigError):
 History = list[tuple[float, float, int]]
 
 
+def count_release(count_noise_multiplier: float | None) -> History:
+    """The one full-data release of the noisy class counts, or none when the counts are public (None)."""
+    return [] if count_noise_multiplier is None else [(count_noise_multiplier, 1.0, 1)]
+
+
+def release_history(sigma: float, sample_rate: float, steps: int, count_noise_multiplier: float | None) -> History:
+    """The accountant's history of a private run: the count release (`count_release`), then `steps` subsampled
+    releases at σ. What a run charges and what export recomputes a record from."""
+    return [*count_release(count_noise_multiplier), (sigma, sample_rate, steps)]
+
+
 def accountant_version() -> str:
     """The accounting library and its version, as recorded with every private set."""
     import opacus
@@ -123,14 +134,14 @@ class PrivacyLedger:
         if planned_steps < 1:
             raise ConfigError(f"a private run needs at least one step, got {planned_steps}")
         self.settings, self.planned_steps, self.mechanism = settings, planned_steps, mechanism
-        self.fixed: History = [] if settings.public_class_counts else [(settings.count_noise_multiplier, 1.0, 1)]
+        self.count_sigma = None if settings.public_class_counts else settings.count_noise_multiplier
         if settings.noise_multiplier is not None:
             self.sigma = float(settings.noise_multiplier)
         elif math.isinf(settings.epsilon):
             self.sigma = 0.0  # no noise: clipping and sampling only, no guarantee (epsilon is infinite)
         else:
-            self.sigma = calibrate_noise(settings.epsilon, settings.delta, self.fixed, settings.sample_rate, planned_steps,
-                                         settings.accountant)
+            self.sigma = calibrate_noise(settings.epsilon, settings.delta, count_release(self.count_sigma),
+                                         settings.sample_rate, planned_steps, settings.accountant)
         self.budget = settings.epsilon if settings.epsilon is not None else math.inf
         self.spent = 0
         planned = self.epsilon_after(planned_steps)
@@ -143,7 +154,7 @@ class PrivacyLedger:
 
     def history(self, steps: int | None = None) -> History:
         steps = self.spent if steps is None else steps
-        return [*self.fixed, (self.sigma, self.settings.sample_rate, steps)]
+        return release_history(self.sigma, self.settings.sample_rate, steps, self.count_sigma)
 
     def epsilon_after(self, steps: int) -> float:
         return epsilon_of(self.history(steps), self.settings.delta, self.settings.accountant)
@@ -199,7 +210,7 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     release when the counts were private), and state the ε that the accountant computes from that history.
     """
     def refuse(why: str) -> ConfigError:
-        return ConfigError(f"refusing to export: the set's privacy record {why}; it is not the record of this set's run")
+        return ConfigError(f"the set's privacy record {why}; it is not the record of this set's run")
 
     if not isinstance(record, dict):
         raise refuse("is not a mapping")
@@ -219,8 +230,8 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     count_sigma = settings.get("count_noise_multiplier")
     if not public_counts and not (_number(count_sigma) and 0 < count_sigma < math.inf):
         raise refuse(f"comes with private class counts but no valid count noise multiplier ({str(count_sigma)[:40]!r})")
-    fixed: History = [] if public_counts else [(float(count_sigma), 1.0, 1)]
-    history: History = [*fixed, (float(record["noise_multiplier"]), float(record["sample_rate"]), planned_steps)]
+    history = release_history(float(record["noise_multiplier"]), float(record["sample_rate"]), planned_steps,
+                              None if public_counts else float(count_sigma))
     if [list(entry) for entry in history] != record["history"]:
         raise refuse(f"has the history {str(record['history'])[:80]}, not {[list(e) for e in history]} of its own mechanism")
     if settings.get("noise_multiplier") is not None and settings["noise_multiplier"] != record["noise_multiplier"]:
@@ -245,7 +256,7 @@ def is_guarantee(record: dict[str, Any] | None) -> bool:
 def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
     """Markdown lines stating a set's differential-privacy guarantee (or its absence).
 
-    Only a record `bundle.verified_privacy` checked reaches a card; this states what it covers."""
+    Only a record `dp.mechanism.verified_privacy` checked reaches a card or an audit report; this states what it covers."""
     if record is None:
         return ["## Differential privacy", "", "No formal guarantee: this set was not made by a differentially private method.", ""]
     if not is_guarantee(record):
@@ -260,11 +271,10 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
         "",
         f"**(ε = {record['epsilon']:.4g}, δ = {record['delta']:g})-differentially private** with respect to the training images "
         "(adding or removing one image). The guarantee covers the released images and, when they were noised, the released "
-        "class counts; the method, its settings, the seed and the class names are public choices. Nothing else in this bundle "
-        "was computed from the private training images. "
+        "class counts; the method, its settings, the seed and the class names are public choices. "
         f"Mechanism: {cell(record['mechanism'])}; clip norm C = {record['clip_norm']:g}, noise multiplier σ = {record['noise_multiplier']:.4g}, "
-        f"{record['sampling']} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {counts}; "
-        f"accountant {cell(record['accountant'])} ({cell(record.get('accountant_library'))}), ε recomputed from this record at export. "
+        f"{cell(record['sampling'])} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {counts}; "
+        f"accountant {cell(record['accountant'])} ({cell(record.get('accountant_library'))}), ε recomputed from this record by the accountant. "
         f"Randomness: {cell(record.get('randomness', 'not recorded'))}.",
         "",
         "Each release made from the same training data spends its own budget: two sets (or a set and a model) released "
@@ -275,5 +285,5 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
 
 __all__ = [
     "ACCOUNTANTS", "BudgetExceeded", "PrivacyLedger", "PrivacySettings", "accountant_version", "calibrate_noise",
-    "epsilon_of", "is_guarantee", "verify_record", "privacy_markdown", "PUBLIC_COUNTS",
+    "epsilon_of", "is_guarantee", "privacy_markdown", "PUBLIC_COUNTS", "release_history", "verify_record",
 ]

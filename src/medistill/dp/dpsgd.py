@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medistill import __version__
-from medistill.dp.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.data.dataset import Dataset
-from medistill.errors import ConfigError
+from medistill.dp.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.dp.mechanism import public_view, require_per_example
-from medistill.models import create_model
 from medistill.dp.randomness import SecretRandom
+from medistill.errors import ConfigError
+from medistill.models import create_model
 from medistill.train.engine import model_seeds, test_scores
 from medistill.train.metrics import Scores
 
@@ -70,12 +70,16 @@ def secure_mode_available() -> bool:
     return True
 
 
-def private_generators(secret: SecretRandom, index: int) -> tuple[torch.Generator, torch.Generator, str]:
-    """Generators for network `index`'s Poisson batches and noise, seeded from the secret, and how they are made."""
+SECURE_MODE = "Opacus secure_mode: torchcsprng's generator on the operating system's /dev/urandom"
+SEEDED_GENERATORS = ("torch generators (Mersenne Twister) seeded with 63 bits each of a secret key of 256 bits of "
+                     "operating-system entropy drawn at run start (Opacus secure_mode needs torchcsprng, not installed)")
+
+
+def private_generators(secret: SecretRandom, index: int) -> tuple[torch.Generator, torch.Generator]:
+    """Generators for network `index`'s Poisson batches and noise, seeded from the secret."""
     sampling = torch.Generator().manual_seed(secret.seed("dpsgd-poisson-sample", index))
     noise = torch.Generator().manual_seed(secret.seed("dpsgd-gaussian-noise", index))
-    return sampling, noise, ("torch generators (Mersenne Twister) seeded with 63 bits each of a secret key of 256 bits of "
-                             "operating-system entropy drawn at run start (Opacus secure_mode needs torchcsprng, not installed)")
+    return sampling, noise
 
 
 def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: SecretRandom,
@@ -86,9 +90,7 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: Se
     from opacus import PrivacyEngine
 
     secure = secure_mode_available()
-    sampling, noise, randomness = private_generators(secret, index)
-    if secure:
-        randomness = "Opacus secure_mode: torchcsprng's generator on the operating system's /dev/urandom"
+    sampling, noise = private_generators(secret, index)
     torch.manual_seed(seed)
     model = create_model(settings.model, dataset.channels, dataset.num_classes, dataset.image_size).to(dataset.device)
     require_per_example(model, settings.model)
@@ -138,7 +140,7 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: Se
         "steps": steps,
         "accountant": settings.accountant,
         "accountant_library": accountant_version(),
-        "randomness": randomness,
+        "randomness": SECURE_MODE if secure else SEEDED_GENERATORS,
     }
     return model._module, record
 

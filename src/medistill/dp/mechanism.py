@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
-from medistill.dp.accounting import PrivacyLedger, PrivacySettings, verify_record
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset, Split
+from medistill.dp.accounting import PrivacyLedger, PrivacySettings, verify_record
+from medistill.dp.randomness import DESCRIPTION as SECRET_DESCRIPTION
+from medistill.dp.randomness import SecretRandom, forget_secret, run_secret
 from medistill.errors import ConfigError
 
 if TYPE_CHECKING:  # the methods import this module; it reaches the method registry only when called
     from medistill.methods.registry import RunContext
-from medistill.dp.randomness import DESCRIPTION as SECRET_DESCRIPTION
-from medistill.dp.randomness import SecretRandom, forget_secret, run_secret
 
 # Fixed public normalisation (the constants MedMNIST's own examples use): pixel 0.5 -> 0, range [-1, 1].
 PUBLIC_MEAN = 0.5
@@ -158,20 +158,20 @@ def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
     record = synthetic.extra.get("privacy")
     if spec.private_releases is None:
         if record is not None:
-            raise ConfigError(f"refusing to export: the set carries a privacy record, but '{spec.name}' is not a "
+            raise ConfigError(f"the set carries a privacy record, but '{spec.name}' is not a "
                               "differentially private method; only dp-dm and dp-dc sets carry a guarantee")
         return None
     if record is None:
-        raise ConfigError(f"refusing to export: this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
+        raise ConfigError(f"this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
     if not isinstance(record, dict):
-        raise ConfigError("refusing to export: the set's privacy record is not a mapping")
+        raise ConfigError("the set's privacy record is not a mapping")
     if not str(record.get("randomness", "")).startswith(SECRET_DESCRIPTION):
-        raise ConfigError("refusing to export: this set was made by a version whose private draws followed its published seed, "
+        raise ConfigError("this set was made by a version whose private draws followed its published seed, "
                           "so anyone with the seed can remove the noise; make it again with this version")
     try:
         releases = spec.private_releases(synthetic.hyperparameters)
     except (KeyError, TypeError, ValueError, ArithmeticError):
-        raise ConfigError(f"refusing to export: the set's settings do not say how many releases its '{spec.name}' run made") from None
+        raise ConfigError(f"the set's settings do not say how many releases its '{spec.name}' run made") from None
     return verify_record(record, synthetic.hyperparameters, releases)
 
 

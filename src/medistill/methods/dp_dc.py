@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from medistill.dp.accounting import PrivacyLedger
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
-from medistill.methods.dc import DCConfig, GradientMatching, loops_for_ipc
-from medistill.methods.pixel_loop import IterationRandom, autocast, run_pixel_loop
+from medistill.dp.accounting import PrivacyLedger
 from medistill.dp.mechanism import (
     GaussianMechanism,
     PoissonSampler,
@@ -35,8 +33,10 @@ from medistill.dp.mechanism import (
     require_per_example,
     sync_ledger,
 )
-from medistill.methods.registry import MethodSpec, RunContext, register_method
 from medistill.dp.randomness import SecretRandom
+from medistill.methods.dc import DCConfig, GradientMatching, loops_for_ipc
+from medistill.methods.pixel_loop import IterationRandom, autocast, run_pixel_loop
+from medistill.methods.registry import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-example loss gradients, summed per class (DP gradient matching)"
 PER_EXAMPLE_CHUNK = 64  # real images whose per-example gradients are held at once

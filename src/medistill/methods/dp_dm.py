@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medistill.dp.accounting import PrivacyLedger
 from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
-from medistill.methods.pixel_loop import FreshNetwork, IterationRandom, PixelConfig, autocast, run_pixel_loop
+from medistill.dp.accounting import PrivacyLedger
 from medistill.dp.mechanism import (
     GaussianMechanism,
     PoissonSampler,
@@ -33,8 +32,9 @@ from medistill.dp.mechanism import (
     require_per_example,
     sync_ledger,
 )
-from medistill.methods.registry import MethodSpec, RunContext, register_method
 from medistill.dp.randomness import SecretRandom
+from medistill.methods.pixel_loop import FreshNetwork, IterationRandom, PixelConfig, autocast, run_pixel_loop
+from medistill.methods.registry import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 

@@ -55,10 +55,6 @@ class MethodSpec:
     private_releases: Callable[[dict[str, Any]], int] | None = None
 
     @property
-    def private(self) -> bool:
-        return self.private_releases is not None
-
-    @property
     def setting_names(self) -> frozenset[str]:
         """The settings this method has: its config's fields."""
         return frozenset(f.name for f in dataclasses.fields(self.config_class))

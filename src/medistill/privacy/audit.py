@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 
 from medistill import __version__
-from medistill.dp.accounting import privacy_markdown
 from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
+from medistill.dp.accounting import privacy_markdown
+from medistill.dp.mechanism import verified_privacy
 from medistill.errors import ConfigError
 from medistill.markdown import cell
-from medistill.dp.mechanism import verified_privacy
 from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
 from medistill.privacy.membership import membership_audit
 from medistill.privacy.neighbours import (
@@ -126,7 +126,7 @@ def audit(
     try:
         privacy, privacy_refused = verified_privacy(synthetic), None
     except ConfigError as exc:
-        privacy, privacy_refused = None, str(exc).removeprefix("refusing to export: ")
+        privacy, privacy_refused = None, str(exc)
     return {
         "kind": "medistill-audit",
         "version": __version__,

@@ -112,6 +112,12 @@ def draw_inclusion(count: int) -> Tensor:
     return torch.tensor([coins.getrandbits(1) == 1 for _ in range(count)], dtype=torch.bool)
 
 
+def require_single_label(dataset: Dataset) -> None:
+    """The audit's canaries each have one class: refuse a multi-label dataset in one line."""
+    if dataset.is_multilabel:
+        raise ConfigError(f"the canary audit needs single-label classes; '{dataset.name}' is multi-label")
+
+
 def real_subset(dataset: Dataset, per_class: int) -> Dataset:
     """The dataset with the first `per_class` training images of each class (all when 0).
 
@@ -127,8 +133,7 @@ def real_subset(dataset: Dataset, per_class: int) -> Dataset:
 
 def with_canaries(dataset: Dataset, pixels: Tensor, labels: Tensor, included: Tensor) -> Dataset:
     """The dataset whose training split also holds the included canaries, normalised as its own images."""
-    if dataset.is_multilabel:
-        raise ConfigError(f"the canary audit needs single-label classes; '{dataset.name}' is multi-label")
+    require_single_label(dataset)
     if pixels.shape[1:] != dataset.train.images.shape[1:]:
         raise ConfigError(f"canaries shaped {tuple(pixels.shape[1:])} do not fit the images of {dataset.name} "
                           f"{tuple(dataset.train.images.shape[1:])}")
@@ -310,8 +315,6 @@ def run_canary_audit(
     """Run `method` once on `dataset` with canaries and return the audit report (JSON-serialisable, no image in it)."""
     start = time.perf_counter()
     spec = get_method(method)
-    if dataset.is_multilabel:
-        raise ConfigError(f"the canary audit needs single-label classes; '{dataset.name}' is multi-label")
     config.check(dataset.image_size)
     pixels, labels = draw_canaries(config.canaries, dataset.num_classes, dataset.channels, dataset.image_size,
                                    seed=seed, resolution=config.canary_resolution)
@@ -401,5 +404,5 @@ def _plain(value: Any) -> Any:
 __all__ = [
     "CANARY_AUDIT_JSON", "CanaryAuditConfig", "DEFAULT_DELTA", "DEFAULT_GUESS_COUNTS", "audit_guesses", "canary_scores",
     "canary_summary", "embedding_scores", "pixel_scores", "SCORES", "count_correct_guesses", "draw_canaries", "draw_inclusion", "epsilon_lower_bound", "guess_counts_for",
-    "p_value", "real_subset", "run_canary_audit", "score_released_set", "with_canaries", "write_canary_report",
+    "p_value", "real_subset", "require_single_label", "run_canary_audit", "score_released_set", "with_canaries", "write_canary_report",
 ]
