@@ -1,4 +1,4 @@
-"""The two CPU bf16 kernels medistill replaces, against its replacements; prints JSON.
+"""The two CPU bf16 kernels medistill replaces, against its replacements; prints JSON and writes results/bf16_kernels.json.
 
 - Average pooling (2x2, stride 2) of a 128 x 32 x 32 map, forward and backward: PyTorch's `avg_pool2d`
   against `models.convnet.AvgPool` (three strided adds), in bf16, and PyTorch's in fp32 for scale.
@@ -19,20 +19,25 @@
 Each time is the best of `--repeats` calls (of `--repeats` // 6 unrolls, at least 3, for the MTT student), in CPU
 seconds, on `--threads` torch threads.
 
-    python benchmarks/bf16_kernels.py [--threads 1] [--repeats 30]
+    python benchmarks/bf16_kernels.py [--threads 1] [--repeats 30] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/bf16_kernels.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.methods.experts import FlatModel
 from medistill.methods.mtt import Unroll
 from medistill.models.convnet import AvgPool, Conv2d, ConvNet
@@ -159,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
+    add_out_argument(parser, "bf16_kernels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -169,6 +175,7 @@ def main() -> None:
               "elementwise": {f"batch_{n}": elementwise(n, args.repeats) for n in (2, 10)},
               "mtt_student": mtt_student(max(3, args.repeats // 6))}
     print(json.dumps(report, indent=1))
+    write_result("bf16_kernels", report, path=args.out)
 
 
 if __name__ == "__main__":

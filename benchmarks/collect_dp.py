@@ -1,6 +1,8 @@
 """The private-distillation grid as Markdown: one row per run folder with a result.json under RUNS.
 
-    python benchmarks/collect_dp.py RUNS [--pivot] [--seeds 0,1,2] > table.md
+    python benchmarks/collect_dp.py RUNS [--pivot] [--seeds 0,1,2] [--out PATH] > table.md
+
+The rows themselves (one per run) are also written as JSON to results/dp_grid.json (or --out).
 
 With --pivot: one table per dataset, a row per (IPC, method) and a column per ε, cells "ACC / AUC".
 Otherwise columns: dataset, IPC, method, the ε reached (∞ without noise, "-" for a non-private method), σ,
@@ -14,8 +16,13 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/collect_dp.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 
 
 def row(result: Path) -> dict[str, Any]:
@@ -79,11 +86,13 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--pivot", action="store_true", help="one table per dataset, a column per ε")
     parser.add_argument("--seeds", default=None, help="only these seeds, e.g. 0 or 1,2 (default: all found)")
+    add_out_argument(parser, "dp_grid")
     args = parser.parse_args()
     rows = sorted((row(p) for p in args.runs.rglob("result.json")), key=lambda r: (r["dataset"], str(r["ipc"]), r["folder"]))
     if args.seeds is not None:
         wanted = {int(s) for s in args.seeds.split(",")}
         rows = [r for r in rows if r["seed"] in wanted]
+    write_result("dp_grid", {"runs_folder": str(args.runs), "rows": rows}, path=args.out)
     if args.pivot:
         pivot(rows)
         return

@@ -1,6 +1,7 @@
-"""The accuracy grid of a GPU script's runs as JSON: one row per `*/result.json` under RUNS.
+"""The accuracy grid of a campaign's runs as JSON: one row per `*/result.json` under RUNS, printed and
+written to results/grid.json (or --out).
 
-    python benchmarks/collect_grid.py RUNS [--note TEXT] > grid.json
+    python benchmarks/collect_grid.py RUNS [--note TEXT] [--out PATH]
 
 A row holds the scores, times and the settings that vary across the grid (iterations, DC loops,
 init, learned lr); an MTT run adds its loss at the start and end, syn_lr clamps and evaluation
@@ -11,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/collect_grid.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 
 SCORE_KEYS = ("dataset", "method", "ipc", "test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std",
               "test_acc", "learned_lr", "distill_seconds", "eval_seconds", "eval_protocol")
@@ -51,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding one sub-folder per run")
     parser.add_argument("--note", default=None, help="a note stored beside the rows")
+    add_out_argument(parser, "grid")
     args = parser.parse_args(argv)
     grid: dict[str, Any] = {"runs": [grid_row(result) for result in sorted(args.runs.glob("*/result.json"))]}
     if args.note:
         grid["note"] = args.note
     print(json.dumps(grid, indent=1))
+    write_result("grid", grid, path=args.out)
     return 0
 
 

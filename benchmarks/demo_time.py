@@ -1,9 +1,10 @@
 """Time `medistill demo` as a user meets it: a fresh runs folder, the installed command, default threads.
 
-Prints JSON: wall and CPU seconds of the whole command, the machine's load before and after, the
-demo's own time estimate, and each row's method, images, scores and seconds.
+Prints JSON and writes it to results/demo_time.json (or --out): wall and CPU seconds of the whole
+command, the machine's load before and after, the demo's own time estimate, and each row's method,
+images, scores and seconds.
 
-    python benchmarks/demo_time.py [--exe medistill] [--threads N] [--data-root DIR] [--keep DIR]
+    python benchmarks/demo_time.py [--exe medistill] [--threads N] [--data-root DIR] [--keep DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/demo_time.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="--threads for the demo (default: the command's own default).")
     parser.add_argument("--data-root", default=None, help="Data root holding breastmnist.npz (default: $MEDISTILL_DATA).")
     parser.add_argument("--keep", default=None, help="Write the demo's runs here (must not exist) instead of a removed temp folder.")
+    add_out_argument(parser, "demo_time")
     args = parser.parse_args()
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="medistill-demo-")) / "demo"
@@ -51,7 +57,7 @@ def main() -> None:
         rows.append({key: record[key] for key in ("method", "num_images", "test_acc_mean", "test_auc_mean", "eval_models",
                                                   "wall_seconds", "distill_seconds", "eval_seconds", "threads")})
         rows[-1]["eval_epochs"] = record["eval_protocol"]["epochs"]
-    print(json.dumps({
+    report = {
         "command": " ".join(command),
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
@@ -61,7 +67,9 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "rows": rows,
-    }, indent=2))
+    }
+    print(json.dumps(report, indent=2))
+    write_result("demo_time", report, path=args.out)
     if not args.keep:
         shutil.rmtree(folder.parent, ignore_errors=True)
 

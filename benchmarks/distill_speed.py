@@ -1,4 +1,5 @@
-"""Seconds per distillation iteration and peak memory of DC, DSA and DM, as JSON on stdout.
+"""Seconds per distillation iteration and peak memory of DC, DSA and DM, as JSON on stdout and in
+results/distill_speed.json (or --out).
 
     python benchmarks/distill_speed.py --dataset breastmnist --device cuda --iterations 10 --ipcs 1,10,50
 
@@ -17,10 +18,14 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/distill_speed.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.data import load_dataset
 from medistill.errors import MedistillError
 from medistill.methods import RunContext, distill, get_method
@@ -41,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="settings", action="append", default=[], help="method setting KEY=VALUE (all methods that have it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    add_out_argument(parser, "distill_speed")
     return parser.parse_args(argv)
 
 
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": cases,
     }
     print(json.dumps(report, indent=2))
+    write_result("distill_speed", report, path=args.out)
     return 0
 
 

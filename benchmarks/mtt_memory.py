@@ -1,4 +1,5 @@
-"""MTT seconds per iteration and peak memory against syn_steps, plain unroll vs bounded memory, as JSON.
+"""MTT seconds per iteration and peak memory against syn_steps, plain unroll vs bounded memory, as JSON
+(printed, and written to results/mtt_memory.json or --out after every case).
 
     python benchmarks/mtt_memory.py --out mtt_memory.json --device cuda              # 10,20,40,80 x IPC 10,50
     python benchmarks/mtt_memory.py --out m.json --device cpu --syn-steps 2,4,8 --ipcs 1,10
@@ -30,6 +31,9 @@ from typing import Any
 
 import torch
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/mtt_memory.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.data import load_dataset
 from medistill.methods import RunContext
 from medistill.methods.mtt import MTTConfig, MTTDistiller
@@ -38,7 +42,7 @@ from medistill.runtime import resolve_device
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (also printed)")
+    add_out_argument(parser, "mtt_memory")
     parser.add_argument("--dataset", default="breastmnist", help="MedMNIST flag or .npz path")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
@@ -144,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         report["results"].append(record)
         report["total_seconds"] = time.perf_counter() - began
         print(json.dumps(record), file=sys.stderr)
-        if args.out is not None:  # after every case, so a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_result("mtt_memory", report, path=args.out)  # after every case, so a run cut short keeps what it measured
     print(json.dumps(report, indent=2))
 
 

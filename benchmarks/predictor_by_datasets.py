@@ -1,6 +1,7 @@
-"""How the predictor's error and interval behave as it is fitted on fewer datasets (prints JSON).
+"""How the predictor's error and interval behave as it is fitted on fewer datasets (prints JSON and
+writes it to results/predictor_by_datasets.json, or --out).
 
-    python benchmarks/predictor_by_datasets.py STUDY_DIR [--level 0.8]
+    python benchmarks/predictor_by_datasets.py STUDY_DIR [--level 0.8] [--out PATH]
 
 For every method and every held-out dataset, the predictor is chosen and fitted on every subset
 of k of the other datasets (k = 2 .. n-1) and predicts the held-out dataset's points. Per (method,
@@ -14,9 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/predictor_by_datasets.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.study.analysis import LinearFit, cells_from_records
 from medistill.study.predict import DEFAULT_LEVEL, Coverage, choose_model, dataset_facts, datasets_of, interval, observations_from
 from medistill.study.store import ResultStore
@@ -26,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study_dir")
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL)
+    add_out_argument(parser, "predictor_by_datasets")
     args = parser.parse_args()
     records = ResultStore(args.study_dir).study_records()
     observations = observations_from(cells_from_records(records), dataset_facts(records))
@@ -59,6 +66,7 @@ def main() -> None:
                             "inside": float(np.mean(line["inside"])), "mae": float(np.mean(line["errors"]))}
         out["methods"][method] = {"transfer": rows, "line": line_rows}
     print(json.dumps(out, indent=2))
+    write_result("predictor_by_datasets", out, path=args.out)
 
 
 if __name__ == "__main__":

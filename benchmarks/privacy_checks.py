@@ -7,17 +7,16 @@
 and DC (from noise), on BreastMNIST and the Pneumonia subset, and records each run's ε lower bound beside
 the claimed ε. `cells` runs `medistill distill` for dp-dm and dp-dc at IPC 1, ε = 1 and 10, on both
 datasets over several seeds (every run draws its own secret noise) and records the test ACC and AUC.
-Every entry holds its command line; the file holds the commit, the hardware and the date. A finished
-entry (same command) is kept, so an interrupted campaign continues where it stopped.
+Every entry holds its command line; the file holds the commit, the hardware and the date, and is written
+through `benchmarks/record.py` (atomically, with a provenance block). A finished entry (same command) is
+kept, so an interrupted campaign continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,12 +24,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+if __package__ in (None, ""):  # run as a file: python benchmarks/privacy_checks.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import RESULTS_DIR, ROOT, provenance, write_result
+
+RESULTS_NAMES = {"canary": "canary_audits", "cells": "dp_cells"}
 PNEUMONIA = os.environ.get("PNEUMONIA_NPZ", "../shared/data/unofficial/pneumoniamnist_balanced.npz")  # from the repository root
 DATASETS = {"breast": ("breastmnist", 0.1), "pneumonia": (PNEUMONIA, 0.02)}  # data, the private methods' sampling rate
 EPSILONS = ("1", "10")
-# The private and non-private methods at the grid's reduced budget (docs/RESULTS.md): DM-type 100 iterations,
+# The private and non-private methods at the grid's reduced budget (docs/notebook/privacy.md): DM-type 100 iterations,
 # DC-type 50 at IPC 1 and 20 with loops 2 / 5 at IPC 10; everything from noise.
 METHOD_SETTINGS = {
     ("dm", 1): ["--iterations", "100", "--init", "noise"],
@@ -40,19 +42,6 @@ METHOD_SETTINGS = {
     ("mtt", 10): ["--iterations", "100", "--set", "num_experts=5"],  # experts on the audited split, 30 epochs each
 }
 AUDIT_IPC = 10
-
-
-def hardware() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": model, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def medistill(*args: str) -> list[str]:
@@ -95,11 +84,12 @@ def cell_jobs(only: str | None, seeds: list[int]) -> list[tuple[str, list[str]]]
 
 
 def run(part: str, jobs: list[tuple[str, list[str]]]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("canary_audits.json" if part == "canary" else "dp_cells.json")
+    name = RESULTS_NAMES[part]
+    path = RESULTS_DIR / f"{name}.json"
+    generator = f"python benchmarks/privacy_checks.py {part}"
     document = json.loads(path.read_text()) if path.exists() else {"entries": {}}
-    document.update({"commit": commit(), "hardware": hardware(), "date": datetime.date.today().isoformat(),
-                     "generator": f"python benchmarks/privacy_checks.py {part}"})
+    now = provenance(generator)
+    document.update({"commit": now["commit"], "hardware": now["hardware"], "date": now["date"][:10], "generator": generator})
     for key, args in jobs:
         command = shlex.join(["medistill", *args])
         if document["entries"].get(key, {}).get("command") == command:
@@ -115,7 +105,7 @@ def run(part: str, jobs: list[tuple[str, list[str]]]) -> Path:
             report = json.loads((out / ("canary_audit.json" if part == "canary" else "result.json")).read_text())
         document["entries"][key] = {"command": command, **summary(part, report)}
         print(json.dumps(document["entries"][key]), flush=True)
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        write_result(name, document, command=generator)
     return path
 
 

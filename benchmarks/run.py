@@ -1,8 +1,9 @@
 """Where the time goes: evaluation throughput (stacked vs sequential), full-set epochs, one study cell, DC/MTT.
 
-    python -m benchmarks.run --out bench.json [--device auto|cpu|cuda] [--quick] [--sections a,b]
+    python -m benchmarks.run [--out bench.json] [--device auto|cpu|cuda] [--quick] [--sections a,b]
 
-Sections (each written to the JSON as soon as it finishes, so a cut-off run keeps what it measured):
+The JSON goes to --out (default results/bench.json) with a provenance block (benchmarks/record.py), and
+every section is written as soon as it finishes, so a cut-off run keeps what it measured. Sections:
 
 - ``throughput``: ConvNet-3 on 28x28, 1 channel / 2 classes and 3 channels / 10 classes, IPC 1/10/50,
   network-epochs per second for K stacked networks (both backends) against sequential training.
@@ -24,7 +25,6 @@ Images in the synthetic sets are random; only their shapes matter for speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.record import add_out_argument, write_result
 from benchmarks.stages import bench_peak, bench_precision, bench_stages
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data import load_dataset
@@ -283,7 +284,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    add_out_argument(parser, "bench")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="a small grid that a laptop CPU finishes in minutes")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of: {', '.join(SECTIONS)}")
@@ -306,12 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                         rounds=args.rounds, cases=cases, precision_dataset=args.precision_dataset)
     report: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "hardware": hardware(settings.device), "sections": {}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         result, seconds = timed(lambda: SECTIONS[name](settings), settings.device)
         report["sections"][name] = {"seconds": seconds, "results": result}
-        args.out.write_text(json.dumps(report, indent=2, allow_nan=True))
-        print(f"[{name} done in {seconds:.0f}s -> {args.out}]", flush=True)
+        written = write_result("bench", report, path=args.out, command=report["command"])
+        print(f"[{name} done in {seconds:.0f}s -> {written}]", flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Time to accuracy: how soon each distillation run got within a fraction of its own final score (JSON).
+"""Time to accuracy: how soon each distillation run got within a fraction of its own final score (JSON,
+printed and written to results/time_to_accuracy.json or --out).
 
-    python benchmarks/time_to_accuracy.py RUN_FOLDER [RUN_FOLDER ...] [--fraction 0.98]
+    python benchmarks/time_to_accuracy.py RUN_FOLDER [RUN_FOLDER ...] [--fraction 0.98] [--out PATH]
 
 Each folder is a `medistill distill` run made with evaluation points (`--set eval_every=N`). Per run and
 per score (test ACC and AUC, mean over the point's networks): the last point's score, and the first point
@@ -13,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/time_to_accuracy.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.artifact import SyntheticSet
 from medistill.methods.convergence import time_to_fraction
 
@@ -40,8 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--fraction", type=float, default=0.98)
+    add_out_argument(parser, "time_to_accuracy")
     args = parser.parse_args()
-    print(json.dumps([summary(folder, args.fraction) for folder in args.runs], indent=2))
+    runs = [summary(folder, args.fraction) for folder in args.runs]
+    print(json.dumps(runs, indent=2))
+    write_result("time_to_accuracy", {"runs": runs}, path=args.out)
 
 
 if __name__ == "__main__":

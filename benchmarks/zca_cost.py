@@ -1,7 +1,8 @@
 """What un-whitening costs a ZCA set: MTT with ZCA on BreastMNIST at IPC 1 and 10 (reduced budget), each set
-scored in ZCA space (the reference's way, the default) and as stored, un-whitened; prints JSON.
+scored in ZCA space (the reference's way, the default) and as stored, un-whitened; prints JSON and writes
+it to results/zca_cost.json (or --out).
 
-    python benchmarks/zca_cost.py --buffer-root runs/zca/experts [--data-root $MEDISTILL_DATA]
+    python benchmarks/zca_cost.py --buffer-root runs/zca/experts [--data-root $MEDISTILL_DATA] [--out PATH]
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a file: python benchmarks/zca_cost.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.record import add_out_argument, write_result
 from medistill.data import load_dataset
 from medistill.methods import RunContext, distill
 from medistill.pipeline import score_set
@@ -26,6 +31,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--eval-models", type=int, default=3)
     parser.add_argument("--eval-epochs", type=int, default=300)
+    add_out_argument(parser, "zca_cost")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_dataset("breastmnist", root=args.data_root, progress=False)
@@ -41,6 +47,7 @@ def main() -> None:
         out[f"ipc{ipc}"] = {**scores, "learned_lr": synthetic.learned_lr,
                             "loss_first_last": [synthetic.extra["loss"][0], synthetic.extra["loss"][-1]], "seconds": time.time() - began}
     print(json.dumps(out, indent=1))
+    write_result("zca_cost", out, path=args.out)
 
 
 if __name__ == "__main__":
