@@ -18,8 +18,8 @@ from medistill.artifact import ARTIFACT_NAME
 from medistill.bundle import export_bundle, load_bundle, load_trained_model, receiving_test_split
 from medistill.errors import ConfigError, DataError
 from medistill.methods import distill, new_set
-from medistill.privacy import AuditConfig, run_audit
-from medistill.privacy.neighbours import nearest_by_l2
+from medistill.audit import AuditConfig, run_audit
+from medistill.audit.neighbours import nearest_by_l2
 
 REPO = Path(__file__).resolve().parents[1]
 MEDISTILL = REPO / ".venv" / "bin" / "medistill"

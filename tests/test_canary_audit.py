@@ -16,7 +16,7 @@ import torch
 from medistill.cli import EXIT_USER_ERROR, main
 from medistill.data.custom import write_npz_dataset
 from medistill.data.dataset import BINARY, MULTI_LABEL, DataSource, build_dataset
-from medistill.privacy.canary import (CANARY_AUDIT_JSON, audit_guesses, pixel_scores, count_correct_guesses, draw_canaries,
+from medistill.audit.canary import (CANARY_AUDIT_JSON, audit_guesses, pixel_scores, count_correct_guesses, draw_canaries,
                                       draw_inclusion, epsilon_lower_bound, guess_counts_for, with_canaries)
 
 EXE = Path(sys.executable).parent / "medistill"
@@ -192,7 +192,7 @@ def test_an_unknown_method_or_an_existing_report_is_one_line_exit_2(tmp_path: Pa
 
 def test_the_embedding_score_sees_a_set_that_matches_the_members_mean_features() -> None:
     """A released class whose images are its member canaries has their mean embedding exactly: every guess is right."""
-    from medistill.privacy.canary import embedding_scores
+    from medistill.audit.canary import embedding_scores
 
     pixels, labels = draw_canaries(64, 2, 1, 28, seed=3)
     included = _seeded_inclusion(64, 0)

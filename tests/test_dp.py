@@ -22,7 +22,7 @@ from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_loop
 from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
-from medistill.pipeline import renormalize
+from medistill.artifact import renormalize
 
 EXE = Path(sys.executable).parent / "medistill"
 TINY = {"iterations": 4, "checkpoint_every": 2, "sample_rate": 0.5, "noise_multiplier": 1.0, "public_class_counts": True}

@@ -23,7 +23,7 @@ from medistill.methods.convergence import loss_plateau, points_without_improveme
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, run_distiller
 from medistill.methods.pixel_loop import IterationRandom, RealSampler, class_labels, noise_init
 from medistill.methods.registry import METHODS, recorded_settings
-from medistill.train.engine import TrainProtocol, evaluate
+from medistill.train import TrainProtocol, evaluate
 from medistill.train.metrics import Scores
 from result_digest import without_seconds
 from test_dm import tiny_dataset

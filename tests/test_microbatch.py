@@ -22,7 +22,7 @@ from medistill.microbatch import (
 )
 from medistill.models import create_model
 from medistill.train import TrainProtocol, train_model
-from medistill.train.stacked import init_model
+from medistill.train.protocol import init_model
 
 
 def convnet(breast, **kwargs) -> nn.Module:

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 from medistill.artifact import SyntheticSet
 from medistill.cli import app
 from medistill.errors import ConfigError
-from medistill.methods import distill, new_set
-from medistill.privacy import AuditConfig, audit, roc_summary, run_audit, ssim_matrix
-from medistill.privacy.membership import membership_audit, per_example_loss
-from medistill.privacy.neighbours import CopyThresholds, nearest_by_l2, nearest_by_ssim
+from medistill.methods import RunContext, distill, new_set
+from medistill.audit import AuditConfig, audit, roc_summary, run_audit, ssim_matrix
+from medistill.audit.membership import membership_audit, per_example_loss
+from medistill.audit.neighbours import CopyThresholds, nearest_by_l2, nearest_by_ssim
 from medistill.train import TrainProtocol, train_model
+from medistill.train.features import clear_cache
 
 CHEAP = dict(feature_model="lenet", feature_epochs=1, reference_images=0, mia=False)
 
@@ -142,3 +143,15 @@ def test_cli_audit_exits_1_on_a_random_subset(breast, medmnist_root, tmp_path) -
     assert result.exit_code == 1, result.output
     assert "FAIL: 4 of 4 synthetic images are near-copies" in result.output
     assert "audit" not in SyntheticSet.load(path).extra
+
+
+def test_the_audit_and_the_coresets_share_one_feature_network(breast) -> None:
+    clear_cache()
+    logs: list[str] = []
+    herded = distill("herding", breast, 1, {"feature_model": "lenet", "feature_epochs": 1}, context=RunContext(seed=3, log=logs.append))
+    report = audit(herded, breast, AuditConfig(**{**CHEAP, "seed": 3}), log=logs.append)
+    assert sum("feature network: training" in line for line in logs) == 1
+    assert sum("feature network: reusing" in line for line in logs) == 1
+    assert report["neighbours"]["feature_network"]["test_acc"] == herded.extra["feature_network"]["test_acc"]
+    assert report["neighbours"]["cosine"]["min"] > 1 - 1e-4  # herding picks training images, so each has itself as neighbour
+    clear_cache()

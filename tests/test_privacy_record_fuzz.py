@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medistill.dp.accounting import PrivacyLedger, epsilon_of
-from medistill.dp.mechanism import verified_privacy
+from medistill.methods.privacy_check import verified_privacy
 from medistill.dp.randomness import DESCRIPTION
 from medistill.errors import ConfigError
 from medistill.methods.dp_dm import MECHANISM, DPDMConfig

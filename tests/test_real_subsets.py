@@ -17,10 +17,11 @@ from medistill.data import MULTI_LABEL, load_dataset, write_npz_dataset
 from medistill.data.dataset import MULTI_CLASS
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, get_method, list_methods
-from medistill.methods.feature_space import clear_cache, feature_space, FeatureSettings
+from medistill.methods.feature_space import FeatureSettings
+from medistill.train.features import clear_cache, feature_network
 from medistill.methods.herding import herding_order
 from medistill.methods.kcenter import kcenter_order
-from medistill.privacy import AuditConfig, audit
+from medistill.audit import AuditConfig, audit
 
 EXE = Path(sys.executable).parent / "medistill"
 CHEAP = {"feature_epochs": 1}
@@ -105,8 +106,9 @@ def test_the_feature_network_is_trained_once_and_recorded(small, tmp_path) -> No
     assert network["protocol"]["lr"] == 0.01 and network["protocol"]["augment"] is None and network["train_images"] == 36
     assert loaded.hyperparameters == {"feature_model": "convnet", "feature_epochs": 1}
     assert herded.extra["feature_network"] == network
-    other_seed = feature_space(small, FeatureSettings(feature_epochs=1), 6)
-    assert not torch.equal(other_seed.features, feature_space(small, FeatureSettings(feature_epochs=1), 5).features)
+    protocol = FeatureSettings(feature_epochs=1).protocol()
+    other_seed = feature_network(small, protocol, 6)
+    assert not torch.equal(other_seed.train_features, feature_network(small, protocol, 5).train_features)
 
 
 def test_bad_settings_and_multi_label_are_refused(small, tmp_path) -> None:

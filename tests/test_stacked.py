@@ -10,7 +10,8 @@ from medistill.augment import DEFAULT_STRATEGY
 from medistill.data.dataset import MULTI_CLASS, MULTI_LABEL, DataSource, Dataset, build_dataset
 from medistill.errors import ConfigError
 from medistill.train import TrainProtocol, evaluate, model_seeds, train_model
-from medistill.train.stacked import StackedModels, init_model, protocol_can_stack, train_stacked
+from medistill.train.protocol import init_model
+from medistill.train.stacked import StackedModels, protocol_can_stack, train_stacked
 
 WEIGHT_TOL = 5e-4  # float rounding over 15 SGD steps (5 epochs x 3 batches); a real mismatch is order 1e-2 and up
 

@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from medistill import __version__
 from medistill.atomic import atomic_path
-from medistill.data.dataset import MULTI_LABEL, TASKS
-from medistill.errors import DataError
+from medistill.data.dataset import MULTI_LABEL, TASKS, Dataset
+from medistill.data.source import load_recorded_source
+from medistill.errors import ConfigError, DataError
 from medistill.pictures import save_grid
 
 META_KEY = "medistill"
 ARTIFACT_NAME = "synthetic.safetensors"
+BUNDLE_MARKER = "dataset_card.json"  # a folder holding this is a shared bundle, never a job folder
 
 
 @dataclass
@@ -99,12 +101,12 @@ class SyntheticSet:
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise DataError(f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}); "
                             f"it may be damaged or come from another medistill version") from None
-        problem = synthetic.problem()
-        if problem:
-            raise DataError(f"{path} is not a usable medistill set: {problem}")
+        reason = synthetic.invalid_reason()
+        if reason:
+            raise DataError(f"{path} is not a usable medistill set: {reason}")
         return synthetic
 
-    def problem(self) -> str | None:
+    def invalid_reason(self) -> str | None:
         """What makes this set unusable (wrong types, shapes or ranges in its tensors or metadata), or None."""
         images, labels = self.images, self.labels
         if images.ndim != 4 or 0 in images.shape[:2] or images.shape[2] != images.shape[3]:
@@ -134,6 +136,12 @@ class SyntheticSet:
             return "source, hyperparameters, metrics and extra must be mappings"
         return None
 
+    def load_source(self, *, root: str | Path | None = None, device: torch.device | str = "cpu",
+                    progress: bool = False) -> Dataset:
+        """The dataset this set was made from, at its channels and size, checked to be the same file (MD5)."""
+        return load_recorded_source(self.source, channels=int(self.images.shape[1]), image_size=int(self.images.shape[-1]),
+                                    root=root, device=device, progress=progress)
+
     def to_npz(self, path: str | Path) -> Path:
         """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""
         path = Path(path)
@@ -150,6 +158,29 @@ class SyntheticSet:
     def to_png_grid(self, path: str | Path, max_per_class: int = 10) -> Path:
         """Save a PNG grid: one row per class (single-label), up to `max_per_class` images per row."""
         return save_image_grid(self.pixels(), self.labels, self.task, self.label_names, path, max_per_class)
+
+
+STATS_TOLERANCE = 1e-6  # relative: stats that differ by less are the same normalisation written on another machine
+
+
+def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
+    """The set's images in the dataset's normalisation: unchanged when the stats agree within
+    `STATS_TOLERANCE`, else mapped through pixel space without clamping (a set learnt from noise may
+    hold pixels outside [0, 1], and they are part of what it learnt)."""
+    if synthetic.images.shape[1:] != dataset.train.images.shape[1:]:
+        raise ConfigError(
+            f"the set's images are {tuple(synthetic.images.shape[1:])} but the dataset's are {tuple(dataset.train.images.shape[1:])}"
+        )
+    if len(synthetic.mean) != len(dataset.mean) or len(synthetic.std) != len(dataset.std):
+        raise ConfigError(f"the set has {len(synthetic.mean)} channel statistics but the dataset {len(dataset.mean)}")
+    stats = torch.tensor([*synthetic.mean, *synthetic.std], dtype=torch.float64)
+    target = torch.tensor([*dataset.mean, *dataset.std], dtype=torch.float64)
+    if torch.allclose(stats, target, rtol=STATS_TOLERANCE, atol=0.0):
+        return synthetic.images
+    images = synthetic.images.detach().cpu().double()
+    pixels = images * stats[len(synthetic.mean):].view(1, -1, 1, 1) + stats[: len(synthetic.mean)].view(1, -1, 1, 1)
+    converted = (pixels - target[: len(dataset.mean)].view(1, -1, 1, 1)) / target[len(dataset.mean):].view(1, -1, 1, 1)
+    return converted.to(synthetic.images.dtype)
 
 
 def save_image_grid(
@@ -180,4 +211,4 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-__all__ = ["ARTIFACT_NAME", "SyntheticSet", "save_image_grid"]
+__all__ = ["ARTIFACT_NAME", "BUNDLE_MARKER", "STATS_TOLERANCE", "SyntheticSet", "renormalize", "save_image_grid"]

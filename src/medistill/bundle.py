@@ -32,22 +32,22 @@ import torch
 import torch.nn as nn
 
 from medistill import __version__
-from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet
 from medistill.atomic import atomic_path, atomic_write, refuse_existing
 from medistill.data import load_dataset
 from medistill.data.dataset import DataSource, Dataset, Split
 from medistill.dp.accounting import is_guarantee
-from medistill.dp.mechanism import verified_privacy
+from medistill.methods.privacy_check import verified_privacy
 from medistill.errors import ConfigError, DataError
 from medistill.markdown import cell
 from medistill.methods import get_method
 from medistill.models import create_model
-from medistill.pipeline import BUNDLE_MARKER, load_source_dataset
-from medistill.privacy.audit import file_sha256 as sha256
-from medistill.privacy.audit import screen_near_copies
-from medistill.privacy.neighbours import CopyThresholds
+
+from medistill.audit.report import file_sha256 as sha256
+from medistill.audit.report import screen_near_copies
+from medistill.audit.neighbours import CopyThresholds
 from medistill.progress import progress_bar
-from medistill.train import TrainProtocol, test_scores, train_model
+from medistill.train import TrainProtocol, scores_on, train_model
 
 CARD_FORMAT = "medistill-bundle/1"
 MODEL_FORMAT = "medistill-model/1"
@@ -75,7 +75,7 @@ class ExportEvidence:
     @cached_property
     def screen(self) -> dict[str, Any]:
         """The near-copy screen of the set against the training split of the source it names (MD5-checked)."""
-        dataset = load_source_dataset(self.synthetic, root=self.data_root, device=self.device, progress=False)
+        dataset = self.synthetic.load_source(root=self.data_root, device=self.device, progress=False)
         return screen_near_copies(self.synthetic, dataset, self.thresholds)
 
 
@@ -126,7 +126,7 @@ def check_export(evidence: ExportEvidence) -> None:
 
 def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]:
     """A passing audit report (audit.json, or its folder) made for the artifact with this SHA-256, summarised."""
-    from medistill.privacy.audit import AUDIT_JSON, summarize
+    from medistill.audit.report import AUDIT_JSON, summarize
 
     path = Path(report_path)
     path = path / AUDIT_JSON if path.is_dir() else path
@@ -252,7 +252,7 @@ def withheld(value: Any) -> str:
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
     from medistill.dp.accounting import privacy_markdown
-    from medistill.privacy.audit import audit_markdown
+    from medistill.audit.report import audit_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]
     learned = card["learned_lr"] if card["learned_lr"] is not None else "none (train with the protocol lr)"
@@ -416,7 +416,7 @@ def train_on_bundle(
         network = train_model(data.train.images, labels, data, protocol, seed=seed, on_epoch=bar.advance)
     evaluation = None
     if test is not None:
-        acc, auc = test_scores(network, data)
+        acc, auc = scores_on(network, data)
         evaluation = {"data": str(eval_data), "split": "test", "images": len(test), "test_acc": acc, "test_auc": auc}
     payload = {
         "format": MODEL_FORMAT,

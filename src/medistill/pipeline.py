@@ -16,13 +16,11 @@ from typing import Any, Callable
 import torch
 
 from medistill import __version__
-from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet, renormalize
 from medistill.atomic import atomic_write
 from medistill.augment import DEFAULT_STRATEGY
-from medistill.data import FLAGS, SIZES, load_image_folder, load_medmnist, load_npz_dataset
-from medistill.data.medmnist import url_and_md5
 from medistill.data.dataset import Dataset
-from medistill.errors import ConfigError, DataError, MedistillError
+from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill, get_method
 from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
@@ -32,7 +30,6 @@ from medistill.zca import ZCA, whitened_dataset
 
 RESULT_NAME = "result.json"
 GRID_NAME = "grid.png"
-BUNDLE_MARKER = "dataset_card.json"  # a folder holding this is a shared bundle, never a job folder
 CHECKPOINTS_NAME = "checkpoints"  # the job folder's sub-folder where the method checkpoints its loop
 
 
@@ -89,61 +86,6 @@ def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol
         zca = ZCA.for_dataset(dataset)
         images, dataset = zca.whiten_normalised(dataset, images.to(dataset.device)), whitened_dataset(dataset, zca)
     return evaluate(images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress)
-
-
-STATS_TOLERANCE = 1e-6  # relative: stats that differ by less are the same normalisation written on another machine
-
-
-def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
-    """The set's images in the dataset's normalisation: unchanged when the stats agree within
-    `STATS_TOLERANCE`, else mapped through pixel space without clamping (a set learnt from noise may
-    hold pixels outside [0, 1], and they are part of what it learnt)."""
-    if synthetic.images.shape[1:] != dataset.train.images.shape[1:]:
-        raise ConfigError(
-            f"the set's images are {tuple(synthetic.images.shape[1:])} but the dataset's are {tuple(dataset.train.images.shape[1:])}"
-        )
-    if len(synthetic.mean) != len(dataset.mean) or len(synthetic.std) != len(dataset.std):
-        raise ConfigError(f"the set has {len(synthetic.mean)} channel statistics but the dataset {len(dataset.mean)}")
-    stats = torch.tensor([*synthetic.mean, *synthetic.std], dtype=torch.float64)
-    target = torch.tensor([*dataset.mean, *dataset.std], dtype=torch.float64)
-    if torch.allclose(stats, target, rtol=STATS_TOLERANCE, atol=0.0):
-        return synthetic.images
-    images = synthetic.images.detach().cpu().double()
-    pixels = images * stats[len(synthetic.mean):].view(1, -1, 1, 1) + stats[: len(synthetic.mean)].view(1, -1, 1, 1)
-    converted = (pixels - target[: len(dataset.mean)].view(1, -1, 1, 1)) / target[len(dataset.mean):].view(1, -1, 1, 1)
-    return converted.to(synthetic.images.dtype)
-
-
-def load_source_dataset(synthetic: SyntheticSet, *, root: str | Path | None = None, device: torch.device | str = "cpu",
-                        progress: bool = False) -> Dataset:
-    """Load the dataset a set was made from, at the set's channels and size, and check it is the same file (MD5).
-
-    A MedMNIST source is only fetched when its recorded MD5 is the official one of the file it names,
-    so a set's metadata cannot make medistill download anything else; own files are never downloaded.
-    """
-    source = synthetic.source.get("source")
-    if not isinstance(source, dict) or source.get("kind") not in ("medmnist", "npz", "folder") or not isinstance(source.get("name"), str):
-        raise DataError("the set does not record the dataset it was made from (source.source: kind medmnist, npz or folder, and a name)")
-    kind, name = source["kind"], source["name"]
-    channels, image_size = int(synthetic.images.shape[1]), int(synthetic.images.shape[-1])
-    if kind == "medmnist":
-        size = source.get("size") or 28
-        if name not in FLAGS or size not in SIZES:
-            raise DataError(f"the set names the MedMNIST source {name!r} at size {size!r}, which does not exist")
-        official = url_and_md5(name, size)[1]
-        if source.get("md5") != official:
-            raise DataError(f"the set records MD5 {source.get('md5')!r} for {name}, not the official {official}; "
-                            "it was not made from that file and nothing is downloaded for it")
-        data = load_medmnist(name, size=size, root=root, image_size=image_size, channels=channels, device=device, progress=progress)
-    else:
-        path = Path(str(source.get("path") or ""))
-        loader = {"npz": load_npz_dataset, "folder": load_image_folder}[kind]
-        if not path.exists():
-            raise DataError(f"the set's source {kind} {path} is not on this machine; the set can only be checked where its data is")
-        data = loader(path, image_size=image_size, channels=channels, device=device)
-    if source.get("md5") and data.source.md5 and data.source.md5 != source["md5"]:
-        raise ConfigError(f"the set was made from {name} with MD5 {source['md5']}, but the file found has MD5 {data.source.md5}")
-    return data
 
 
 def run_job(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medistill.train import TrainProtocol, train_model
-from medistill.train.engine import model_seeds
+from medistill.train.protocol import model_seeds
 from medistill.train.stacked import train_stacked
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from medistill.methods.registry import new_set
-from medistill.pipeline import renormalize
+from medistill.artifact import renormalize
 
 
 def test_last_bit_difference_is_the_same_normalisation(make_small) -> None:

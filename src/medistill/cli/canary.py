@@ -15,8 +15,8 @@ from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsil
                                    announce_precision, method_settings, open_dataset, pinned_bf16, speed_settings)
 from medistill.errors import ConfigError
 from medistill.methods import get_method
-from medistill.pipeline import BUNDLE_MARKER
-from medistill.privacy.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, require_single_label,
+from medistill.artifact import BUNDLE_MARKER
+from medistill.audit.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, require_single_label,
                                       run_canary_audit, write_canary_report)
 from medistill.runtime import choose_bf16
 

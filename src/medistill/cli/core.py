@@ -22,7 +22,7 @@ from medistill.demo import DEMO_DATASET, DEMO_IPC, demo_networks, run_demo
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.models import list_models, model_summary
-from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, load_source_dataset, run_job, score_set
+from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, run_job, score_set
 from medistill.runtime import choose_bf16, resolve_device
 from medistill.scoretext import mean_std, record_score
 
@@ -127,7 +127,7 @@ def evaluate(
     unknown = [m for m in names if m.lower() not in list_models()]
     if unknown or not names:
         raise ConfigError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(list_models())}")
-    data = load_source_dataset(synthetic, root=data_root, device=resolve_device(device), progress=progress)
+    data = synthetic.load_source(root=data_root, device=resolve_device(device), progress=progress)
     use_bf16, why = choose_bf16(bf16, None, data.device, names)
     announce_precision(use_bf16, why)
     table = Table("model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")

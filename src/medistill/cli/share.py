@@ -12,7 +12,7 @@ from medistill.bundle import export_bundle, train_on_bundle
 from medistill.cli import app
 from medistill.cli.options import DataRoot, Device, Force, Progress, Seed
 from medistill.dp.accounting import is_guarantee
-from medistill.privacy.audit import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
+from medistill.audit.report import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
 from medistill.runtime import resolve_device
 
 EXIT_AUDIT_FAILED = 1

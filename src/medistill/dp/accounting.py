@@ -256,7 +256,7 @@ def is_guarantee(record: dict[str, Any] | None) -> bool:
 def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
     """Markdown lines stating a set's differential-privacy guarantee (or its absence).
 
-    Only a record `dp.mechanism.verified_privacy` checked reaches a card or an audit report; this states what it covers."""
+    Only a record `methods.privacy_check.verified_privacy` checked reaches a card or an audit report; this states what it covers."""
     if record is None:
         return ["## Differential privacy", "", "No formal guarantee: this set was not made by a differentially private method.", ""]
     if not is_guarantee(record):

@@ -30,7 +30,7 @@ from medistill.dp.mechanism import public_view, require_per_example
 from medistill.dp.randomness import SecretRandom
 from medistill.errors import ConfigError
 from medistill.models import create_model
-from medistill.train.engine import model_seeds, test_scores
+from medistill.train import model_seeds, scores_on
 from medistill.train.metrics import Scores
 
 RESULT_NAME = "result.json"
@@ -159,7 +159,7 @@ def run_dpsgd(dataset: Dataset, settings: DPSGDSettings, *, num_models: int = 2,
     secret = SecretRandom.fresh()
     for index, model_seed in enumerate(model_seeds(seed, num_models)):
         network, record = train_dpsgd(public, settings, model_seed, secret, index)
-        acc, auc = test_scores(network, public)
+        acc, auc = scores_on(network, public)
         scores.acc.append(acc)
         scores.auc.append(auc)
         records.append(record)

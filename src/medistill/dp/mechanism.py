@@ -23,21 +23,20 @@ The accounting (σ from (ε, δ), the budget check, the guarantee's record) is `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset, Split
-from medistill.dp.accounting import PrivacyLedger, PrivacySettings, verify_record
+from medistill.dp.accounting import PrivacyLedger, PrivacySettings
 from medistill.dp.randomness import DESCRIPTION as SECRET_DESCRIPTION
 from medistill.dp.randomness import SecretRandom, forget_secret, run_secret
 from medistill.errors import ConfigError
-
-if TYPE_CHECKING:  # the methods import this module; it reaches the method registry only when called
-    from medistill.methods.registry import RunContext
 
 # Fixed public normalisation (the constants MedMNIST's own examples use): pixel 0.5 -> 0, range [-1, 1].
 PUBLIC_MEAN = 0.5
@@ -139,40 +138,12 @@ def finish_private_set(synthetic: SyntheticSet, ledger: PrivacyLedger, counts: T
     return synthetic
 
 
-def private_run(context: "RunContext", run: Callable[[SecretRandom], SyntheticSet]) -> SyntheticSet:
+def private_run(checkpoint_dir: Path | None, resume: bool, run: Callable[[SecretRandom], SyntheticSet]) -> SyntheticSet:
     """Run a private method with this run's secret (`randomness.run_secret`), forgotten once the run has finished."""
-    secret = run_secret(context.checkpoint_dir, context.resume)
+    secret = run_secret(checkpoint_dir, resume)
     synthetic = run(secret)
-    forget_secret(context.checkpoint_dir)
+    forget_secret(checkpoint_dir)
     return synthetic
-
-
-def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
-    """The set's privacy record, verified against its method and settings, or None for a set of a non-private method.
-
-    A ConfigError refuses a record on a non-private method's set, a private set without one, and a record
-    that its own mechanism and settings do not reproduce (`accounting.verify_record`)."""
-    from medistill.methods.registry import get_method
-
-    spec = get_method(synthetic.method)
-    record = synthetic.extra.get("privacy")
-    if spec.private_releases is None:
-        if record is not None:
-            raise ConfigError(f"the set carries a privacy record, but '{spec.name}' is not a "
-                              "differentially private method; only dp-dm and dp-dc sets carry a guarantee")
-        return None
-    if record is None:
-        raise ConfigError(f"this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
-    if not isinstance(record, dict):
-        raise ConfigError("the set's privacy record is not a mapping")
-    if not str(record.get("randomness", "")).startswith(SECRET_DESCRIPTION):
-        raise ConfigError("this set was made by a version whose private draws followed its published seed, "
-                          "so anyone with the seed can remove the noise; make it again with this version")
-    try:
-        releases = spec.private_releases(synthetic.hyperparameters)
-    except (KeyError, TypeError, ValueError, ArithmeticError):
-        raise ConfigError(f"the set's settings do not say how many releases its '{spec.name}' run made") from None
-    return verify_record(record, synthetic.hyperparameters, releases)
 
 
 def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: int) -> None:
@@ -184,5 +155,5 @@ def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: i
 
 __all__ = [
     "GaussianMechanism", "PUBLIC_MEAN", "PUBLIC_STD", "PoissonSampler", "PrivateSettings", "clip_rows", "finish_private_set",
-    "private_run", "public_view", "release_class_counts", "require_per_example", "sync_ledger", "verified_privacy",
+    "private_run", "public_view", "release_class_counts", "require_per_example", "sync_ledger",
 ]

@@ -132,7 +132,7 @@ def run_dp_dc(dataset: Dataset, ipc: int, config: DPDCConfig, context: RunContex
         sync_ledger(ledger, config.iterations, outer)
         return finish_private_set(synthetic, ledger, counts, config)
 
-    return private_run(context, run)
+    return private_run(context.checkpoint_dir, context.resume, run)
 
 
 SPEC = register_method(

@@ -114,7 +114,7 @@ def run_dp_dm(dataset: Dataset, ipc: int, config: DPDMConfig, context: RunContex
         sync_ledger(ledger, config.iterations, 1)
         return finish_private_set(synthetic, ledger, counts, config)
 
-    return private_run(context, run)
+    return private_run(context.checkpoint_dir, context.resume, run)
 
 
 SPEC = register_method(

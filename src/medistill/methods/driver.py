@@ -31,7 +31,7 @@ from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.convergence import StoppingRule, best_point, validation_score
 from medistill.methods.registry import RunContext, get_method, new_set, recorded_settings
 from medistill.progress import progress_bar
-from medistill.train.engine import TrainProtocol, evaluate
+from medistill.train import TrainProtocol, evaluate
 
 LOSS_CURVE_POINTS = 100
 HEALTH_CHECK_AT = 20  # iteration after which a distiller may report a badly scaled setup

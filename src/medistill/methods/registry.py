@@ -17,7 +17,7 @@ from medistill.configfile import check_settings
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.registry import Registry
-from medistill.train.engine import TrainProtocol
+from medistill.train.protocol import TrainProtocol
 
 DSA_EVAL_EPOCHS = 1000
 PLAIN_EVAL_EPOCHS = 300

@@ -69,6 +69,15 @@ class Scores:
     def val_auc_mean(self) -> float:
         return float(np.mean(self.val_auc)) if self.val_auc else math.nan
 
+    def add(self, test: list[tuple[float, float]], val: list[tuple[float, float]]) -> None:
+        """Record networks' (ACC, AUC) on the test split and, when asked for, on the validation split."""
+        for acc, auc in test:
+            self.acc.append(acc)
+            self.auc.append(auc)
+        for acc, auc in val:
+            self.val_acc.append(acc)
+            self.val_auc.append(auc)
+
     def summary(self) -> dict[str, float | list[float]]:
         return {
             "test_acc_mean": self.acc_mean,

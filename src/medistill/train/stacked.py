@@ -21,59 +21,23 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from medistill.augment import DiffAugment
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
 from medistill.models import create_model
 from medistill.models.convnet import AvgPool, Conv2d, ConvNet
 from medistill.runtime import autocast
 from medistill.train.metrics import predict_scores, score
+from medistill.train.protocol import ModelStream, TrainProtocol, init_model, make_augment
 from medistill.transfer import to_device
-
-if TYPE_CHECKING:
-    from medistill.train.engine import TrainProtocol
 
 STACK_PIXEL_BUDGET = 4096 * 28 * 28  # training images x pixels per stacked step (bounds activation memory)
 EVAL_IMAGE_BUDGET = 4096  # test images x models per batched scoring forward
-
-
-class ModelStream:
-    """One network's randomness: data order and augmentation draws, from its own CPU generator.
-
-    The sequential and the stacked trainer both draw through this, in the same order
-    (one permutation per epoch, then the augmentation of each batch), so a network sees the
-    same batches and the same transforms whichever way it is trained.
-    """
-
-    def __init__(self, seed: int, augment: DiffAugment | None) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        self.augment = augment
-
-    def epoch_order(self, n: int) -> Tensor:
-        """A fresh permutation of the n training images (on the CPU)."""
-        return torch.randperm(n, generator=self.generator)
-
-    def augment_batch(self, x: Tensor) -> Tensor:
-        """The batch with this network's augmentation applied (identity without augmentation)."""
-        return x if self.augment is None else self.augment(x, generator=self.generator)
-
-
-def make_augment(protocol: TrainProtocol) -> DiffAugment | None:
-    """The protocol's (non-Siamese) DSA augmentation, or None."""
-    return DiffAugment(protocol.augment) if protocol.augment else None
-
-
-def init_model(protocol: TrainProtocol, dataset: Dataset, seed: int, device: torch.device) -> nn.Module:
-    """A fresh network whose initial weights depend on `seed` only."""
-    torch.manual_seed(seed)
-    return create_model(protocol.model, dataset.channels, dataset.num_classes, dataset.image_size).to(device)
 
 
 def can_stack(model: nn.Module) -> bool:
@@ -265,7 +229,7 @@ def train_stacked(
     return stack
 
 
-def stacked_test_scores(stack: StackedModels, dataset: Dataset, split: str = "test") -> list[tuple[float, float]]:
+def stacked_scores_on(stack: StackedModels, dataset: Dataset, split: str = "test") -> list[tuple[float, float]]:
     """(ACC, AUC) of every stacked model on one split of the dataset, from one batched forward per chunk."""
     stack.template.eval()
     data = dataset.split(split)

@@ -169,16 +169,9 @@ def nearest_by_l2(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEF
     return (fa - fb[index]).norm(dim=1).to(a.dtype), index
 
 
-@torch.no_grad()
-def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised penultimate features of a trained network (`model.embed`)."""
-    model.eval()
-    features = torch.cat([model.embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    return torch.nn.functional.normalize(features.flatten(1), dim=1)
-
-
 def nearest_by_cosine(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """For L2-normalised feature rows `a` and `b`, the highest cosine similarity in `b` per row of `a`."""
+    """For feature rows `a` and `b`, the highest cosine similarity in `b` per row of `a` (rows are L2-normalised here)."""
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
     best = torch.full((len(a),), -math.inf, dtype=a.dtype, device=a.device)
     index = torch.zeros(len(a), dtype=torch.long, device=a.device)
     step = max(1, batch_elements // max(1, len(a)))
@@ -278,6 +271,6 @@ def _blocks(n: int, m: int, per_pair: int, budget: int):
 
 
 __all__ = [
-    "CopyThresholds", "Neighbours", "distribution", "embed", "find_neighbours", "gaussian_window", "nearest_by_cosine",
+    "CopyThresholds", "Neighbours", "distribution", "find_neighbours", "gaussian_window", "nearest_by_cosine",
     "nearest_by_l2", "nearest_by_ssim", "neighbour_summary", "save_worst_cases", "ssim_matrix",
 ]

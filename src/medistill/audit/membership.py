@@ -36,8 +36,8 @@ from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods import get_method
-from medistill.pipeline import renormalize
-from medistill.train import TrainProtocol, model_seeds, test_scores, train_model
+from medistill.artifact import renormalize
+from medistill.train import TrainProtocol, model_seeds, scores_on, train_model
 
 FPRS = (0.01, 0.001)
 
@@ -144,7 +144,7 @@ def membership_audit(
         log(f"membership: training the '{name}' target ({len(images)} images, {protocol.epochs} epochs)")
         net = train_model(images, _train_labels(labels, multilabel), dataset, protocol, seed=model_seed, lr=lr)
         trained[name] = net
-        acc, auc = test_scores(net, dataset)
+        acc, auc = scores_on(net, dataset)
         member_loss = per_example_loss(net, train.images, train.labels, multilabel)
         nonmember_loss = per_example_loss(net, test.images, test.labels, multilabel)
         targets[name] = {"train_images": len(images), "protocol": protocol.to_dict(), "learned_lr": lr,

@@ -23,15 +23,16 @@ from medistill.artifact import ARTIFACT_NAME, SyntheticSet
 from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.dp.accounting import privacy_markdown
-from medistill.dp.mechanism import verified_privacy
+from medistill.methods.privacy_check import verified_privacy
 from medistill.errors import ConfigError
 from medistill.markdown import cell
-from medistill.pipeline import BUNDLE_MARKER, load_source_dataset, renormalize
-from medistill.privacy.membership import membership_audit
-from medistill.privacy.neighbours import (
-    DEFAULT_BATCH_ELEMENTS, CopyThresholds, embed, find_neighbours, neighbour_summary, save_worst_cases,
+from medistill.artifact import BUNDLE_MARKER, renormalize
+from medistill.audit.membership import membership_audit
+from medistill.audit.neighbours import (
+    DEFAULT_BATCH_ELEMENTS, CopyThresholds, find_neighbours, neighbour_summary, save_worst_cases,
 )
-from medistill.train import TrainProtocol, test_scores, train_model
+from medistill.train import TrainProtocol
+from medistill.train.features import embed, feature_network
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
@@ -40,7 +41,7 @@ WORST_PNG = "worst_cases.png"
 
 @dataclass
 class AuditConfig:
-    """What the audit computes. Thresholds: see `medistill.privacy.neighbours` for their meaning."""
+    """What the audit computes. Thresholds: see `medistill.audit.neighbours` for their meaning."""
 
     ssim_threshold: float = 0.95
     l2_threshold: float = 0.02  # RMS pixel distance in [0, 1], i.e. L2 / sqrt(C*H*W)
@@ -92,13 +93,11 @@ def audit(
     feature_info = None
     real_features = None
     if config.feature_epochs:
-        log(f"audit: training the feature network ({config.feature_model}, {config.feature_epochs} epochs on {len(dataset.train)} real images)")
-        labels = dataset.train.labels.float() if dataset.is_multilabel else dataset.train.labels
         protocol = TrainProtocol(epochs=config.feature_epochs, model=config.feature_model)
-        network = train_model(dataset.train.images, labels, dataset, protocol, seed=config.seed)
-        acc, auc = test_scores(network, dataset)
-        feature_info = {"model": config.feature_model, "epochs": config.feature_epochs, "test_acc": acc, "test_auc": auc}
-        real_features = embed(network, dataset.train.images)
+        trained = feature_network(dataset, protocol, config.seed, log=log)
+        network, real_features = trained.model, trained.train_features
+        feature_info = {"model": config.feature_model, "epochs": config.feature_epochs,
+                        "test_acc": trained.info["test_acc"], "test_auc": trained.info["test_auc"]}
 
     log(f"audit: nearest real neighbours of {len(synthetic)} synthetic images among {len(dataset.train)} training images")
     features = (embed(network, synthetic_normalised), real_features) if network is not None else None
@@ -200,7 +199,7 @@ def run_audit(
                           "audit never writes there: give --report a folder of its own")
     if (out / AUDIT_JSON).exists() and not force:
         raise ConfigError(f"{out} already holds an audit report; choose another --report or pass --force to replace it")
-    dataset = load_source_dataset(synthetic, root=data_root, device=device)
+    dataset = synthetic.load_source(root=data_root, device=device)
     report = audit(synthetic, dataset, config, worst_cases_png=out / WORST_PNG, log=log)
     report["artifact"]["sha256"] = file_sha256(path)
     atomic_write(out / AUDIT_JSON, json.dumps(report, indent=2, allow_nan=True) + "\n")
