@@ -1,13 +1,13 @@
-# Shared set-up of the prepared GPU scripts (gpu_*.sh), sourced once they have set OUT:
+# Shared set-up of the GPU campaign scripts (gpu_*.sh), sourced once they have set OUT:
 #   source "$(dirname "$0")/gpu_setup.sh" "$@"
-# With the argument "prepare" (run on the CPU machine, before the device call) it copies the data
-# folder (the one holding medmnist/ and unofficial/: DATA_SRC, default the parent of
-# $MEDISTILL_DATA) and the medmnist wheel into the ignored .gpu_carry/ and exits; the device call
-# then carries [".gpu_carry"]. Otherwise it sets DATA_DIR, PY, DEVICE, DEADLINE, PNEUMONIA, LOG and
-# left(), installs the carried wheel where medmnist is missing, and puts src/ on PYTHONPATH.
+# With the argument "prepare" (run where the data is, before the repository goes to a GPU machine
+# without network access) it copies the data folder (the one holding medmnist/ and unofficial/:
+# DATA_SRC, default the parent of $MEDISTILL_DATA) and the medmnist wheel into .gpu_carry/ (ignored
+# by .gitignore) and exits; copy .gpu_carry/ along with the repository. Otherwise it sets DATA_DIR,
+# PY, DEVICE, DEADLINE, PNEUMONIA, LOG and left(), installs the wheel from .gpu_carry/ where medmnist
+# is missing, and puts src/ on PYTHONPATH.
 if [ "${1:-}" = "prepare" ]; then
   DATA_SRC=${DATA_SRC:-$(dirname "${MEDISTILL_DATA:?set MEDISTILL_DATA (the MedMNIST folder) or DATA_SRC}")}
-  grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
   mkdir -p .gpu_carry/data && cp -r "$DATA_SRC/medmnist" "$DATA_SRC/unofficial" .gpu_carry/data/
   python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu_carry/whl medmnist==3.0.2
   exit 0

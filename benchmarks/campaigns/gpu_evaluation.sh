@@ -5,8 +5,8 @@
 #   2. bench.json: the throughput grid (K = 1/5/10/20, IPC 1/10/50, 1 and 3 channels, both backends,
 #      with and without DSA), full-set epoch times (fp32 / channels_last / bf16 / stacked) and DC/MTT s/iteration.
 #
-#     bash benchmarks/gpu_evaluation.sh prepare      # here: data and the medmnist wheel into the ignored .gpu_carry/
-# then the device call: command "bash benchmarks/gpu_evaluation.sh", carry [".gpu_carry"], timeout_s 560.
+#     bash benchmarks/campaigns/gpu_evaluation.sh prepare   # where the data is: data and the medmnist wheel into .gpu_carry/
+# then, on the GPU machine (the repository with .gpu_carry/): bash benchmarks/campaigns/gpu_evaluation.sh
 set -u
 OUT=${OUT:-runs/gpu_evaluation}
 source "$(dirname "$0")/gpu_setup.sh" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study runner (local and Ray executors) on one GPU (H100/H200), in one command of under 10 minutes; results to $OUT.
+# The study runner (local and Ray executors) on one GPU (H100/H200), in under 10 minutes (DEADLINE); results to $OUT.
 #
 #   A. configs/quick.yaml on the GPU with the local executor: wall time, tables, correlation.
 #   B. the same study through `--executor ray` (a local Ray instance) with fractional requests
@@ -9,10 +9,11 @@
 #      10 with 200 iterations, random, full; 5 networks, each method's reference epochs) through
 #      Ray, stopped at DEADLINE (a study resumes: rerun the same command to finish it).
 #
-# The device machine gets the repo only: carry the data, the medmnist wheel and the ray wheels, e.g.
-#   bash benchmarks/gpu_study.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/ (gpu_setup.sh)
+# The GPU machine needs no network: it gets the repository and .gpu_carry/ with the data, the medmnist
+# wheel and the ray wheels, e.g.
+#   bash benchmarks/campaigns/gpu_study.sh prepare   # data and the medmnist wheel into .gpu_carry/ (gpu_setup.sh)
 #   .venv/bin/pip download -d .gpu_carry/whl 'ray>=2.9'
-# then run (carry [".gpu_carry"]): bash benchmarks/gpu_study.sh
+# then, on the GPU machine: bash benchmarks/campaigns/gpu_study.sh
 set -u
 OUT=${OUT:-runs/gpu_study}
 [ "${1:-}" = "prepare" ] && source "$(dirname "$0")/gpu_setup.sh" prepare

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DC, DSA and DM speed and accuracy on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+# DC, DSA and DM speed and accuracy on one GPU (H100/H200), in under 10 minutes (DEADLINE); JSON to $OUT.
 #
 #   A. speed, alone on the GPU: s/iteration and peak memory of DC, DSA, DM at IPC 1, 10, 50
 #      (BreastMNIST): default (per-class loop), class_batching=vmap, bf16; DC also at 32x32 (the
@@ -12,9 +12,9 @@
 #      seconds under SLOWDOWN-fold sharing; the iterations used are in grid.json.
 #   C. torch.compile speed (DC and DM at IPC 10), if time is left.
 #
-# The device machine gets the repo only (no data, no medmnist package, no internet). Here:
-#     bash benchmarks/gpu_pixel_methods.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
-# then the device call: command "bash benchmarks/gpu_pixel_methods.sh", carry [".gpu_carry"], timeout_s 600.
+# The GPU machine needs no network: it gets the repository and .gpu_carry/ (data, the medmnist wheel).
+#     bash benchmarks/campaigns/gpu_pixel_methods.sh prepare   # where the data is: data and the medmnist wheel into .gpu_carry/
+# then, on the GPU machine: bash benchmarks/campaigns/gpu_pixel_methods.sh
 set -u
 OUT=${OUT:-runs/gpu_pixel_methods}
 source "$(dirname "$0")/gpu_setup.sh" "$@"
@@ -32,7 +32,7 @@ speed() {  # name, timeout, extra args
   local name=$1 limit=$2; shift 2
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   [ "$limit" -lt 20 ] && { echo "speed $name: skipped, no time left" >> "$LOG"; return; }
-  timeout "$limit" $PY benchmarks/distill_speed.py --device "$DEVICE" --dataset breastmnist "$@" > "$OUT/$name.json" 2>> "$LOG" \
+  timeout "$limit" $PY benchmarks/distill_speed.py --device "$DEVICE" --dataset breastmnist "$@" --out "$OUT/$name.json" > /dev/null 2>> "$LOG" \
     || echo "speed $name: exit $?" >> "$LOG"
 }
 # A. speed, alone
@@ -80,7 +80,7 @@ for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   done
 done
 wait
-$PY benchmarks/collect_grid.py "$RUNS" --note "iterations < 1000 were cut to fit the GPU session (see the plan in logs.txt)" > "$OUT/grid.json"
+$PY benchmarks/collect_grid.py "$RUNS" --note "iterations < 1000 were cut to fit DEADLINE (see the plan in logs.txt)" --out "$OUT/grid.json" > /dev/null
 for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -5; done >> "$LOG"
 $PY - "$RUNS" "$OUT/speed_variants.json" <<'EOF'
 import json, pathlib, sys

@@ -4,7 +4,7 @@
 # balanced Pneumonia subset, IPC 1 and 10. Every run is one `medistill` line, printed before it runs.
 # Finished runs are skipped; a run folder with a `.lock` beside it belongs to another chain and is skipped,
 # so several chains (e.g. one per dataset: ONLY=breast / ONLY=pneumonia) can share OUT_DIR.
-# Usage (repo root, PYTHONPATH=src or installed): [ONLY=breast|pneumonia] bash benchmarks/dp_grid.sh {dm|dc|dpsgd} [OUT_DIR] [SEED]
+# Usage (repo root, PYTHONPATH=src or installed): [ONLY=breast|pneumonia] bash benchmarks/campaigns/dp_grid.sh {dm|dc|dpsgd} [OUT_DIR] [SEED]
 set -euo pipefail
 PART=$1
 OUT=${2:-runs/dp}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Privacy audit and share/receive at reference settings on one GPU: near-copy screening and membership
 # inference (16 LiRA shadows) of a random subset and of DC sets, then export and training at a receiving site.
-#     bash benchmarks/gpu_privacy.sh prepare      # here: data and the medmnist wheel into the ignored .gpu_carry/
-# then on the device (carry [".gpu_carry"]): bash benchmarks/gpu_privacy.sh
+#     bash benchmarks/campaigns/gpu_privacy.sh prepare   # where the data is: data and the medmnist wheel into .gpu_carry/
+# then, on the GPU machine (the repository with .gpu_carry/): bash benchmarks/campaigns/gpu_privacy.sh
 # Writes $OUT/*.audit.txt (Markdown), $OUT/*-audit/audit.json and $OUT/*.train.txt.
 set -euo pipefail
 OUT=${OUT:-runs/gpu_privacy}

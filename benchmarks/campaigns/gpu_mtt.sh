@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MTT expert buffers, memory and accuracy on one GPU (H100/H200), in one command of under 10 minutes; JSON to $OUT.
+# MTT expert buffers, memory and accuracy on one GPU (H100/H200), in under 10 minutes (DEADLINE); JSON to $OUT.
 #
 #   A. expert buffers, alone on the GPU: BreastMNIST and the unofficial PneumoniaMNIST subset, with the
 #      settings of the presets mtt-28-ipc* (so the MTT runs reuse them): time and size on disk
@@ -14,10 +14,10 @@
 #      MTT iterations are cut where phase B's s/iteration says the preset's would not fit
 #      DISTILL_BUDGET seconds under SLOWDOWN-fold sharing (the iterations used are in grid.json).
 #
-# The device machine gets the repo only (no data, no medmnist package, no internet). Here:
-#     bash benchmarks/gpu_mtt.sh prepare      # data and the medmnist wheel into the ignored .gpu_carry/
-# then the device call: command "bash benchmarks/gpu_mtt.sh", carry [".gpu_carry"], timeout_s 600.
-# Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_mtt.sh
+# The GPU machine needs no network: it gets the repository and .gpu_carry/ (data, the medmnist wheel).
+#     bash benchmarks/campaigns/gpu_mtt.sh prepare   # where the data is: data and the medmnist wheel into .gpu_carry/
+# then, on the GPU machine: bash benchmarks/campaigns/gpu_mtt.sh
+# Smoke test on a CPU: DEVICE=cpu QUICK=1 bash benchmarks/campaigns/gpu_mtt.sh
 set -u
 OUT=${OUT:-runs/gpu_mtt}
 source "$(dirname "$0")/gpu_setup.sh" "$@"
@@ -97,6 +97,6 @@ for pair in "breastmnist:breast" "$PNEUMONIA:pneumonia"; do
   done < "$RUNS/plan.txt"
 done
 wait
-$PY benchmarks/collect_grid.py "$RUNS" > "$OUT/grid.json"
+$PY benchmarks/collect_grid.py "$RUNS" --out "$OUT/grid.json" > /dev/null
 for f in "$RUNS"/*.log; do echo "== $f"; grep -v Warning "$f" | tail -4; done >> "$LOG"
 echo "done in $SECONDS s" >> "$LOG"
