@@ -49,9 +49,9 @@ def pneumonia(pneumonia_npz: Path):
 @pytest.fixture
 def kill_at(monkeypatch):
     """`kill_at(iteration)`: pixel-loop runs raise KeyboardInterrupt at `iteration` until the returned state's "kill" is False."""
-    from medistill.methods import pixel_loop
+    from medistill.methods import pixel_methods
 
-    original = pixel_loop.IterationRandom.for_iteration.__func__
+    original = pixel_methods.IterationRandom.for_iteration.__func__
 
     def arm(iteration: int) -> dict:
         state = {"kill": True}
@@ -61,7 +61,7 @@ def kill_at(monkeypatch):
                 raise KeyboardInterrupt
             return original(cls, seed, i, device)
 
-        monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed))
+        monkeypatch.setattr(pixel_methods.IterationRandom, "for_iteration", classmethod(killed))
         return state
 
     return arm

@@ -11,7 +11,7 @@ import torch
 from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, DataSource, Split, build_dataset
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill
-from medistill.methods import pixel_loop
+from medistill.methods import pixel_methods
 from medistill.methods.dc import loops_for_ipc
 
 
@@ -82,7 +82,7 @@ def test_killed_and_resumed_run_ends_with_the_same_images(method: str, tmp_path,
     settings = {"iterations": 5, "checkpoint_every": 1, "batch_real": 6, "outer_loop": 2, "inner_loop": 2}
     whole = distill(method, data, 2, settings, context=RunContext(seed=7))
 
-    original = pixel_loop.IterationRandom.for_iteration.__func__
+    original = pixel_methods.IterationRandom.for_iteration.__func__
     calls: list[int] = []
 
     def killed_at_3(cls, seed, iteration, device):
@@ -91,7 +91,7 @@ def test_killed_and_resumed_run_ends_with_the_same_images(method: str, tmp_path,
             raise KeyboardInterrupt
         return original(cls, seed, iteration, device)
 
-    monkeypatch.setattr(pixel_loop.IterationRandom, "for_iteration", classmethod(killed_at_3))
+    monkeypatch.setattr(pixel_methods.IterationRandom, "for_iteration", classmethod(killed_at_3))
     with pytest.raises(KeyboardInterrupt):
         distill(method, data, 2, settings, context=RunContext(seed=7, checkpoint_dir=tmp_path))
     with pytest.raises(ConfigError, match="--resume"):

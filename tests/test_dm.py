@@ -11,7 +11,7 @@ import torch
 from medistill.augment import DiffAugment
 from medistill.data.dataset import MULTI_LABEL, ORDINAL, DataSource, build_dataset
 from medistill.errors import ConfigError
-from medistill.methods import RunContext, distill, pixel_loop
+from medistill.methods import RunContext, distill, pixel_methods
 from medistill.methods.dm import DistributionMatching, DMConfig
 
 
@@ -57,9 +57,9 @@ def test_batched_loss_equals_the_per_class_reference() -> None:
     dm = DistributionMatching(data, 2, config)
     images = torch.randn(6, 1, 16, 16, requires_grad=True)
     optimizer = torch.optim.SGD([images], lr=0.0)
-    loss = dm.step(images, optimizer, pixel_loop.IterationRandom.for_iteration(4, 0, data.device))
+    loss = dm.step(images, optimizer, pixel_methods.IterationRandom.for_iteration(4, 0, data.device))
     # The same draws, class by class, as the reference computes it.
-    rng = pixel_loop.IterationRandom.for_iteration(4, 0, data.device)
+    rng = pixel_methods.IterationRandom.for_iteration(4, 0, data.device)
     net = dm.network.reset(rng.net_seed)
     picks = dm.sampler.draw(rng.device)
     augment = DiffAugment(config.dsa_strategy)

@@ -19,7 +19,7 @@ from medistill.dp.accounting import BudgetExceeded, PrivacyLedger, PrivacySettin
 from medistill.dp.mechanism import GaussianMechanism, PoissonSampler, public_view, release_class_counts
 from medistill.dp.randomness import SECRET_NAME, SecretRandom
 from medistill.errors import ConfigError
-from medistill.methods import RunContext, distill, pixel_loop
+from medistill.methods import RunContext, distill, pixel_methods
 from medistill.methods.dp_dc import DPDCConfig, PrivateGradientMatching
 from medistill.methods.dp_dm import DPDMConfig, PrivateDistributionMatching
 from medistill.artifact import renormalize
@@ -140,7 +140,7 @@ def test_no_real_pixel_reaches_the_initial_set(method, matcher, monkeypatch) -> 
     for data in (first, second):
         distill(method, data, 2, {**TINY, "iterations": 1}, context=RunContext(seed=3))
     assert torch.equal(seen[0], seen[1])
-    assert torch.equal(seen[0], pixel_loop.noise_init(first, 2, 3))
+    assert torch.equal(seen[0], pixel_methods.noise_init(first, 2, 3))
     with pytest.raises(ConfigError, match="real images"):
         distill(method, first, 1, {**TINY, "init": "real"})
 
@@ -264,7 +264,7 @@ def _old_count_noise(seed: int, shape) -> torch.Tensor:
 
 def test_seed_replay_reader_recovers_neither_counts_nor_sums(medmnist_root, monkeypatch) -> None:
     """The attack that regenerated every private draw from the published seed now recovers nothing."""
-    from medistill.methods.pixel_loop import IterationRandom
+    from medistill.methods.pixel_methods import IterationRandom
 
     data = load_dataset("breastmnist", root=medmnist_root)
     seen = []

@@ -21,8 +21,8 @@ from medistill.methods import MethodSpec, RunContext, distill, driver, register_
 from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.convergence import loss_plateau, points_without_improvement, score_plateau, time_to_fraction
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, run_distiller
-from medistill.methods.pixel_loop import IterationRandom, RealSampler, class_labels, noise_init
-from medistill.methods.registry import METHODS, recorded_settings
+from medistill.methods.pixel_methods import IterationRandom, RealSampler, class_labels, noise_init
+from medistill.methods.base import METHODS, recorded_settings
 from medistill.train import TrainProtocol, evaluate
 from medistill.train.metrics import Scores
 from result_digest import without_seconds

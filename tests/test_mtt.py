@@ -176,7 +176,7 @@ def test_zca_runs_on_grayscale_with_a_warning_and_round_trips_on_rgb(breast, med
 
     rgb = load_dataset("breastmnist", root=medmnist_root, channels=3, image_size=16, progress=False)  # small covariance
     zca = ZCA.for_dataset(rgb)
-    torch.testing.assert_close(zca.unwhiten_normalised(rgb, zca.whiten_normalised(rgb, rgb.test.images)), rgb.test.images,
+    torch.testing.assert_close(zca.unwhiten_normalized(rgb, zca.whiten_normalized(rgb, rgb.test.images)), rgb.test.images,
                                atol=1e-3, rtol=1e-3)
     result = distill("mtt", rgb, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext())
     assert result.extra["zca"] is True and torch.isfinite(result.images).all()
@@ -216,7 +216,7 @@ def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_
 def test_without_settings_mtt_runs_the_stable_preset_of_the_ipc(ipc: int, preset: int) -> None:
     from medistill.methods import get_method
     from medistill.methods.mtt_presets import stable_settings
-    from medistill.methods.registry import resolve_config
+    from medistill.methods.base import resolve_config
 
     spec = get_method("mtt")
     assert resolve_config(spec, ipc, None) == MTTConfig(**stable_settings(preset))

@@ -15,7 +15,7 @@ import pytest
 
 from medistill.study.predict import (
     CANDIDATES, Candidate, Coverage, DatasetFacts, Observation, choose_model, conformal_rank, dataset_facts,
-    evaluate_predictor, fit_predictor, from_unit, interval, is_medical, lodo_scores, predict, summarise, to_unit,
+    evaluate_predictor, fit_predictor, from_unit, interval, is_medical, lodo_scores, predict, summarize_held_out, to_unit,
 )
 from medistill.data import write_npz_dataset
 from medistill.errors import ConfigError
@@ -67,7 +67,7 @@ def test_held_out_evaluation_never_sees_the_held_out_dataset():
     before = {(r.dataset, r.ipc): r.predicted for r in rows}
     # changing d0's measured values leaves d0's own prediction unchanged (it was never fitted on)
     assert all(r.predicted == pytest.approx(before[(r.dataset, r.ipc)]) for r in again if r.dataset == "d0")
-    summary = {s.predictor: s for s in summarise(evaluate_predictor("dm", observations))}
+    summary = {s.predictor: s for s in summarize_held_out(evaluate_predictor("dm", observations))}
     assert summary["transfer"].datasets == 6 and summary["line"].datasets == 6
 
 
@@ -204,7 +204,7 @@ def expected_transfer_mae(world, probe: str, method: str) -> float:
     """The nested transfer predictor's held-out MAE with `probe`'s ACC as input, computed from the world directly."""
     observations = [Observation(name, ipc, methods[probe][ipc], methods[method][ipc], DatasetFacts(name, classes, 1, 1 / classes, True))
                     for name, (classes, methods) in world.items() for ipc in (1, 10)]
-    (summary,) = [e for e in summarise(evaluate_predictor(method, observations)) if e.predictor == "transfer"]
+    (summary,) = [e for e in summarize_held_out(evaluate_predictor(method, observations)) if e.predictor == "transfer"]
     return summary.mae
 
 

@@ -126,7 +126,7 @@ def check_export(evidence: ExportEvidence) -> None:
 
 def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]:
     """A passing audit report (audit.json, or its folder) made for the artifact with this SHA-256, summarised."""
-    from medistill.audit.report import AUDIT_JSON, summarize
+    from medistill.audit.report import AUDIT_JSON, summarize_audit
 
     path = Path(report_path)
     path = path / AUDIT_JSON if path.is_dir() else path
@@ -140,7 +140,7 @@ def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]
                           f"{artifact_sha256[:12]}...); audit this exact file")
     if passed is not True:
         raise ConfigError(f"refusing to export: the audit report {path} did not pass")
-    summary = summarize(report)
+    summary = summarize_audit(report)
     summary["neighbours"] = {k: v for k, v in summary["neighbours"].items() if k != "worst_cases_png"}
     return summary
 

@@ -26,9 +26,7 @@ from torch import Tensor, nn
 # The largest activation of one chunk (at 4 bytes a value). A layer's working set is 3-4 such
 # activations (its input, its output, what backward keeps), so 4 MiB keeps it within a core's L2 plus
 # its share of a shared L3 (1-2 MiB L2, 4-8 MiB L3 per core on current server CPUs), also when other
-# work uses the L3. On a busy 2-core Zen 4, 8 images of 28 px (4 MiB) were the fastest chunk for a
-# 256-image step (eager fp32 and vmap'd experts; bf16 + compile within 3% of 16) and cutting a
-# 20-image batch in two halves was faster than keeping it whole.
+# work uses the L3 (the measurements behind it: docs/RESULTS.md, "CPU speed").
 CACHE_BYTES = 4 * 2**20
 _whole_batches = False  # set by `whole_batches()`
 

@@ -23,7 +23,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill, get_method
 from medistill.methods.checkpoint import CHECKPOINT_NAME
-from medistill.methods.registry import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
+from medistill.methods.base import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
 from medistill.models import list_models
 from medistill.train import Scores, TrainProtocol, evaluate
 from medistill.zca import ZCA, whitened_dataset
@@ -84,7 +84,7 @@ def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol
     images = renormalize(synthetic, dataset)
     if zca_space and synthetic.extra.get("zca") is True:
         zca = ZCA.for_dataset(dataset)
-        images, dataset = zca.whiten_normalised(dataset, images.to(dataset.device)), whitened_dataset(dataset, zca)
+        images, dataset = zca.whiten_normalized(dataset, images.to(dataset.device)), whitened_dataset(dataset, zca)
     return evaluate(images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress)
 
 

@@ -83,18 +83,18 @@ class ZCA:
         flat = images.reshape(images.shape[0], -1)
         return (flat @ self.inverse.to(flat) + self.mean.to(flat)).reshape(images.shape)
 
-    def whiten_normalised(self, dataset: Dataset, images: torch.Tensor) -> torch.Tensor:
+    def whiten_normalized(self, dataset: Dataset, images: torch.Tensor) -> torch.Tensor:
         """Images in the dataset's normalisation -> whitened images."""
         return self.whiten(to_pixels(dataset, images))
 
-    def unwhiten_normalised(self, dataset: Dataset, images: torch.Tensor) -> torch.Tensor:
+    def unwhiten_normalized(self, dataset: Dataset, images: torch.Tensor) -> torch.Tensor:
         """Whitened images -> images in the dataset's normalisation."""
         return from_pixels(dataset, self.unwhiten(images))
 
 
 def whitened_dataset(dataset: Dataset, zca: ZCA) -> Dataset:
     """The dataset with every split's images in ZCA space (what the MTT reference trains and tests on)."""
-    splits = {name: replace(dataset.split(name), images=zca.whiten_normalised(dataset, dataset.split(name).images))
+    splits = {name: replace(dataset.split(name), images=zca.whiten_normalized(dataset, dataset.split(name).images))
               for name in ("train", "val", "test")}
     return replace(dataset, **splits)
 

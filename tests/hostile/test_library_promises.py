@@ -131,7 +131,7 @@ def test_cards_and_reports_escape_values_and_hold_no_local_paths(tmp_path) -> No
 def test_settings_read_numbers_in_every_usual_spelling_and_refuse_wrong_types(tmp_path) -> None:
     from medistill.cli.options import parse_settings
     from medistill.methods import get_method
-    from medistill.methods.registry import make_config
+    from medistill.methods.base import make_config
 
     settings = parse_settings(None, ["lr_lr=1e-6", "lr_img=1E3", "syn_steps=2e1", "lr_teacher=.01"])
     assert settings == {"lr_lr": 1e-6, "lr_img": 1000.0, "syn_steps": 20.0, "lr_teacher": 0.01}

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from medistill.methods.registry import new_set
+from medistill.methods.base import new_set
 from medistill.artifact import renormalize
 
 

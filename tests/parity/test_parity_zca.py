@@ -7,7 +7,7 @@ import torch
 
 from medistill import pipeline
 from medistill.artifact import SyntheticSet
-from medistill.methods.registry import new_set
+from medistill.methods.base import new_set
 from medistill.train import TrainProtocol
 from medistill.zca import ZCA, to_pixels
 
@@ -27,10 +27,10 @@ def test_fitted_on_pixels_against_a_direct_svd(make_small) -> None:
     train_pixels = to_pixels(data, data.train.images)
     assert 0 <= float(train_pixels.min()) and float(train_pixels.max()) <= 1
     zca = ZCA.for_dataset(data)
-    got = zca.whiten_normalised(data, data.test.images)
+    got = zca.whiten_normalized(data, data.test.images)
     expected = direct_whitening(train_pixels, to_pixels(data, data.test.images)).float()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(zca.unwhiten_normalised(data, got), data.test.images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(zca.unwhiten_normalized(data, got), data.test.images, atol=1e-4, rtol=1e-4)
 
 
 def test_a_zca_set_is_scored_in_zca_space(make_small, monkeypatch) -> None:

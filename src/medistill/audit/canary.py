@@ -44,7 +44,7 @@ from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write
 from medistill.data.dataset import MULTI_LABEL, Dataset, Split
 from medistill.errors import ConfigError, DataError
-from medistill.methods.registry import RunContext, distill, get_method
+from medistill.methods.base import RunContext, distill, get_method
 from medistill.registry import Registry
 
 CANARY_AUDIT_JSON = "canary_audit.json"
@@ -141,8 +141,8 @@ def with_canaries(dataset: Dataset, pixels: Tensor, labels: Tensor, included: Te
     mean = torch.tensor(dataset.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(dataset.std, dtype=torch.float32).view(1, -1, 1, 1)
     chosen = included.to(torch.bool).cpu()
-    normalised = ((pixels[chosen].float() - mean) / std).to(device=device, dtype=dataset.train.images.dtype)
-    images = torch.cat([dataset.train.images, normalised])
+    normalized = ((pixels[chosen].float() - mean) / std).to(device=device, dtype=dataset.train.images.dtype)
+    images = torch.cat([dataset.train.images, normalized])
     train_labels = torch.cat([dataset.train.labels, labels[chosen].to(device=device, dtype=dataset.train.labels.dtype)])
     # Its own identity (a random, data-independent one): nothing cached for the source file (an MTT expert buffer)
     # may be reused for it, and nothing recorded about it depends on which canaries are in.

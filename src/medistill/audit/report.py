@@ -85,8 +85,8 @@ def audit(
     start = time.perf_counter()
     device = dataset.device
     thresholds = config.thresholds()
-    synthetic_normalised = renormalize(synthetic, dataset).to(device)
-    synthetic_pixels = dataset.denormalize(synthetic_normalised)
+    synthetic_normalized = renormalize(synthetic, dataset).to(device)
+    synthetic_pixels = dataset.denormalize(synthetic_normalized)
     real_pixels = dataset.denormalize(dataset.train.images)
 
     network = None
@@ -100,7 +100,7 @@ def audit(
                         "test_acc": trained.info["test_acc"], "test_auc": trained.info["test_auc"]}
 
     log(f"audit: nearest real neighbours of {len(synthetic)} synthetic images among {len(dataset.train)} training images")
-    features = (embed(network, synthetic_normalised), real_features) if network is not None else None
+    features = (embed(network, synthetic_normalized), real_features) if network is not None else None
     neighbours = find_neighbours(synthetic_pixels, real_pixels, features=features, batch_elements=config.batch_elements)
     flags = thresholds.flags(neighbours.ssim, neighbours.l2_rms)
     order = torch.argsort(neighbours.ssim, descending=True)[: config.worst]
@@ -164,7 +164,7 @@ def screen_near_copies(synthetic: SyntheticSet, dataset: Dataset, thresholds: Co
     }
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
+def summarize_audit(report: dict[str, Any]) -> dict[str, Any]:
     """The report without its per-image table: what is stored in the artifact and the dataset card."""
     neighbours = {k: v for k, v in report["neighbours"].items() if k != "images"}
     return {**report, "neighbours": neighbours}
@@ -325,5 +325,5 @@ def _held_out_reference(dataset: Dataset, network: Any, real_pixels: torch.Tenso
 
 __all__ = [
     "AUDIT_JSON", "AUDIT_MD", "AuditConfig", "WORST_PNG", "audit", "audit_markdown", "default_report_dir", "file_sha256",
-    "run_audit", "screen_near_copies", "summarize",
+    "run_audit", "screen_near_copies", "summarize_audit",
 ]

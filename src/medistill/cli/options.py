@@ -10,7 +10,7 @@ import typer
 from medistill.data import Dataset, load_dataset
 from medistill.configfile import check_value, parse_value, read_yaml
 from medistill.errors import ConfigError
-from medistill.methods.registry import MethodSpec
+from medistill.methods.base import MethodSpec
 from medistill.presets import resolve_config_path
 from medistill.runtime import resolve_device
 

@@ -56,11 +56,11 @@ class PrivateSettings(PrivacySettings):
 def public_view(dataset: Dataset) -> Dataset:
     """The dataset normalised with the public constants instead of its training split's mean/std."""
 
-    def renormalise(split: Split) -> Split:
+    def to_public_normalization(split: Split) -> Split:
         return Split((dataset.denormalize(split.images) - PUBLIC_MEAN) / PUBLIC_STD, split.labels)
 
     public = (PUBLIC_MEAN,) * dataset.channels, (PUBLIC_STD,) * dataset.channels
-    return replace(dataset, train=renormalise(dataset.train), val=renormalise(dataset.val), test=renormalise(dataset.test),
+    return replace(dataset, train=to_public_normalization(dataset.train), val=to_public_normalization(dataset.val), test=to_public_normalization(dataset.test),
                    mean=public[0], std=public[1])
 
 

@@ -7,7 +7,7 @@ package imports them all, so adding a method is adding a module.
 import importlib
 import pkgutil
 
-from medistill.methods.registry import (
+from medistill.methods.base import (
     MethodSpec,
     RunContext,
     check_ipc,

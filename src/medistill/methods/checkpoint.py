@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from medistill.atomic import atomic_path
 from medistill.errors import ConfigError, DataError
-from medistill.methods.registry import RunContext
+from medistill.methods.base import RunContext
 
 CHECKPOINT_NAME = "state.safetensors"
 UNSAFE_NAMES = ("state.pt",)  # pickle checkpoints of earlier versions: never loaded

@@ -40,15 +40,15 @@ from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.matching import get_distance
-from medistill.methods.pixel_loop import (
+from medistill.methods.pixel_methods import (
     FreshNetwork,
     IterationRandom,
     PixelConfig,
     RealSampler,
     class_labels,
-    run_pixel_loop,
+    run_pixel_method,
 )
-from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.microbatch import chunk_size, samples_independent, weighted_chunks
 from medistill.runtime import autocast, maybe_compile
 
@@ -239,7 +239,7 @@ def run_gradient_matching(name: str) -> Callable[[Dataset, int, DCConfig, RunCon
         outer = config.outer_loop or table_outer
         inner = table_inner if config.inner_loop is None else config.inner_loop
         matcher = GradientMatching(dataset, ipc, config, outer, inner)
-        return run_pixel_loop(name, dataset, ipc, config, context, matcher.step,
+        return run_pixel_method(name, dataset, ipc, config, context, matcher.step,
                               hyperparameters={"outer_loop": outer, "inner_loop": inner})
 
     return run

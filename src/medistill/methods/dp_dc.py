@@ -35,8 +35,9 @@ from medistill.dp.mechanism import (
 )
 from medistill.dp.randomness import SecretRandom
 from medistill.methods.dc import DCConfig, GradientMatching, loops_for_ipc
-from medistill.methods.pixel_loop import IterationRandom, autocast, run_pixel_loop
-from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.methods.pixel_methods import IterationRandom, run_pixel_method
+from medistill.runtime import autocast
+from medistill.methods.base import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-example loss gradients, summed per class (DP gradient matching)"
 PER_EXAMPLE_CHUNK = 64  # real images whose per-example gradients are held at once
@@ -127,7 +128,7 @@ def run_dp_dc(dataset: Dataset, ipc: int, config: DPDCConfig, context: RunContex
     def run(secret: SecretRandom) -> SyntheticSet:
         counts = release_class_counts(dataset, config, secret)
         matcher = PrivateGradientMatching(public, ipc, config, outer, inner, ledger, counts, secret)
-        synthetic = run_pixel_loop("dp-dc", public, ipc, config, context, matcher.step,
+        synthetic = run_pixel_method("dp-dc", public, ipc, config, context, matcher.step,
                                    hyperparameters={"outer_loop": outer, "inner_loop": inner})
         sync_ledger(ledger, config.iterations, outer)
         return finish_private_set(synthetic, ledger, counts, config)

@@ -33,8 +33,9 @@ from medistill.dp.mechanism import (
     sync_ledger,
 )
 from medistill.dp.randomness import SecretRandom
-from medistill.methods.pixel_loop import FreshNetwork, IterationRandom, PixelConfig, autocast, run_pixel_loop
-from medistill.methods.registry import MethodSpec, RunContext, register_method
+from medistill.methods.pixel_methods import FreshNetwork, IterationRandom, PixelConfig, run_pixel_method
+from medistill.runtime import autocast
+from medistill.methods.base import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 
@@ -110,7 +111,7 @@ def run_dp_dm(dataset: Dataset, ipc: int, config: DPDMConfig, context: RunContex
     def run(secret: SecretRandom) -> SyntheticSet:
         counts = release_class_counts(dataset, config, secret)
         matcher = PrivateDistributionMatching(public, ipc, config, ledger, counts, secret)
-        synthetic = run_pixel_loop("dp-dm", public, ipc, config, context, matcher.step)
+        synthetic = run_pixel_method("dp-dm", public, ipc, config, context, matcher.step)
         sync_ledger(ledger, config.iterations, 1)
         return finish_private_set(synthetic, ledger, counts, config)
 

@@ -29,7 +29,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.convergence import StoppingRule, best_point, validation_score
-from medistill.methods.registry import RunContext, get_method, new_set, recorded_settings
+from medistill.methods.base import RunContext, get_method, new_set, recorded_settings
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, evaluate
 

@@ -172,7 +172,7 @@ def init_expert(dataset: Dataset, settings: ExpertSettings, seed: int) -> nn.Mod
 
 def training_data(dataset: Dataset, zca: ZCA | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training images the experts (and the MTT student) see: normalised, or whitened from pixels when ZCA is on."""
-    images = dataset.train.images if zca is None else zca.whiten_normalised(dataset, dataset.train.images)
+    images = dataset.train.images if zca is None else zca.whiten_normalized(dataset, dataset.train.images)
     return images, dataset.train.labels
 
 
@@ -335,7 +335,7 @@ def train_experts(
 def expert_accuracy(flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset, zca: ZCA | None,
                     batch_size: int = 1024) -> list[float]:
     """Test accuracy of each stacked expert (in the space it was trained in)."""
-    images = dataset.test.images if zca is None else zca.whiten_normalised(dataset, dataset.test.images)
+    images = dataset.test.images if zca is None else zca.whiten_normalized(dataset, dataset.test.images)
     forward = vmap(flat_model, in_dims=(0, None))
     size = chunk_size(flat_model.module, images, forward_only=True) or batch_size
     correct = torch.zeros(flats.shape[0], device=flats.device)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
-from medistill.methods.registry import MethodSpec, RunContext, new_set, register_method
+from medistill.methods.base import MethodSpec, RunContext, new_set, register_method
 
 
 @dataclass

@@ -34,8 +34,8 @@ from medistill.errors import ConfigError
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, iteration_seeds, run_distiller
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
 from medistill.methods.mtt_presets import stable_preset
-from medistill.methods.pixel_loop import class_labels, real_init
-from medistill.methods.registry import MethodSpec, RunContext, check_ipc, register_method
+from medistill.methods.pixel_methods import class_labels, real_init
+from medistill.methods.base import MethodSpec, RunContext, check_ipc, register_method
 from medistill.registry import Registry
 from medistill.runtime import autocast
 from medistill.transfer import to_device, to_host_async
@@ -229,7 +229,7 @@ class MTTDistiller(Distiller):
             smaller_buffer_hint=config.smaller_buffer_hint(), progress=context.progress, log=context.log)
         self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
-        self.images = (real if self.zca is None else self.zca.whiten_normalised(dataset, real)).detach().clone().requires_grad_(True)
+        self.images = (real if self.zca is None else self.zca.whiten_normalized(dataset, real)).detach().clone().requires_grad_(True)
         self.labels = class_labels(dataset, ipc)
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
@@ -276,7 +276,7 @@ class MTTDistiller(Distiller):
     def synthetic_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The synthetic images in the dataset's normalised space (un-whitened when ZCA is on), and their labels."""
         images = self.images.detach()
-        return (images if self.zca is None else self.zca.unwhiten_normalised(self.dataset, images)), self.labels
+        return (images if self.zca is None else self.zca.unwhiten_normalized(self.dataset, images)), self.labels
 
     def evaluation_dataset(self, dataset: Dataset) -> Dataset:
         """The dataset in the space the images are learnt in (ZCA space when on, as the reference scores them)."""

@@ -8,7 +8,7 @@ from medistill.artifact import SyntheticSet
 from medistill.dp.accounting import verify_record
 from medistill.dp.randomness import DESCRIPTION as SECRET_DESCRIPTION
 from medistill.errors import ConfigError
-from medistill.methods.registry import get_method
+from medistill.methods.base import get_method
 
 
 def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:

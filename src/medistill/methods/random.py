@@ -8,7 +8,7 @@ import torch
 
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
-from medistill.methods.registry import MethodSpec, RunContext, check_ipc, new_set, register_method
+from medistill.methods.base import MethodSpec, RunContext, check_ipc, new_set, register_method
 
 
 @dataclass

@@ -332,7 +332,7 @@ class HeldOutSummary:
         return asdict(self)
 
 
-def summarise(rows: Sequence[HeldOut]) -> list[HeldOutSummary]:
+def summarize_held_out(rows: Sequence[HeldOut]) -> list[HeldOutSummary]:
     """Per (predictor, method): error over datasets, and how often the measured value fell inside the interval."""
     out = []
     for predictor, method in sorted({(r.predictor, r.method) for r in rows}):

@@ -30,7 +30,7 @@ from medistill.study.analysis import (  # noqa: E402
     dataset_table, format_score, ipc_label, ipc_order, is_reference, latex_table, markdown_tables, method_label, method_order,
 )
 from medistill.study.predict import (  # noqa: E402
-    DEFAULT_LEVEL, DEFAULT_PROBE, HeldOut, HeldOutSummary, dataset_facts, evaluate_predictor, observations_from, summarise,
+    DEFAULT_LEVEL, DEFAULT_PROBE, HeldOut, HeldOutSummary, dataset_facts, evaluate_predictor, observations_from, summarize_held_out,
 )
 from medistill.markdown import cell
 from medistill.study.store import FAILED, OK, ResultStore, atomic_write  # noqa: E402
@@ -61,7 +61,7 @@ def write_report(study_dir: str | Path) -> Path:
     _write(root / "tables" / "auc.tex", latex_table(cells, "auc"))
     _write(root / "tables" / "results.csv", csv_table(cells))
     analysis = {"correlations": {m: c.to_dict() for m, c in corr.items()},
-                "leave_one_dataset_out": {"summary": [e.to_dict() for e in summarise(lodo)], "points": [vars(r) for r in lodo]},
+                "leave_one_dataset_out": {"summary": [e.to_dict() for e in summarize_held_out(lodo)], "points": [vars(r) for r in lodo]},
                 "probe_comparison": comparison.to_dict()}
     _write(root / "analysis.json", json.dumps(analysis, indent=2, default=str) + "\n")
     plots = []
@@ -98,7 +98,7 @@ def lodo_markdown(rows: Sequence[HeldOut]) -> str:
     if not rows:
         return "No predictor could be fitted (it needs a distillation method next to random-subset runs on two or more datasets).\n"
     lines = [f"| method | predictor | {SUMMARY_HEADER}", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {e.method} | {_summary_cells(e)}" for e in summarise(rows)]
+    lines += [f"| {e.method} | {_summary_cells(e)}" for e in summarize_held_out(rows)]
     lines += ["", f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} jackknife+ interval "
               "over datasets, widened where the held-out dataset lies outside the others' range. Line: least squares on "
               "random-subset ACC with a 95% t prediction interval that treats points as independent.", ""]
@@ -152,7 +152,7 @@ class ProbeComparison:
         return list(self.rows)
 
     def summaries(self) -> dict[str, list[HeldOutSummary]]:
-        return {probe: summarise(rows) for probe, rows in self.rows.items()}
+        return {probe: summarize_held_out(rows) for probe, rows in self.rows.items()}
 
     def verdict(self) -> str:
         """One paragraph: the best probe, a tie, or why no probe can be named."""
@@ -198,7 +198,7 @@ def compare_probes(records: Sequence[dict], cells: Sequence[Cell]) -> ProbeCompa
     """`held_out_rows` with every probe of `probe_names`, ranked by mean transfer MAE (datasets weigh equally) over the common methods."""
     rows = {probe: held_out_rows(records, cells, probe) for probe in probe_names(cells)}
     ranked = _transfer_probes(rows)
-    maes = {probe: {e.method: e.mae for e in summarise(rows[probe]) if e.predictor == TRANSFER} for probe in ranked}
+    maes = {probe: {e.method: e.mae for e in summarize_held_out(rows[probe]) if e.predictor == TRANSFER} for probe in ranked}
     methods = sorted(set.intersection(*(set(m) for m in maes.values()))) if len(ranked) >= 2 else []
     means = {probe: float(sum(maes[probe][m] for m in methods) / len(methods)) for probe in ranked} if methods else {}
     lowest = min(means.values(), default=math.nan)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from medistill.data.dataset import Dataset
+from medistill.microbatch import chunk_size, forward_in_chunks
 from medistill.train.engine import scores_on, train_model
 from medistill.train.protocol import TrainProtocol
 
@@ -45,7 +46,8 @@ _CACHE: OrderedDict[str, FeatureNetwork] = OrderedDict()
 def embed(model: nn.Module, images: Tensor, batch_size: int = EMBED_BATCH) -> Tensor:
     """Penultimate features (`model.embed`, flattened, not normalised) of `images`, in order."""
     model.eval()
-    return torch.cat([model.embed(images[i : i + batch_size]).flatten(1) for i in range(0, len(images), batch_size)])
+    size = chunk_size(model, images, forward_only=True) or batch_size
+    return forward_in_chunks(lambda x: model.embed(x).flatten(1), images, size)
 
 
 def feature_network(dataset: Dataset, protocol: TrainProtocol, seed: int, *,

@@ -29,6 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from medistill.data.dataset import MULTI_LABEL, Dataset
 from medistill.errors import ConfigError
+from medistill.microbatch import forward_in_chunks
 from medistill.models import create_model
 from medistill.models.convnet import AvgPool, Conv2d, ConvNet
 from medistill.runtime import autocast
@@ -166,14 +167,11 @@ class StackedModels:
 
     @torch.no_grad()
     def logits(self, images: Tensor, budget: int = EVAL_IMAGE_BUDGET) -> Tensor:
-        """Logits (K, N, classes) of every model on the same images, in chunks."""
+        """Logits (K, N, classes) of every model on the same images, in chunks of `budget` images x models."""
         k = len(self)
-        chunk = max(1, budget // k)
-        parts = []
-        for start in range(0, len(images), chunk):
-            batch = images[start : start + chunk]
-            parts.append(self(batch.unsqueeze(0).expand(k, *batch.shape)))
-        return torch.cat(parts, dim=1)
+        per_image = forward_in_chunks(lambda batch: self(batch.unsqueeze(0).expand(k, *batch.shape)).transpose(0, 1),
+                                      images, max(1, budget // k))
+        return per_image.transpose(0, 1)
 
     def unstack(self) -> list[nn.Module]:
         """The K networks as ordinary modules (copies of the current weights)."""

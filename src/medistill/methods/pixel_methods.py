@@ -2,7 +2,7 @@
 
 The settings every one of them has, the initial images (noise or real), the image optimiser, the
 per-class sampling of real images, a freshly drawn network per iteration and the per-iteration
-randomness. A method only supplies `step(images, optimizer, rng) -> loss`; `run_pixel_loop` wraps
+randomness. A method only supplies `step(images, optimizer, rng) -> loss`; `run_pixel_method` wraps
 it in a `PixelDistiller` and hands it to the driver (`methods/driver.py`), which owns checkpoints,
 resume, evaluation points, progress, the NaN guard and TensorBoard.
 """
@@ -20,10 +20,10 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods.driver import DistillConfig, Distiller, iteration_seeds, run_distiller
 from medistill.methods.random import random_subset_indices
-from medistill.methods.registry import RunContext, check_ipc
+from medistill.methods.base import RunContext, check_ipc
 from medistill.models import create_model
 from medistill.registry import Registry
-from medistill.runtime import autocast  # the one bf16 switch, here too for the methods built on this module
+from medistill.runtime import autocast
 from medistill.transfer import pinned
 
 
@@ -145,7 +145,7 @@ class PixelDistiller(Distiller):
         return {"hyperparameters": dict(self.hyperparameters)}
 
 
-def run_pixel_loop(method: str, dataset: Dataset, ipc: int, config: PixelConfig, context: RunContext, step: Step, *,
+def run_pixel_method(method: str, dataset: Dataset, ipc: int, config: PixelConfig, context: RunContext, step: Step, *,
                    hyperparameters: dict[str, Any] | None = None) -> SyntheticSet:
     """Learn IPC images per class with `step` for `config.iterations` iterations, through the driver."""
     check_ipc(dataset, ipc, method, needs_real_images=config.init == "real")
@@ -153,4 +153,4 @@ def run_pixel_loop(method: str, dataset: Dataset, ipc: int, config: PixelConfig,
     return run_distiller(method, dataset, ipc, config, context, distiller)
 
 
-__all__ = ["FreshNetwork", "INITS", "autocast", "IterationRandom", "PixelConfig", "PixelDistiller", "RealSampler", "class_labels", "run_pixel_loop"]
+__all__ = ["FreshNetwork", "INITS", "IterationRandom", "PixelConfig", "PixelDistiller", "RealSampler", "class_labels", "run_pixel_method"]
