@@ -99,8 +99,10 @@ class SyntheticSet:
             meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
             synthetic = cls(images=tensors["images"], labels=tensors["labels"], **meta)
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            raise DataError(f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}); "
-                            f"it may be damaged or come from another medistill version") from None
+            raise DataError(
+                f"{path} has unusable medistill metadata ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}); "
+                f"it may be damaged or come from another medistill version"
+            ) from None
         reason = synthetic.invalid_reason()
         if reason:
             raise DataError(f"{path} is not a usable medistill set: {reason}")
@@ -119,28 +121,46 @@ class SyntheticSet:
             return f"mean and std need one value per channel ({images.shape[1]}), std > 0"
         if self.task not in TASKS:
             return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
-        if not isinstance(self.label_names, list) or not self.label_names or not all(isinstance(n, str) for n in self.label_names):
+        if (
+            not isinstance(self.label_names, list)
+            or not self.label_names
+            or not all(isinstance(n, str) for n in self.label_names)
+        ):
             return "label_names must be a non-empty list of strings"
         if labels.shape[0] != images.shape[0]:
             return f"{images.shape[0]} images but {labels.shape[0]} labels"
         if self.task == MULTI_LABEL:
             if labels.ndim != 2 or labels.shape[1] != self.num_classes:
                 return f"multi-label labels must be (N, {self.num_classes}), got {tuple(labels.shape)}"
-        elif labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32) or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+        elif (
+            labels.ndim != 1
+            or labels.dtype not in (torch.int64, torch.int32)
+            or int(labels.min()) < 0
+            or int(labels.max()) >= self.num_classes
+        ):
             return f"labels must be class indices 0..{self.num_classes - 1}"
         if not isinstance(self.method, str) or not (self.ipc is None or (isinstance(self.ipc, int) and self.ipc >= 1)):
             return "method must be a string and ipc a whole number >= 1 (or null)"
-        if self.learned_lr is not None and not (isinstance(self.learned_lr, (int, float)) and math.isfinite(self.learned_lr) and self.learned_lr > 0):
+        if self.learned_lr is not None and not (
+            isinstance(self.learned_lr, (int, float)) and math.isfinite(self.learned_lr) and self.learned_lr > 0
+        ):
             return f"learned_lr must be a finite number > 0 or null, got {self.learned_lr!r}"
         if not all(isinstance(getattr(self, name), dict) for name in ("source", "hyperparameters", "metrics", "extra")):
             return "source, hyperparameters, metrics and extra must be mappings"
         return None
 
-    def load_source(self, *, root: str | Path | None = None, device: torch.device | str = "cpu",
-                    progress: bool = False) -> Dataset:
+    def load_source(
+        self, *, root: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = False
+    ) -> Dataset:
         """The dataset this set was made from, at its channels and size, checked to be the same file (MD5)."""
-        return load_recorded_source(self.source, channels=int(self.images.shape[1]), image_size=int(self.images.shape[-1]),
-                                    root=root, device=device, progress=progress)
+        return load_recorded_source(
+            self.source,
+            channels=int(self.images.shape[1]),
+            image_size=int(self.images.shape[-1]),
+            root=root,
+            device=device,
+            progress=progress,
+        )
 
     def to_npz(self, path: str | Path) -> Path:
         """Export as a MedMNIST-style npz: uint8 `train_images` (N,H,W[,C]) and `train_labels` (N,1 or N,L)."""
@@ -152,7 +172,9 @@ class SyntheticSet:
         labels = labels.astype(np.uint8) if self.task == MULTI_LABEL else labels.reshape(-1, 1).astype(np.uint8)
         meta = {"task": self.task, "label_names": self.label_names, "provenance": {"method": self.method, "source": self.source}}
         with atomic_path(path) as partial, open(partial, "wb") as handle:
-            np.savez_compressed(handle, train_images=pixels, train_labels=labels, medistill_meta=np.array(json.dumps(_json_safe(meta))))
+            np.savez_compressed(
+                handle, train_images=pixels, train_labels=labels, medistill_meta=np.array(json.dumps(_json_safe(meta)))
+            )
         return path
 
     def to_png_grid(self, path: str | Path, max_per_class: int = 10) -> Path:
@@ -178,8 +200,8 @@ def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
     if torch.allclose(stats, target, rtol=STATS_TOLERANCE, atol=0.0):
         return synthetic.images
     images = synthetic.images.detach().cpu().double()
-    pixels = images * stats[len(synthetic.mean):].view(1, -1, 1, 1) + stats[: len(synthetic.mean)].view(1, -1, 1, 1)
-    converted = (pixels - target[: len(dataset.mean)].view(1, -1, 1, 1)) / target[len(dataset.mean):].view(1, -1, 1, 1)
+    pixels = images * stats[len(synthetic.mean) :].view(1, -1, 1, 1) + stats[: len(synthetic.mean)].view(1, -1, 1, 1)
+    converted = (pixels - target[: len(dataset.mean)].view(1, -1, 1, 1)) / target[len(dataset.mean) :].view(1, -1, 1, 1)
     return converted.to(synthetic.images.dtype)
 
 
@@ -193,7 +215,6 @@ def save_image_grid(
 ) -> Path:
     """Write images in [0,1] as a PNG grid with one labelled row per class (see `medistill.pictures`)."""
     return save_grid(pixels, labels, task, label_names, path, max_per_class)
-
 
 
 def _json_safe(value: Any) -> Any:

@@ -110,9 +110,11 @@ def privacy_record_holds(evidence: ExportEvidence) -> str | None:
 def no_near_copies_of_training_images(evidence: ExportEvidence) -> str | None:
     screen = evidence.screen
     if not screen["passed"]:
-        return (f"refusing to export: {screen['near_copies']} of {screen['images']} images are near-copies of real training "
-                f"images of {screen['source']['name']} (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS distance "
-                f"{screen['lowest_rms_distance']:.4f}); run `medistill audit` on the set to see them")
+        return (
+            f"refusing to export: {screen['near_copies']} of {screen['images']} images are near-copies of real training "
+            f"images of {screen['source']['name']} (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS distance "
+            f"{screen['lowest_rms_distance']:.4f}); run `medistill audit` on the set to see them"
+        )
     return None
 
 
@@ -136,8 +138,10 @@ def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is not a readable medistill audit report ({type(exc).__name__})") from None
     if made_for != artifact_sha256:
-        raise ConfigError(f"the audit report {path} was made for another file (SHA-256 {str(made_for)[:12]}..., this set "
-                          f"{artifact_sha256[:12]}...); audit this exact file")
+        raise ConfigError(
+            f"the audit report {path} was made for another file (SHA-256 {str(made_for)[:12]}..., this set "
+            f"{artifact_sha256[:12]}...); audit this exact file"
+        )
     if passed is not True:
         raise ConfigError(f"refusing to export: the audit report {path} did not pass")
     summary = summarize_audit(report)
@@ -145,8 +149,14 @@ def bound_audit(report_path: str | Path, artifact_sha256: str) -> dict[str, Any]
     return summary
 
 
-def export_bundle(artifact: SyntheticSet | str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
-                  device: torch.device | str = "cpu", audit_report: str | Path | None = None) -> Path:
+def export_bundle(
+    artifact: SyntheticSet | str | Path,
+    out_dir: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    audit_report: str | Path | None = None,
+) -> Path:
     """Write a shareable bundle of a synthetic set to `out_dir` once every export rule passes."""
     if isinstance(artifact, SyntheticSet):
         synthetic = artifact
@@ -165,8 +175,10 @@ def export_bundle(artifact: SyntheticSet | str | Path, out_dir: str | Path, *, d
     check_export(evidence)
     private = is_guarantee(evidence.privacy)
     if private and audit is not None:
-        raise ConfigError("refusing to attach an audit report to a differentially private set: its statistics are computed "
-                          "from the private training images, which the guarantee does not cover; keep the report at the source")
+        raise ConfigError(
+            "refusing to attach an audit report to a differentially private set: its statistics are computed "
+            "from the private training images, which the guarantee does not cover; keep the report at the source"
+        )
     shared = shareable(synthetic, evidence.privacy)
     screen = {"passed": True, "statistics": "withheld: computed from the private training images"} if private else evidence.screen
     out.mkdir(parents=True, exist_ok=True)
@@ -208,8 +220,9 @@ def without_timings(value: Any) -> Any:
     return value
 
 
-def dataset_card(synthetic: SyntheticSet, files: dict[str, str], *, screen: dict[str, Any] | None = None,
-                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
+def dataset_card(
+    synthetic: SyntheticSet, files: dict[str, str], *, screen: dict[str, Any] | None = None, audit: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The machine-readable dataset card of a set (JSON-serialisable)."""
     source = synthetic.source
     origin = source.get("source", {})
@@ -275,16 +288,22 @@ def card_markdown(card: dict[str, Any]) -> str:
     ]
     if "test_acc_mean" in metrics:
         protocol = metrics.get("eval_protocol", {})
-        lines.append(f"| test score at the source | ACC {metrics['test_acc_mean']:.3f} ± {metrics['test_acc_std']:.3f}, "
-                     f"AUC {metrics['test_auc_mean']:.3f} ± {metrics['test_auc_std']:.3f} "
-                     f"({cell(metrics.get('eval_models'))} x {cell(protocol.get('model'))}, {cell(protocol.get('epochs'))} epochs) |")
+        lines.append(
+            f"| test score at the source | ACC {metrics['test_acc_mean']:.3f} ± {metrics['test_acc_std']:.3f}, "
+            f"AUC {metrics['test_auc_mean']:.3f} ± {metrics['test_auc_std']:.3f} "
+            f"({cell(metrics.get('eval_models'))} x {cell(protocol.get('model'))}, {cell(protocol.get('epochs'))} epochs) |"
+        )
     screen = card.get("near_copy_screen")
     if screen is not None and "statistics" in screen:
-        lines.append("| near-copy screen at export | passed; its statistics are withheld (computed from the private training images) |")
+        lines.append(
+            "| near-copy screen at export | passed; its statistics are withheld (computed from the private training images) |"
+        )
     elif screen is not None:
-        lines.append(f"| near-copy screen at export | passed: none of {screen['images']} images within the near-copy rule of any of "
-                     f"{screen['real_images_searched']} training images (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS "
-                     f"distance {screen['lowest_rms_distance']:.4f}) |")
+        lines.append(
+            f"| near-copy screen at export | passed: none of {screen['images']} images within the near-copy rule of any of "
+            f"{screen['real_images_searched']} training images (highest SSIM {screen['highest_ssim']:.3f}, lowest RMS "
+            f"distance {screen['lowest_rms_distance']:.4f}) |"
+        )
     lines += [
         "",
         "## Use",
@@ -301,11 +320,23 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["Nothing else in this bundle was computed from the private training images.", ""]
     if card["audit"] is not None:
         audit = card["audit"]  # the worst-case PNG shows real images and stays at the source: do not point to it
-        lines += [audit_markdown({**audit, "privacy": None,  # stated once, above
-                                  "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"}})]
+        lines += [
+            audit_markdown(
+                {
+                    **audit,
+                    "privacy": None,  # stated once, above
+                    "neighbours": {k: v for k, v in audit["neighbours"].items() if k != "worst_cases_png"},
+                }
+            )
+        ]
     else:
-        lines += ["## Privacy audit", "", "Membership inference not attached: run `medistill audit` on the set and export it "
-                  "with `--audit REPORT` to include the report made for this file.", ""]
+        lines += [
+            "## Privacy audit",
+            "",
+            "Membership inference not attached: run `medistill audit` on the set and export it "
+            "with `--audit REPORT` to include the report made for this file.",
+            "",
+        ]
     lines += ["## Files", "", *(f"- `{name}` sha256 {digest}" for name, digest in card["files"].items())]
     return "\n".join(lines) + "\n"
 
@@ -350,13 +381,19 @@ def _count(value: Any) -> bool:
 
 # What `train` reads from a card, with the check each value must pass.
 CARD_FIELDS: dict[tuple[str, ...], tuple[Callable[[Any], bool], str]] = {
-    ("files",): (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "a mapping of file name to SHA-256"),
+    ("files",): (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "a mapping of file name to SHA-256",
+    ),
     ("source",): (lambda v: isinstance(v, dict), "a mapping"),
     ("source", "dataset"): (lambda v: isinstance(v, str), "a string"),
     ("method",): (lambda v: isinstance(v, str), "a string"),
     ("images",): (_count, "a whole number >= 1"),
     ("normalization", "mean"): (lambda v: isinstance(v, list) and all(_finite(x) for x in v), "a list of finite numbers"),
-    ("normalization", "std"): (lambda v: isinstance(v, list) and all(_finite_positive(x) for x in v), "a list of finite numbers > 0"),
+    ("normalization", "std"): (
+        lambda v: isinstance(v, list) and all(_finite_positive(x) for x in v),
+        "a list of finite numbers > 0",
+    ),
     ("recommended_training", "epochs"): (_count, "a whole number >= 1"),
     ("recommended_training", "lr"): (_finite_positive, "a finite number > 0"),
     ("recommended_training", "momentum"): (_finite_non_negative, "a finite number >= 0"),
@@ -406,10 +443,20 @@ def train_on_bundle(
         raise ConfigError(f"{out.parent} is a bundle; `train --out` never writes into a bundle: choose another path")
     synthetic, card = load_bundle(bundle_dir)
     rec = card["recommended_training"]
-    protocol = TrainProtocol(epochs=rec["epochs"] if epochs is None else epochs, lr=rec["lr"], momentum=rec["momentum"], weight_decay=rec["weight_decay"],
-                             batch_size=rec["batch_size"], augment=rec["augment"], model=model)
-    test = (receiving_test_split(synthetic, eval_data, data_root, device, ignore_label_names=ignore_label_names, log=log)
-            if eval_data is not None else None)
+    protocol = TrainProtocol(
+        epochs=rec["epochs"] if epochs is None else epochs,
+        lr=rec["lr"],
+        momentum=rec["momentum"],
+        weight_decay=rec["weight_decay"],
+        batch_size=rec["batch_size"],
+        augment=rec["augment"],
+        model=model,
+    )
+    test = (
+        receiving_test_split(synthetic, eval_data, data_root, device, ignore_label_names=ignore_label_names, log=log)
+        if eval_data is not None
+        else None
+    )
     data = bundle_dataset(synthetic, card, device, test)
     labels = data.train.labels.float() if data.is_multilabel else data.train.labels
     with progress_bar(protocol.epochs, f"train {model} on the bundle", progress) as bar:
@@ -436,7 +483,13 @@ def train_on_bundle(
     }
     with atomic_path(out) as partial:
         torch.save(payload, partial)
-    return {"model_path": str(out), "model": model, "protocol": protocol.to_dict(), "train_images": len(synthetic), "eval": evaluation}
+    return {
+        "model_path": str(out),
+        "model": model,
+        "protocol": protocol.to_dict(),
+        "train_images": len(synthetic),
+        "eval": evaluation,
+    }
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -456,7 +509,9 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
     return network, {k: v for k, v in saved.items() if k != "state_dict"}
 
 
-def bundle_dataset(synthetic: SyntheticSet, card: dict[str, Any], device: torch.device | str, test: Split | None = None) -> Dataset:
+def bundle_dataset(
+    synthetic: SyntheticSet, card: dict[str, Any], device: torch.device | str, test: Split | None = None
+) -> Dataset:
     """A `Dataset` whose training split is the bundle's set (the receiving site has no validation split)."""
     train = Split(synthetic.images.to(device), synthetic.labels.to(device))
     return Dataset(
@@ -472,9 +527,15 @@ def bundle_dataset(synthetic: SyntheticSet, card: dict[str, Any], device: torch.
     )
 
 
-def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_root: str | Path | None,
-                          device: torch.device | str, *, ignore_label_names: bool = False,
-                          log: Callable[[str], None] = lambda message: None) -> Split:
+def receiving_test_split(
+    synthetic: SyntheticSet,
+    eval_data: str | Path,
+    data_root: str | Path | None,
+    device: torch.device | str,
+    *,
+    ignore_label_names: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> Split:
     """The receiving site's test split at the bundle's shape, normalised with the BUNDLE's mean/std."""
     channels, size = int(synthetic.images.shape[1]), int(synthetic.images.shape[-1])
     local = load_dataset(eval_data, root=data_root, channels=channels, image_size=size, device=device, progress=False)
@@ -491,12 +552,14 @@ def receiving_test_split(synthetic: SyntheticSet, eval_data: str | Path, data_ro
     return Split((pixels - mean) / std, labels)
 
 
-def check_label_names(bundle_names: list[str], local_names: list[str], eval_data: str | Path, *, ignore: bool,
-                      log: Callable[[str], None]) -> None:
+def check_label_names(
+    bundle_names: list[str], local_names: list[str], eval_data: str | Path, *, ignore: bool, log: Callable[[str], None]
+) -> None:
     """Refuse scoring on data whose classes are named differently from the bundle's (the labels would mean other things).
 
     Data without class names (labels 0, 1, ... only) cannot be checked: that is said, not refused.
     """
+
     def canonical(names: list[str]) -> list[str]:
         return [" ".join(str(name).lower().split()) for name in names]
 
@@ -504,18 +567,31 @@ def check_label_names(bundle_names: list[str], local_names: list[str], eval_data
         return
     pairs = ", ".join(f"{i}={name!r}" for i, name in enumerate(bundle_names))
     if list(local_names) == [str(i) for i in range(len(local_names))]:
-        log(f"warning: {eval_data} does not name its classes, so medistill cannot check that its labels mean what the "
-            f"bundle's do ({pairs}); the score is only meaningful if they do")
+        log(
+            f"warning: {eval_data} does not name its classes, so medistill cannot check that its labels mean what the "
+            f"bundle's do ({pairs}); the score is only meaningful if they do"
+        )
         return
     theirs = ", ".join(f"{i}={name!r}" for i, name in enumerate(local_names))
     if not ignore:
-        raise ConfigError(f"{eval_data} names its classes {theirs}, but the bundle's are {pairs}: a score would compare "
-                          f"labels that mean different things (pass --ignore-label-names if they are the same classes under other names)")
+        raise ConfigError(
+            f"{eval_data} names its classes {theirs}, but the bundle's are {pairs}: a score would compare "
+            f"labels that mean different things (pass --ignore-label-names if they are the same classes under other names)"
+        )
     log(f"warning: scoring on {eval_data} whose class names ({theirs}) differ from the bundle's ({pairs}), as asked")
 
 
-
 __all__ = [
-    "CARD_FORMAT", "MODEL_FORMAT", "bundle_dataset", "card_markdown", "dataset_card", "export_bundle", "load_bundle",
-    "check_label_names", "load_trained_model", "receiving_test_split", "sha256", "train_on_bundle",
+    "CARD_FORMAT",
+    "MODEL_FORMAT",
+    "bundle_dataset",
+    "card_markdown",
+    "dataset_card",
+    "export_bundle",
+    "load_bundle",
+    "check_label_names",
+    "load_trained_model",
+    "receiving_test_split",
+    "sha256",
+    "train_on_bundle",
 ]

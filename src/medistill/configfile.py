@@ -21,12 +21,15 @@ from medistill.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20
 
-_FLOAT = re.compile(r"""^[-+]?(?:
+_FLOAT = re.compile(
+    r"""^[-+]?(?:
     [0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
   | \.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
   | [0-9][0-9_]*[eE][-+]?[0-9]+
   | \.(?:inf|Inf|INF)
-)$|^\.(?:nan|NaN|NAN)$""", re.X)
+)$|^\.(?:nan|NaN|NAN)$""",
+    re.X,
+)
 
 
 class SettingsLoader(yaml.SafeLoader):
@@ -76,8 +79,10 @@ def check_settings(config_class: type, values: dict[str, Any], what: str) -> dic
     become ints, ints become floats where a float is expected; anything else of the wrong type is a ConfigError."""
     hints = typing.get_type_hints(config_class)
     fields = {f.name for f in dataclasses.fields(config_class)}
-    return {key: _coerce(hints[key], value, f"{what}: setting '{key}'") if key in fields and key in hints else value
-            for key, value in values.items()}
+    return {
+        key: _coerce(hints[key], value, f"{what}: setting '{key}'") if key in fields and key in hints else value
+        for key, value in values.items()
+    }
 
 
 def check_value(hint: Any, value: Any, where: str) -> Any:
@@ -108,7 +113,9 @@ def _convert(option: Any, value: Any) -> tuple[bool, Any]:
             return True, int(value)
         return isinstance(value, int), value
     if option is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)), float(value) if isinstance(value, (int, float)) else value
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)), float(value) if isinstance(
+            value, (int, float)
+        ) else value
     if option is str:
         return isinstance(value, str), value
     if origin in (dict, list, tuple):
@@ -124,7 +131,8 @@ def _is_union(hint: Any) -> bool:
 
 def _type_name(option: Any) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}.get(
-        option, getattr(typing.get_origin(option) or option, "__name__", str(option)))
+        option, getattr(typing.get_origin(option) or option, "__name__", str(option))
+    )
 
 
 __all__ = ["MAX_CONFIG_BYTES", "SettingsLoader", "check_settings", "check_value", "parse_value", "parse_yaml", "read_yaml"]

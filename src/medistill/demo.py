@@ -43,7 +43,9 @@ class DemoRun:
 
 def best_distillation_method() -> str | None:
     """The preferred registered distillation method for the demo, or None when there is none."""
-    ranked = [(spec.demo_rank, spec.name) for spec in map(get_method, list_methods()) if spec.synthetic and spec.demo_rank is not None]
+    ranked = [
+        (spec.demo_rank, spec.name) for spec in map(get_method, list_methods()) if spec.synthetic and spec.demo_rank is not None
+    ]
     return min(ranked)[1] if ranked else None
 
 
@@ -72,10 +74,13 @@ def finished_record(run: DemoRun, folder: Path, dataset: Dataset) -> dict[str, A
     except (OSError, ValueError):
         return None
     protocol = run.evaluation.protocol_for(run.method)
-    same = (record.get("method") == run.method and record.get("source", {}).get("md5") == dataset.source.md5
-            and record.get("eval_protocol") == protocol.to_dict()
-            and record.get("eval_models") == run.evaluation.num_models
-            and all(record.get("hyperparameters", {}).get(k) == v for k, v in run.settings.items()))
+    same = (
+        record.get("method") == run.method
+        and record.get("source", {}).get("md5") == dataset.source.md5
+        and record.get("eval_protocol") == protocol.to_dict()
+        and record.get("eval_models") == run.evaluation.num_models
+        and all(record.get("hyperparameters", {}).get(k) == v for k, v in run.settings.items())
+    )
     return record if same else None
 
 
@@ -84,9 +89,9 @@ def describe_run(run: DemoRun, dataset: Dataset) -> str:
     protocol = run.evaluation.protocol_for(run.method)
     spec = get_method(run.method)
     images = len(dataset.train) if not spec.uses_ipc else DEMO_IPC * dataset.num_classes
-    made = {"random": f"{images} real images drawn at random",
-            "full": f"all {images} real training images (the reference)"}.get(
-        run.method, f"{images} synthetic images, {run.settings.get('iterations', 'the reference number of')} iterations")
+    made = {"random": f"{images} real images drawn at random", "full": f"all {images} real training images (the reference)"}.get(
+        run.method, f"{images} synthetic images, {run.settings.get('iterations', 'the reference number of')} iterations"
+    )
     return f"{run.method}: {made}; scored by {run.evaluation.num_models} x {protocol.model}, {protocol.epochs} epochs"
 
 
@@ -100,6 +105,7 @@ def estimate_seconds(plan: list[DemoRun], dataset: Dataset, seed: int = 0) -> fl
     batch = min(len(dataset.train), TrainProtocol().batch_size)
     images, labels = dataset.train.images[:batch], dataset.train.labels[:batch]
     bf16 = plan[0].evaluation.bf16  # one precision for the whole plan
+
     def train(epochs: int) -> float:
         return _seconds(lambda: train_model(images, labels, dataset, TrainProtocol(epochs=epochs, bf16=bf16), seed=seed))
 
@@ -112,6 +118,7 @@ def estimate_seconds(plan: list[DemoRun], dataset: Dataset, seed: int = 0) -> fl
         protocol = run.evaluation.protocol_for(run.method)
         total += per_image * count * (protocol.epochs + 1) * run.evaluation.num_models  # Epoch+1, as the reference trains
         if spec.synthetic and "iterations" in run.settings:
+
             def iterations(n: int) -> float:
                 settings = {**run.settings, "iterations": n}
                 return _seconds(lambda: distill(run.method, dataset, DEMO_IPC, settings, context=RunContext(seed=seed)))
@@ -127,9 +134,17 @@ def _seconds(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool = False,
-             method_settings: dict[str, Any] | None = None, estimate: bool = False, bf16: bool = False,
-             say: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
+def run_demo(
+    dataset: Dataset,
+    *,
+    out: str | Path,
+    seed: int = 0,
+    progress: bool = False,
+    method_settings: dict[str, Any] | None = None,
+    estimate: bool = False,
+    bf16: bool = False,
+    say: Callable[[str], None] = lambda message: None,
+) -> list[dict[str, Any]]:
     """Run the demo plan and return the result records (with `reused` True for runs found finished in `out`).
 
     `method_settings` override the distillation method's demo settings (e.g. a smaller budget); `bf16` trains
@@ -146,13 +161,24 @@ def run_demo(dataset: Dataset, *, out: str | Path, seed: int = 0, progress: bool
     todo = [run for run in plan if finished[run.method] is None]
     if estimate and todo:
         minutes = estimate_seconds(todo, dataset, seed) / 60
-        say(f"expected time on this machine: about {minutes:.1f} min (from a short timing just now; more if the machine gets busier)")
+        say(
+            f"expected time on this machine: about {minutes:.1f} min (from a short timing just now; more if the machine gets busier)"
+        )
     records = []
     for run in plan:
         record = finished[run.method]
         if record is None:
-            result = run_job(dataset, run.method, DEMO_IPC, config=run.settings, evaluation=run.evaluation, seed=seed,
-                             out_dir=run.folder(out, seed), progress=progress, resume=True)
+            result = run_job(
+                dataset,
+                run.method,
+                DEMO_IPC,
+                config=run.settings,
+                evaluation=run.evaluation,
+                seed=seed,
+                out_dir=run.folder(out, seed),
+                progress=progress,
+                resume=True,
+            )
             record = result.record
         records.append({**record, "reused": finished[run.method] is not None})
     return records

@@ -51,7 +51,9 @@ def largest_activation_bytes(module: nn.Module, image: Tensor) -> int:
     """Bytes (4 a value) of the largest output of any leaf layer of `module` for one image (1, C, H, W)."""
     sizes: list[int] = [image.numel()]
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0)) for m in leaves]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0)) for m in leaves
+    ]
     was_training = module.training
     try:
         module.eval()  # one image through batch norm in training mode would fail or move its statistics
@@ -106,5 +108,14 @@ def forward_in_chunks(forward: Callable[[Tensor], Tensor], images: Tensor, size:
     return torch.cat([forward(images[part]) for part in parts])
 
 
-__all__ = ["CACHE_BYTES", "backward_in_chunks", "chunk_size", "chunks", "forward_in_chunks", "largest_activation_bytes",
-           "samples_independent", "weighted_chunks", "whole_batches"]
+__all__ = [
+    "CACHE_BYTES",
+    "backward_in_chunks",
+    "chunk_size",
+    "chunks",
+    "forward_in_chunks",
+    "largest_activation_bytes",
+    "samples_independent",
+    "weighted_chunks",
+    "whole_batches",
+]

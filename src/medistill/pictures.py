@@ -26,8 +26,9 @@ MAX_NAME = 40  # characters of a class name shown at the start of its row
 ROWS_KEY = "medistill:rows"
 
 
-def grid_rows(pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str],
-              max_per_class: int = 10) -> list[tuple[str, torch.Tensor]]:
+def grid_rows(
+    pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str], max_per_class: int = 10
+) -> list[tuple[str, torch.Tensor]]:
     """(row name, images) pairs: one row per class with images (single-label), else rows of up to `max_per_class`."""
     if task == MULTI_LABEL:
         chunks = range(0, min(len(pixels), max_per_class * 10), max_per_class)
@@ -38,8 +39,9 @@ def grid_rows(pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names
     return [(name, images) for name, images in rows if len(images)] or [("", pixels[:1])]
 
 
-def render_grid(pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str],
-                max_per_class: int = 10) -> tuple[Image.Image, list[str]]:
+def render_grid(
+    pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str], max_per_class: int = 10
+) -> tuple[Image.Image, list[str]]:
     """A labelled grid of images in [0, 1] (N, C, H, W), and the name of each row, top to bottom."""
     pixels = pixels.detach().cpu().clamp(0, 1)
     rows = grid_rows(pixels, labels, task, label_names, max_per_class)
@@ -64,8 +66,9 @@ def render_grid(pixels: torch.Tensor, labels: torch.Tensor, task: str, label_nam
     return canvas, names
 
 
-def save_grid(pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str], path: str | Path,
-              max_per_class: int = 10) -> Path:
+def save_grid(
+    pixels: torch.Tensor, labels: torch.Tensor, task: str, label_names: list[str], path: str | Path, max_per_class: int = 10
+) -> Path:
     """Write the labelled grid as a PNG (row names in its `medistill:rows` text chunk)."""
     path = Path(path)
     image, names = render_grid(pixels, labels, task, label_names, max_per_class)

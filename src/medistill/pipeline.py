@@ -72,8 +72,16 @@ class JobResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol, *, num_models: int, seed: int, progress: bool,
-              zca_space: bool = True) -> Scores:
+def score_set(
+    synthetic: SyntheticSet,
+    dataset: Dataset,
+    protocol: TrainProtocol,
+    *,
+    num_models: int,
+    seed: int,
+    progress: bool,
+    zca_space: bool = True,
+) -> Scores:
     """Evaluate a set with the given protocol, in the dataset's normalisation.
 
     A set learnt in ZCA space (MTT with ZCA; stored un-whitened) is scored in ZCA space, as the MTT
@@ -85,7 +93,9 @@ def score_set(synthetic: SyntheticSet, dataset: Dataset, protocol: TrainProtocol
     if zca_space and synthetic.extra.get("zca") is True:
         zca = ZCA.for_dataset(dataset)
         images, dataset = zca.whiten_normalized(dataset, images.to(dataset.device)), whitened_dataset(dataset, zca)
-    return evaluate(images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress)
+    return evaluate(
+        images, synthetic.labels, dataset, protocol, num_models=num_models, seed=seed, lr=synthetic.learned_lr, progress=progress
+    )
 
 
 def run_job(
@@ -122,7 +132,12 @@ def run_job(
     if any(math.isnan(a) for a in scores.acc):
         raise MedistillError(f"evaluating the '{spec.name}' set produced NaN accuracy; the set is not usable")
     wall = time.perf_counter() - start
-    synthetic.metrics = {**synthetic.metrics, **scores.summary(), "eval_protocol": protocol.to_dict(), "eval_models": evaluation.num_models}
+    synthetic.metrics = {
+        **synthetic.metrics,
+        **scores.summary(),
+        "eval_protocol": protocol.to_dict(),
+        "eval_models": evaluation.num_models,
+    }
     record = {
         "dataset": dataset.name,
         "method": spec.name,
@@ -161,8 +176,10 @@ def check_job_folder(out: Path, *, resume: bool = False, force: bool = False) ->
         raise ConfigError(f"{out} is a shared bundle ({BUNDLE_MARKER}); a bundle is never a job folder: choose another --out")
     finished = [name for name in (RESULT_NAME, ARTIFACT_NAME) if (out / name).exists()]
     if finished and not (resume or force):
-        raise ConfigError(f"{out} already holds a run ({', '.join(finished)}); choose another --out, "
-                          "or pass --resume to redo its evaluation or --force to replace it")
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(finished)}); choose another --out, "
+            "or pass --resume to redo its evaluation or --force to replace it"
+        )
 
 
 def majority_rate(dataset: Dataset) -> float | None:

@@ -69,13 +69,18 @@ class PlainBar(Bar):
         elapsed = time.monotonic() - self.start
         share = self.done / self.total if self.total else 1.0
         remaining = f", about {_clock(elapsed / share - elapsed)} left" if 0 < share < 1 else ""
-        self._write(f"{self.description}: {self.done}/{self.total} ({share:.0%}), {_clock(elapsed)} elapsed{remaining}"
-                    + (f"  {self.status}" if self.status else ""))
+        self._write(
+            f"{self.description}: {self.done}/{self.total} ({share:.0%}), {_clock(elapsed)} elapsed{remaining}"
+            + (f"  {self.status}" if self.status else "")
+        )
         self.last = time.monotonic()
 
     def finish(self) -> None:
         elapsed = time.monotonic() - self.start
-        self._write(f"{self.description}: {self.done}/{self.total} done in {_clock(elapsed)}" + (f"  {self.status}" if self.status else ""))
+        self._write(
+            f"{self.description}: {self.done}/{self.total} done in {_clock(elapsed)}"
+            + (f"  {self.status}" if self.status else "")
+        )
 
     @staticmethod
     def _write(line: str) -> None:

@@ -37,8 +37,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if match.group(1) is not None:
             index, count = int(match.group(1)), torch.cuda.device_count()
             if index >= count:
-                raise ConfigError(f"device '{name}' does not exist: this machine has {count} CUDA GPU(s), "
-                                  f"cuda:0 to cuda:{count - 1}")
+                raise ConfigError(
+                    f"device '{name}' does not exist: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+                )
         return torch.device(name)
     raise ConfigError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
 
@@ -89,8 +90,9 @@ def native_bf16(device: torch.device) -> bool:
 BF16_MEASURED_MODELS = frozenset({"convnet"})
 
 
-def choose_bf16(flag: bool | None, pinned: bool | None, device: torch.device,
-                models: Iterable[str] = ("convnet",)) -> tuple[bool, str]:
+def choose_bf16(
+    flag: bool | None, pinned: bool | None, device: torch.device, models: Iterable[str] = ("convnet",)
+) -> tuple[bool, str]:
     """The precision a command trains its networks (`models`) in, and why: the flag (--bf16 / --fp32) when
     given, else a `bf16` setting the method's configuration pins (the shipped reference presets pin fp32),
     else bf16 on a CPU that computes it natively when every network is one bf16 was measured on, and fp32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
-    """"0.849 ± 0.009" over n > 1 values; "0.849 (n=1)" for one value, whose spread is unknown rather than zero."""
+    """ "0.849 ± 0.009" over n > 1 values; "0.849 (n=1)" for one value, whose spread is unknown rather than zero."""
     if n <= 1:
         return f"{mean:.{digits}f} (n={n})"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -54,7 +54,9 @@ class ZCA:
         """Fit on (N, C, H, W) [0, 1] pixel images: W = U diag(1/sqrt(s + eps)) U^T of the unbiased covariance."""
         dims = pixels[0].numel()
         if dims > MAX_DIMS:
-            raise ConfigError(f"ZCA on {tuple(pixels.shape[1:])} images needs a {dims}x{dims} covariance; use it at 64x64 RGB or smaller")
+            raise ConfigError(
+                f"ZCA on {tuple(pixels.shape[1:])} images needs a {dims}x{dims} covariance; use it at 64x64 RGB or smaller"
+            )
         if eps <= 0:
             raise ConfigError(f"ZCA eps must be positive, got {eps}")
         flat = pixels.reshape(pixels.shape[0], -1).double()
@@ -94,8 +96,10 @@ class ZCA:
 
 def whitened_dataset(dataset: Dataset, zca: ZCA) -> Dataset:
     """The dataset with every split's images in ZCA space (what the MTT reference trains and tests on)."""
-    splits = {name: replace(dataset.split(name), images=zca.whiten_normalized(dataset, dataset.split(name).images))
-              for name in ("train", "val", "test")}
+    splits = {
+        name: replace(dataset.split(name), images=zca.whiten_normalized(dataset, dataset.split(name).images))
+        for name in ("train", "val", "test")
+    }
     return replace(dataset, **splits)
 
 

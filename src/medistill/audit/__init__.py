@@ -6,6 +6,14 @@ from medistill.audit.membership import membership_audit, roc_summary
 from medistill.audit.neighbours import CopyThresholds, find_neighbours, ssim_matrix
 
 __all__ = [
-    "AuditConfig", "CopyThresholds", "audit", "audit_markdown", "find_neighbours", "membership_audit", "roc_summary",
-    "run_audit", "ssim_matrix", "summarize_audit",
+    "AuditConfig",
+    "CopyThresholds",
+    "audit",
+    "audit_markdown",
+    "find_neighbours",
+    "membership_audit",
+    "roc_summary",
+    "run_audit",
+    "ssim_matrix",
+    "summarize_audit",
 ]

@@ -55,9 +55,9 @@ SCORE_NETWORKS = 32  # random ConvNets whose embeddings the score regresses
 SCORE_SEED = 0x5C0E  # their initialisations (public, fixed)
 SCORE_DESCRIPTIONS = {
     "pixel": "largest least-squares coefficient of the canary when a released image of its class is regressed on that "
-             "class's canaries plus a constant (flattened, centred)",
+    "class's canaries plus a constant (flattened, centred)",
     "embedding": f"least-squares weight of the canary when the mean embedding of its class's released images is regressed on "
-                 f"the embeddings of that class's canaries plus a constant, under {SCORE_NETWORKS} random ConvNets stacked",
+    f"the embeddings of that class's canaries plus a constant, under {SCORE_NETWORKS} random ConvNets stacked",
 }
 EPSILON_SEARCH_LIMIT = 60.0  # above this, e^ε/(1+e^ε) is 1 in float64
 EPSILON_TOLERANCE = 1e-7
@@ -88,8 +88,9 @@ class CanaryAuditConfig:
             raise ConfigError(f"guess counts must be whole numbers >= 1, got {list(self.guess_counts)}")
 
 
-def draw_canaries(count: int, num_classes: int, channels: int, image_size: int, *, seed: int,
-                  resolution: int = 7) -> tuple[Tensor, Tensor]:
+def draw_canaries(
+    count: int, num_classes: int, channels: int, image_size: int, *, seed: int, resolution: int = 7
+) -> tuple[Tensor, Tensor]:
     """`count` canaries in pixel space [0, 1], (count, C, S, S) float32, and their labels (round-robin over the classes).
 
     Each is a Gaussian pattern at `resolution` x `resolution` per channel, upsampled bilinearly to S x S,
@@ -135,8 +136,10 @@ def with_canaries(dataset: Dataset, pixels: Tensor, labels: Tensor, included: Te
     """The dataset whose training split also holds the included canaries, normalised as its own images."""
     require_single_label(dataset)
     if pixels.shape[1:] != dataset.train.images.shape[1:]:
-        raise ConfigError(f"canaries shaped {tuple(pixels.shape[1:])} do not fit the images of {dataset.name} "
-                          f"{tuple(dataset.train.images.shape[1:])}")
+        raise ConfigError(
+            f"canaries shaped {tuple(pixels.shape[1:])} do not fit the images of {dataset.name} "
+            f"{tuple(dataset.train.images.shape[1:])}"
+        )
     device = dataset.device
     mean = torch.tensor(dataset.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(dataset.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -157,6 +160,7 @@ def pixel_scores(synthetic_images: Tensor, synthetic_labels: Tensor, canary_imag
     canaries of that class (flattened, centred) plus a constant; a canary's score is its largest
     coefficient over the released images of its class. It sees a set that mixes canaries in pixel space.
     """
+
     def centred(images: Tensor) -> Tensor:
         flat = images.detach().cpu().to(torch.float64).flatten(1)
         return flat - flat.mean(dim=1, keepdim=True)
@@ -175,8 +179,15 @@ def pixel_scores(synthetic_images: Tensor, synthetic_labels: Tensor, canary_imag
     return scores
 
 
-def embedding_scores(synthetic_images: Tensor, synthetic_labels: Tensor, canary_images: Tensor, canary_labels: Tensor, *,
-                     networks: int = SCORE_NETWORKS, seed: int = SCORE_SEED) -> Tensor:
+def embedding_scores(
+    synthetic_images: Tensor,
+    synthetic_labels: Tensor,
+    canary_images: Tensor,
+    canary_labels: Tensor,
+    *,
+    networks: int = SCORE_NETWORKS,
+    seed: int = SCORE_SEED,
+) -> Tensor:
     """Membership scores from the released images' features: higher = more likely in the training split.
 
     Under each of `networks` randomly initialised
@@ -221,7 +232,9 @@ Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 SCORES: Registry[Score] = Registry("canary score", {"pixel": pixel_scores, "embedding": embedding_scores})
 
 
-def canary_scores(synthetic_images: Tensor, synthetic_labels: Tensor, canary_images: Tensor, canary_labels: Tensor) -> dict[str, Tensor]:
+def canary_scores(
+    synthetic_images: Tensor, synthetic_labels: Tensor, canary_images: Tensor, canary_labels: Tensor
+) -> dict[str, Tensor]:
     """Every registered score of every canary (images in the released set's normalised space)."""
     return {name: SCORES.get(name)(synthetic_images, synthetic_labels, canary_images, canary_labels) for name in SCORES.names()}
 
@@ -237,7 +250,7 @@ def count_correct_guesses(scores: Tensor, included: Tensor, k: int) -> int:
         raise ConfigError(f"{2 * k} guesses need at least as many canaries, got {scores.shape[0]}")
     order = torch.argsort(scores.detach().cpu(), descending=True, stable=True)
     included = included.detach().cpu().to(torch.bool)
-    return int(included[order[:k]].sum()) + int((~included[order[len(order) - k:]]).sum())
+    return int(included[order[:k]].sum()) + int((~included[order[len(order) - k :]]).sum())
 
 
 def p_value(epsilon: float, delta: float, canaries: int, guesses: int, correct: int) -> float:
@@ -281,8 +294,14 @@ def epsilon_lower_bound(guesses: int, correct: int, *, canaries: int, delta: flo
     return low
 
 
-def audit_guesses(scores: dict[str, Tensor], included: Tensor, *, delta: float, confidence: float = 0.95,
-                  guess_counts: Sequence[int] = DEFAULT_GUESS_COUNTS) -> dict[str, Any]:
+def audit_guesses(
+    scores: dict[str, Tensor],
+    included: Tensor,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    guess_counts: Sequence[int] = DEFAULT_GUESS_COUNTS,
+) -> dict[str, Any]:
     """Guesses and bounds for every (score, k), each at the Bonferroni level over all of them, and the best bound,
     valid at `confidence`."""
     canaries = int(included.shape[0])
@@ -297,8 +316,14 @@ def audit_guesses(scores: dict[str, Tensor], included: Tensor, *, delta: float, 
             bound = epsilon_lower_bound(2 * k, correct, canaries=canaries, delta=delta, confidence=per_test_confidence)
             rows.append({"score": name, "k": k, "guesses": 2 * k, "correct": correct, "epsilon_lower_bound": bound})
     best = max(rows, key=lambda row: (row["epsilon_lower_bound"], row["correct"] / row["guesses"]))
-    return {"rows": rows, "best": best, "epsilon_lower_bound": best["epsilon_lower_bound"], "confidence": confidence,
-            "confidence_per_test": per_test_confidence, "delta": delta}
+    return {
+        "rows": rows,
+        "best": best,
+        "epsilon_lower_bound": best["epsilon_lower_bound"],
+        "confidence": confidence,
+        "confidence_per_test": per_test_confidence,
+        "delta": delta,
+    }
 
 
 def run_canary_audit(
@@ -316,8 +341,9 @@ def run_canary_audit(
     start = time.perf_counter()
     spec = get_method(method)
     config.check(dataset.image_size)
-    pixels, labels = draw_canaries(config.canaries, dataset.num_classes, dataset.channels, dataset.image_size,
-                                   seed=seed, resolution=config.canary_resolution)
+    pixels, labels = draw_canaries(
+        config.canaries, dataset.num_classes, dataset.channels, dataset.image_size, seed=seed, resolution=config.canary_resolution
+    )
     included = draw_inclusion(config.canaries)
     audited = with_canaries(real_subset(dataset, config.real_per_class), pixels, labels, included)
     log(f"canary audit: {int(included.sum())} of {config.canaries} canaries in the training split; running {spec.name}")
@@ -343,8 +369,8 @@ def run_canary_audit(
         "real_images": len(audited.train) - int(included.sum()),
         "canary_resolution": config.canary_resolution,
         "canary_design": f"Gaussian {config.canary_resolution}x{config.canary_resolution} pattern per channel, bilinear to "
-                         f"{dataset.image_size}x{dataset.image_size}, standardised, sigmoid(x * {CANARY_CONTRAST:g}); "
-                         f"labels round-robin; designs from torch.Generator seeded with {seed}",
+        f"{dataset.image_size}x{dataset.image_size}, standardised, sigmoid(x * {CANARY_CONTRAST:g}); "
+        f"labels round-robin; designs from torch.Generator seeded with {seed}",
         "scores": SCORE_DESCRIPTIONS,
         "guesses": guesses["rows"],
         "best_k": guesses["best"]["k"],
@@ -367,7 +393,9 @@ def score_released_set(synthetic: SyntheticSet, canary_pixels: Tensor, canary_la
     if synthetic.task == MULTI_LABEL or synthetic.labels.ndim != 1:
         raise DataError("the released set has multi-label labels; the canary score needs one class per image")
     if synthetic.images.shape[1:] != canary_pixels.shape[1:]:
-        raise DataError(f"the released images are {tuple(synthetic.images.shape[1:])}, the canaries {tuple(canary_pixels.shape[1:])}")
+        raise DataError(
+            f"the released images are {tuple(synthetic.images.shape[1:])}, the canaries {tuple(canary_pixels.shape[1:])}"
+        )
     mean = torch.tensor(synthetic.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(synthetic.std, dtype=torch.float32).view(1, -1, 1, 1)
     return canary_scores(synthetic.images, synthetic.labels, (canary_pixels.float() - mean) / std, canary_labels)
@@ -383,11 +411,16 @@ def canary_summary(report: dict[str, Any]) -> str:
     best = next(row for row in report["guesses"] if row["k"] == report["best_k"] and row["score"] == report["best_score"])
     ipc = "full set" if report["ipc"] is None else f"ipc {report['ipc']}"
     claimed = report["claimed_epsilon"]
-    verdict = ("claimed ε: none (no privacy guarantee recorded)" if claimed is None else
-               f"claimed ε = {claimed:.3g} — {'CONTRADICTED: the guarantee does not hold' if report['contradicts_claim'] else 'consistent'}")
-    return (f"{report['dataset']} {report['method']} {ipc}: empirical ε ≥ {report['epsilon_lower_bound']:.2f} at "
-            f"{report['confidence'] * 100:.4g}% confidence ({report['canaries']} canaries, best: {best['score']} score, k = {best['k']}: "
-            f"{best['correct']} of {best['guesses']} guesses right); {verdict}")
+    verdict = (
+        "claimed ε: none (no privacy guarantee recorded)"
+        if claimed is None
+        else f"claimed ε = {claimed:.3g} — {'CONTRADICTED: the guarantee does not hold' if report['contradicts_claim'] else 'consistent'}"
+    )
+    return (
+        f"{report['dataset']} {report['method']} {ipc}: empirical ε ≥ {report['epsilon_lower_bound']:.2f} at "
+        f"{report['confidence'] * 100:.4g}% confidence ({report['canaries']} canaries, best: {best['score']} score, k = {best['k']}: "
+        f"{best['correct']} of {best['guesses']} guesses right); {verdict}"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -402,7 +435,26 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = [
-    "CANARY_AUDIT_JSON", "CanaryAuditConfig", "DEFAULT_DELTA", "DEFAULT_GUESS_COUNTS", "audit_guesses", "canary_scores",
-    "canary_summary", "embedding_scores", "pixel_scores", "SCORES", "count_correct_guesses", "draw_canaries", "draw_inclusion", "epsilon_lower_bound", "guess_counts_for",
-    "p_value", "real_subset", "require_single_label", "run_canary_audit", "score_released_set", "with_canaries", "write_canary_report",
+    "CANARY_AUDIT_JSON",
+    "CanaryAuditConfig",
+    "DEFAULT_DELTA",
+    "DEFAULT_GUESS_COUNTS",
+    "audit_guesses",
+    "canary_scores",
+    "canary_summary",
+    "embedding_scores",
+    "pixel_scores",
+    "SCORES",
+    "count_correct_guesses",
+    "draw_canaries",
+    "draw_inclusion",
+    "epsilon_lower_bound",
+    "guess_counts_for",
+    "p_value",
+    "real_subset",
+    "require_single_label",
+    "run_canary_audit",
+    "score_released_set",
+    "with_canaries",
+    "write_canary_report",
 ]

@@ -58,12 +58,19 @@ def roc_summary(member_scores: torch.Tensor, nonmember_scores: torch.Tensor, fpr
         else:
             tprs[f"{target:g}"] = None
             notes.append(f"TPR at {target:.1%} FPR not meaningful: {len(others)} non-members, at least {needed} needed")
-    return {"auc": float(roc_auc_score(y_true, y_score)), "tpr_at_fpr": tprs, "members": len(members),
-            "non_members": len(others), "notes": notes}
+    return {
+        "auc": float(roc_auc_score(y_true, y_score)),
+        "tpr_at_fpr": tprs,
+        "members": len(members),
+        "non_members": len(others),
+        "notes": notes,
+    }
 
 
 @torch.no_grad()
-def per_example_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, multilabel: bool, batch_size: int = 1024) -> torch.Tensor:
+def per_example_loss(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, multilabel: bool, batch_size: int = 1024
+) -> torch.Tensor:
     """The training loss of each example (cross-entropy, or BCE averaged over labels)."""
     model.eval()
     losses = []
@@ -78,7 +85,9 @@ def per_example_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 @torch.no_grad()
-def logit_confidence(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, multilabel: bool, batch_size: int = 1024) -> torch.Tensor:
+def logit_confidence(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, multilabel: bool, batch_size: int = 1024
+) -> torch.Tensor:
     """LiRA's logit-scaled confidence log(p / (1 - p)) of the true label, computed stably from the logits."""
     model.eval()
     out = []
@@ -133,7 +142,12 @@ def membership_audit(
     subset = matched_real_subset(synthetic, dataset, seed).to(device)
     train, test = dataset.train, dataset.test
     plans = {
-        "synthetic": (renormalize(synthetic, dataset).to(device), synthetic.labels.to(device), set_protocol, synthetic.learned_lr),
+        "synthetic": (
+            renormalize(synthetic, dataset).to(device),
+            synthetic.labels.to(device),
+            set_protocol,
+            synthetic.learned_lr,
+        ),
         "random": (train.images[subset], train.labels[subset], set_protocol, None),
         "full": (train.images, train.labels, full_protocol, None),
     }
@@ -147,11 +161,17 @@ def membership_audit(
         acc, auc = scores_on(net, dataset)
         member_loss = per_example_loss(net, train.images, train.labels, multilabel)
         nonmember_loss = per_example_loss(net, test.images, test.labels, multilabel)
-        targets[name] = {"train_images": len(images), "protocol": protocol.to_dict(), "learned_lr": lr,
-                         "test_acc": acc, "test_auc": auc, "loss_attack": roc_summary(-member_loss, -nonmember_loss)}
+        targets[name] = {
+            "train_images": len(images),
+            "protocol": protocol.to_dict(),
+            "learned_lr": lr,
+            "test_acc": acc,
+            "test_auc": auc,
+            "loss_attack": roc_summary(-member_loss, -nonmember_loss),
+        }
         if name == "random":
             targets[name]["loss_attack_on_subset"] = roc_summary(-member_loss[subset], -nonmember_loss)
-    lira = _offline_lira(trained, dataset, full_protocol, shadows, seeds[len(plans):], log) if shadows else None
+    lira = _offline_lira(trained, dataset, full_protocol, shadows, seeds[len(plans) :], log) if shadows else None
     for name, result in (lira or {}).get("targets", {}).items():
         targets[name]["lira"] = result
     return {
@@ -159,13 +179,21 @@ def membership_audit(
         "members": len(train),
         "non_members": len(test),
         "targets": targets,
-        "lira": {k: v for k, v in lira.items() if k != "targets"} if lira else {"skipped": "no shadow models asked for (shadows=0)"},
+        "lira": {k: v for k, v in lira.items() if k != "targets"}
+        if lira
+        else {"skipped": "no shadow models asked for (shadows=0)"},
         "seconds": time.perf_counter() - start,
     }
 
 
-def _offline_lira(targets: dict[str, nn.Module], dataset: Dataset, protocol: TrainProtocol, shadows: int,
-                  seeds: list[int], log: Callable[[str], None]) -> dict[str, Any]:
+def _offline_lira(
+    targets: dict[str, nn.Module],
+    dataset: Dataset,
+    protocol: TrainProtocol,
+    shadows: int,
+    seeds: list[int],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Offline LiRA with a global variance: score = phi_target - mean phi of the shadows that did not train on the image."""
     multilabel = dataset.is_multilabel
     images = torch.cat([dataset.train.images, dataset.test.images])
@@ -179,7 +207,9 @@ def _offline_lira(targets: dict[str, nn.Module], dataset: Dataset, protocol: Tra
         halves = (order[: n // 2], order[n // 2 :])
         for k, inside in enumerate(halves):
             log(f"membership: shadow model {2 * pair + k + 1}/{shadows} ({len(inside)} images, {protocol.epochs} epochs)")
-            net = train_model(images[inside], _train_labels(labels[inside], multilabel), dataset, protocol, seed=seeds[2 * pair + k])
+            net = train_model(
+                images[inside], _train_labels(labels[inside], multilabel), dataset, protocol, seed=seeds[2 * pair + k]
+            )
             outside = halves[1 - k]
             out_sum[outside] += logit_confidence(net, images[outside], labels[outside], multilabel)
             out_count[outside] += 1
@@ -188,8 +218,13 @@ def _offline_lira(targets: dict[str, nn.Module], dataset: Dataset, protocol: Tra
     for name, net in targets.items():
         score = logit_confidence(net, images, labels, multilabel) - mu_out
         results[name] = roc_summary(score[:n_train], score[n_train:])
-    return {"shadows": shadows, "shadow_protocol": protocol.to_dict(), "pool": "train + test, complementary random halves",
-            "variance": "global", "targets": results}
+    return {
+        "shadows": shadows,
+        "shadow_protocol": protocol.to_dict(),
+        "pool": "train + test, complementary random halves",
+        "variance": "global",
+        "targets": results,
+    }
 
 
 def _train_labels(labels: torch.Tensor, multilabel: bool) -> torch.Tensor:

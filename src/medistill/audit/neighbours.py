@@ -108,8 +108,9 @@ class _Ssim:
         mu = self.blur(x)
         return mu, self.blur(x * x) - mu * mu
 
-    def pairs(self, a: torch.Tensor, mu_a: torch.Tensor, var_a: torch.Tensor,
-              b: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor) -> torch.Tensor:
+    def pairs(
+        self, a: torch.Tensor, mu_a: torch.Tensor, var_a: torch.Tensor, b: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
+    ) -> torch.Tensor:
         """(len(a), len(b)) mean SSIM of every pair (averaged over the map and the channels)."""
         mu_ab = mu_a[:, None] * mu_b[None]
         cov = self.blur(a[:, None] * b[None]) - mu_ab
@@ -130,7 +131,9 @@ def ssim_matrix(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAU
     return out
 
 
-def nearest_by_ssim(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_by_ssim(
+    a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image of `a`, the highest SSIM over all images of `b` and its index (without an N x M matrix)."""
     _check_pair(a, b)
     ssim = _Ssim(a.shape[-2], a.shape[-1], a.device, a.dtype)
@@ -146,7 +149,9 @@ def nearest_by_ssim(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = D
     return best, index
 
 
-def nearest_by_l2(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_by_l2(
+    a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image of `a`, the smallest Euclidean distance to an image of `b` and its index.
 
     The search runs in float64 matrix products; the distance to the neighbour found is then computed
@@ -169,7 +174,9 @@ def nearest_by_l2(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEF
     return (fa - fb[index]).norm(dim=1).to(a.dtype), index
 
 
-def nearest_by_cosine(a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_by_cosine(
+    a: torch.Tensor, b: torch.Tensor, *, batch_elements: int = DEFAULT_BATCH_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For feature rows `a` and `b`, the highest cosine similarity in `b` per row of `a` (rows are L2-normalised here)."""
     a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
     best = torch.full((len(a),), -math.inf, dtype=a.dtype, device=a.device)
@@ -196,8 +203,15 @@ def find_neighbours(
     cosine = cosine_index = None
     if features is not None:
         cosine, cosine_index = nearest_by_cosine(*features, batch_elements=batch_elements)
-    return Neighbours(l2=l2, l2_index=l2_index, ssim=ssim, ssim_index=ssim_index, cosine=cosine,
-                      cosine_index=cosine_index, values_per_image=int(synthetic[0].numel()))
+    return Neighbours(
+        l2=l2,
+        l2_index=l2_index,
+        ssim=ssim,
+        ssim_index=ssim_index,
+        cosine=cosine,
+        cosine_index=cosine_index,
+        values_per_image=int(synthetic[0].numel()),
+    )
 
 
 def distribution(values: torch.Tensor) -> dict[str, float]:
@@ -271,6 +285,15 @@ def _blocks(n: int, m: int, per_pair: int, budget: int):
 
 
 __all__ = [
-    "CopyThresholds", "Neighbours", "distribution", "find_neighbours", "gaussian_window", "nearest_by_cosine",
-    "nearest_by_l2", "nearest_by_ssim", "neighbour_summary", "save_worst_cases", "ssim_matrix",
+    "CopyThresholds",
+    "Neighbours",
+    "distribution",
+    "find_neighbours",
+    "gaussian_window",
+    "nearest_by_cosine",
+    "nearest_by_l2",
+    "nearest_by_ssim",
+    "neighbour_summary",
+    "save_worst_cases",
+    "ssim_matrix",
 ]

@@ -29,7 +29,11 @@ from medistill.markdown import cell
 from medistill.artifact import BUNDLE_MARKER, renormalize
 from medistill.audit.membership import membership_audit
 from medistill.audit.neighbours import (
-    DEFAULT_BATCH_ELEMENTS, CopyThresholds, find_neighbours, neighbour_summary, save_worst_cases,
+    DEFAULT_BATCH_ELEMENTS,
+    CopyThresholds,
+    find_neighbours,
+    neighbour_summary,
+    save_worst_cases,
 )
 from medistill.train import TrainProtocol
 from medistill.train.features import embed, feature_network
@@ -62,7 +66,9 @@ class AuditConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
         if self.lira_shadows % 2:
-            raise ConfigError(f"LiRA shadow models come in pairs on complementary halves: give an even number, got {self.lira_shadows}")
+            raise ConfigError(
+                f"LiRA shadow models come in pairs on complementary halves: give an even number, got {self.lira_shadows}"
+            )
         if self.mia_epochs is not None and self.mia_epochs < 1:
             raise ConfigError(f"membership-inference epochs must be at least 1, got {self.mia_epochs}")
         if self.batch_elements < 1:
@@ -96,8 +102,12 @@ def audit(
         protocol = TrainProtocol(epochs=config.feature_epochs, model=config.feature_model)
         trained = feature_network(dataset, protocol, config.seed, log=log)
         network, real_features = trained.model, trained.train_features
-        feature_info = {"model": config.feature_model, "epochs": config.feature_epochs,
-                        "test_acc": trained.info["test_acc"], "test_auc": trained.info["test_auc"]}
+        feature_info = {
+            "model": config.feature_model,
+            "epochs": config.feature_epochs,
+            "test_acc": trained.info["test_acc"],
+            "test_auc": trained.info["test_auc"],
+        }
 
     log(f"audit: nearest real neighbours of {len(synthetic)} synthetic images among {len(dataset.train)} training images")
     features = (embed(network, synthetic_normalized), real_features) if network is not None else None
@@ -105,13 +115,15 @@ def audit(
     flags = thresholds.flags(neighbours.ssim, neighbours.l2_rms)
     order = torch.argsort(neighbours.ssim, descending=True)[: config.worst]
     summary = neighbour_summary(neighbours, thresholds)
-    summary.update({
-        "real_images_searched": len(dataset.train),
-        "feature_network": feature_info,
-        "flagged": torch.nonzero(flags).flatten().tolist(),
-        "worst": order.tolist(),
-        "images": _per_image(neighbours, flags, synthetic.labels),
-    })
+    summary.update(
+        {
+            "real_images_searched": len(dataset.train),
+            "feature_network": feature_info,
+            "flagged": torch.nonzero(flags).flatten().tolist(),
+            "worst": order.tolist(),
+            "images": _per_image(neighbours, flags, synthetic.labels),
+        }
+    )
     if worst_cases_png is not None and config.worst:
         save_worst_cases(synthetic_pixels, real_pixels, neighbours, order, worst_cases_png)
         summary["worst_cases_png"] = Path(worst_cases_png).name
@@ -119,8 +131,15 @@ def audit(
     reference = _held_out_reference(dataset, network, real_pixels, real_features, config)
     membership = None
     if config.mia:
-        membership = membership_audit(synthetic, dataset, model=config.mia_model, epochs=config.mia_epochs,
-                                      shadows=config.lira_shadows, seed=config.seed, log=log)
+        membership = membership_audit(
+            synthetic,
+            dataset,
+            model=config.mia_model,
+            epochs=config.mia_epochs,
+            shadows=config.lira_shadows,
+            seed=config.seed,
+            log=log,
+        )
     near = summary["near_copies"]
     try:
         privacy, privacy_refused = verified_privacy(synthetic), None
@@ -136,8 +155,11 @@ def audit(
         "privacy": privacy,  # the set's (ε, δ) record, verified, when a private method made it
         "privacy_refused": privacy_refused,  # why a record the set carries does not hold
         "passed": near == 0,
-        "verdict": (f"{near} of {len(synthetic)} synthetic images are near-copies of a real training image" if near
-                    else f"no near-copies among {len(synthetic)} synthetic images"),
+        "verdict": (
+            f"{near} of {len(synthetic)} synthetic images are near-copies of a real training image"
+            if near
+            else f"no near-copies among {len(synthetic)} synthetic images"
+        ),
         "neighbours": summary,
         "reference_held_out": reference,
         "membership": membership,
@@ -145,8 +167,13 @@ def audit(
     }
 
 
-def screen_near_copies(synthetic: SyntheticSet, dataset: Dataset, thresholds: CopyThresholds | None = None, *,
-                       batch_elements: int = DEFAULT_BATCH_ELEMENTS) -> dict[str, Any]:
+def screen_near_copies(
+    synthetic: SyntheticSet,
+    dataset: Dataset,
+    thresholds: CopyThresholds | None = None,
+    *,
+    batch_elements: int = DEFAULT_BATCH_ELEMENTS,
+) -> dict[str, Any]:
     """Nearest real training image of every synthetic image by L2 and SSIM; `passed` when none is a near-copy."""
     thresholds = thresholds or CopyThresholds()
     pixels = dataset.denormalize(renormalize(synthetic, dataset).to(dataset.device))
@@ -195,8 +222,10 @@ def run_audit(
     synthetic = SyntheticSet.load(path)
     out = Path(report_dir) if report_dir is not None else default_report_dir(path)
     if out.resolve() == path.parent.resolve() or (out / BUNDLE_MARKER).exists() or (out.parent / BUNDLE_MARKER).exists():
-        raise ConfigError(f"the audit report folder {out} is (or is inside) the set's folder or a bundle; "
-                          "audit never writes there: give --report a folder of its own")
+        raise ConfigError(
+            f"the audit report folder {out} is (or is inside) the set's folder or a bundle; "
+            "audit never writes there: give --report a folder of its own"
+        )
     if (out / AUDIT_JSON).exists() and not force:
         raise ConfigError(f"{out} already holds an audit report; choose another --report or pass --force to replace it")
     dataset = synthetic.load_source(root=data_root, device=device)
@@ -236,15 +265,23 @@ def audit_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {name} | {_row(stats)} |" for name, stats in rows]
     ref = report.get("reference_held_out")
     if ref:
-        lines += ["", f"For scale, {ref['images']} held-out real test images (not in the training split) against the same "
-                      f"training set: median SSIM {ref['ssim']['median']:.3f}, median RMS distance {ref['l2_rms']['median']:.3f}; "
-                      f"{ref['near_copies']} of them ({ref['near_copy_fraction']:.1%}) meet the near-copy rule."]
+        lines += [
+            "",
+            f"For scale, {ref['images']} held-out real test images (not in the training split) against the same "
+            f"training set: median SSIM {ref['ssim']['median']:.3f}, median RMS distance {ref['l2_rms']['median']:.3f}; "
+            f"{ref['near_copies']} of them ({ref['near_copy_fraction']:.1%}) meet the near-copy rule.",
+        ]
         if ref["near_copies"]:
-            lines[-1] += (" The dataset's own splits share near-duplicate images, so the membership attacks' non-members "
-                          "include near-copies of members (which lowers every attack's AUC).")
+            lines[-1] += (
+                " The dataset's own splits share near-duplicate images, so the membership attacks' non-members "
+                "include near-copies of members (which lowers every attack's AUC)."
+            )
     if n.get("worst_cases_png"):
-        lines += ["", f"Worst cases: `{n['worst_cases_png']}` (rows by SSIM, highest first; columns: synthetic | "
-                      "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site."]
+        lines += [
+            "",
+            f"Worst cases: `{n['worst_cases_png']}` (rows by SSIM, highest first; columns: synthetic | "
+            "nearest real by SSIM | nearest real by L2). It shows real images: keep it at the source site.",
+        ]
     lines += ["", *_membership_markdown(report.get("membership"))]
     if report.get("privacy") is not None:
         lines += ["", *privacy_markdown(report["privacy"])]
@@ -275,8 +312,11 @@ def _membership_markdown(membership: dict[str, Any] | None) -> list[str]:
     if "skipped" in lira_info:
         lines += ["", f"LiRA (offline shadow-model attack) skipped: {lira_info['skipped']}."]
     else:
-        lines += ["", f"LiRA: offline, {lira_info['shadows']} shadow models ({lira_info['shadow_protocol']['epochs']} epochs each) "
-                      "on complementary halves of train+test; shadows imitate real-data training, so the synthetic row is a lower bound."]
+        lines += [
+            "",
+            f"LiRA: offline, {lira_info['shadows']} shadow models ({lira_info['shadow_protocol']['epochs']} epochs each) "
+            "on complementary halves of train+test; shadows imitate real-data training, so the synthetic row is a lower bound.",
+        ]
     for note in dict.fromkeys(notes):
         lines.append(f"- {note}.")
     return lines
@@ -310,8 +350,9 @@ def _per_image(neighbours: Any, flags: torch.Tensor, labels: torch.Tensor) -> li
     return rows
 
 
-def _held_out_reference(dataset: Dataset, network: Any, real_pixels: torch.Tensor, real_features: torch.Tensor | None,
-                        config: AuditConfig) -> dict[str, Any] | None:
+def _held_out_reference(
+    dataset: Dataset, network: Any, real_pixels: torch.Tensor, real_features: torch.Tensor | None, config: AuditConfig
+) -> dict[str, Any] | None:
     """The same screen for held-out real test images: how close other patients' images come by nature."""
     if not config.reference_images:
         return None
@@ -319,11 +360,22 @@ def _held_out_reference(dataset: Dataset, network: Any, real_pixels: torch.Tenso
     pick = torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(config.seed))[:count].to(dataset.device)
     images = dataset.test.images[pick]
     features = (embed(network, images), real_features) if network is not None else None
-    neighbours = find_neighbours(dataset.denormalize(images), real_pixels, features=features, batch_elements=config.batch_elements)
+    neighbours = find_neighbours(
+        dataset.denormalize(images), real_pixels, features=features, batch_elements=config.batch_elements
+    )
     return {"images": count, **neighbour_summary(neighbours, config.thresholds())}
 
 
 __all__ = [
-    "AUDIT_JSON", "AUDIT_MD", "AuditConfig", "WORST_PNG", "audit", "audit_markdown", "default_report_dir", "file_sha256",
-    "run_audit", "screen_near_copies", "summarize_audit",
+    "AUDIT_JSON",
+    "AUDIT_MD",
+    "AuditConfig",
+    "WORST_PNG",
+    "audit",
+    "audit_markdown",
+    "default_report_dir",
+    "file_sha256",
+    "run_audit",
+    "screen_near_copies",
+    "summarize_audit",
 ]

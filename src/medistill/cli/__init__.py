@@ -41,18 +41,30 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _global_options(
     ctx: typer.Context,
-    threads: int = typer.Option(DEFAULT_THREADS, "--threads", envvar=THREADS_ENV, min=1,
-                                help="torch CPU threads. 1 is fastest on a small or busy machine; results are reproducible "
-                                     "for the same seed, device and thread count."),
-    version: Optional[bool] = typer.Option(None, "--version", is_eager=True, callback=_print_version,
-                                           help="Print medistill's version and the torch build, then exit."),
+    threads: int = typer.Option(
+        DEFAULT_THREADS,
+        "--threads",
+        envvar=THREADS_ENV,
+        min=1,
+        help="torch CPU threads. 1 is fastest on a small or busy machine; results are reproducible "
+        "for the same seed, device and thread count.",
+    ),
+    version: Optional[bool] = typer.Option(
+        None,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="Print medistill's version and the torch build, then exit.",
+    ),
 ) -> None:
     """Dataset distillation for medical imaging: distil, evaluate and share small synthetic MedMNIST-style sets."""
     count = set_threads(threads)
     if ctx.invoked_subcommand not in LISTING_COMMANDS and "--help" not in sys.argv[1:]:
         # stdout: stderr is kept for progress and for the one line a bad input gets
-        typer.echo(f"medistill: {count} torch CPU thread{'s' if count > 1 else ''} (--threads N or {THREADS_ENV}=N to change; "
-                   f"results are reproducible for the same seed, device and thread count)")
+        typer.echo(
+            f"medistill: {count} torch CPU thread{'s' if count > 1 else ''} (--threads N or {THREADS_ENV}=N to change; "
+            f"results are reproducible for the same seed, device and thread count)"
+        )
 
 
 class Interrupted(BaseException):
@@ -101,6 +113,10 @@ def main() -> None:
         print(f"medistill: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except (Interrupted, KeyboardInterrupt):
-        note = _interrupt_note() if _interrupt_note is not None else f"This command keeps no partial work; start again with: {rerun_command()}"
+        note = (
+            _interrupt_note()
+            if _interrupt_note is not None
+            else f"This command keeps no partial work; start again with: {rerun_command()}"
+        )
         print(f"medistill: interrupted. {note}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -10,14 +10,42 @@ import typer
 from medistill.artifact import ARTIFACT_NAME
 from medistill.atomic import refuse_existing
 from medistill.cli import app
-from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsilon, Force, ImageSize, Init, Iterations, LrImg,
-                                   MethodConfig, MethodSet, NoiseMultiplier, Progress, PublicClassCounts, Seed, Size,
-                                   announce_precision, method_settings, open_dataset, pinned_bf16, speed_settings)
+from medistill.cli.options import (
+    BF16,
+    Compile,
+    DataRoot,
+    Delta,
+    Device,
+    Epsilon,
+    Force,
+    ImageSize,
+    Init,
+    Iterations,
+    LrImg,
+    MethodConfig,
+    MethodSet,
+    NoiseMultiplier,
+    Progress,
+    PublicClassCounts,
+    Seed,
+    Size,
+    announce_precision,
+    method_settings,
+    open_dataset,
+    pinned_bf16,
+    speed_settings,
+)
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.artifact import BUNDLE_MARKER
-from medistill.audit.canary import (CANARY_AUDIT_JSON, CanaryAuditConfig, canary_summary, require_single_label,
-                                      run_canary_audit, write_canary_report)
+from medistill.audit.canary import (
+    CANARY_AUDIT_JSON,
+    CanaryAuditConfig,
+    canary_summary,
+    require_single_label,
+    run_canary_audit,
+    write_canary_report,
+)
 from medistill.runtime import choose_bf16
 
 
@@ -27,19 +55,31 @@ def _say(enabled: bool) -> Callable[[str], None]:
 
 @app.command("privacy-audit")
 def privacy_audit(
-    dataset: str = typer.Argument(..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder (single-label)."),
+    dataset: str = typer.Argument(
+        ..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder (single-label)."
+    ),
     method: str = typer.Option(..., "--method", "-m", help="The method to audit (see `medistill methods`)."),
     ipc: int = typer.Option(10, "--ipc", help="Images per class."),
     out: Path = typer.Option(..., "--out", help=f"Folder for {CANARY_AUDIT_JSON} (created; the released set is not written)."),
-    canaries: int = typer.Option(CanaryAuditConfig.canaries, "--canaries", help="Canaries drawn; each joins the training split with probability 1/2."),
-    real_per_class: int = typer.Option(CanaryAuditConfig.real_per_class, "--real-per-class",
-                                       help="Real training images kept per class beside the canaries (0: all; fewer give the attack more power)."),
-    canary_resolution: int = typer.Option(CanaryAuditConfig.canary_resolution, "--canary-resolution",
-                                          help="Side of the random pattern each canary is upsampled from."),
+    canaries: int = typer.Option(
+        CanaryAuditConfig.canaries, "--canaries", help="Canaries drawn; each joins the training split with probability 1/2."
+    ),
+    real_per_class: int = typer.Option(
+        CanaryAuditConfig.real_per_class,
+        "--real-per-class",
+        help="Real training images kept per class beside the canaries (0: all; fewer give the attack more power).",
+    ),
+    canary_resolution: int = typer.Option(
+        CanaryAuditConfig.canary_resolution,
+        "--canary-resolution",
+        help="Side of the random pattern each canary is upsampled from.",
+    ),
     confidence: float = typer.Option(CanaryAuditConfig.confidence, "--confidence", help="Confidence of the lower bound."),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
-    seed: int = typer.Option(0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."
+    ),
     config: Optional[Path] = MethodConfig,
     settings: list[str] = MethodSet,
     iterations: Optional[int] = Iterations,
@@ -61,8 +101,9 @@ def privacy_audit(
     Canary designs follow --seed (publishable); which canaries join the training split is decided by the operating system's entropy. Writes OUT/canary_audit.json (the bound per number of guesses, the claimed ε if any, and, the experiment being over, the inclusion bits); the released set itself is not kept.
     """
     spec = get_method(method)
-    audit_config = CanaryAuditConfig(canaries=canaries, real_per_class=real_per_class, canary_resolution=canary_resolution,
-                                     confidence=confidence)
+    audit_config = CanaryAuditConfig(
+        canaries=canaries, real_per_class=real_per_class, canary_resolution=canary_resolution, confidence=confidence
+    )
     audit_config.check()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
@@ -72,8 +113,17 @@ def privacy_audit(
     refuse_existing(out / CANARY_AUDIT_JSON, force, "audit report")
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     require_single_label(data)  # before the precision line: the refusal is the only line
-    given = method_settings(config, settings, iterations=iterations, lr_img=lr_img, init=init, epsilon=epsilon, delta=delta,
-                            noise_multiplier=noise_multiplier, public_class_counts=public_class_counts)
+    given = method_settings(
+        config,
+        settings,
+        iterations=iterations,
+        lr_img=lr_img,
+        init=init,
+        epsilon=epsilon,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        public_class_counts=public_class_counts,
+    )
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, spec.networks(given))
     announce_precision(use_bf16, why)
     given.update(speed_settings(spec, use_bf16, compile, given))

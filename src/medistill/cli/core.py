@@ -14,9 +14,31 @@ from rich.table import Table
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import (BF16, Compile, DataRoot, Delta, Device, Epsilon, Force, ImageSize, Init, Iterations, LrImg,
-                                   MethodConfig, MethodSet, NoiseMultiplier, Progress, PublicClassCounts, Seed, Size,
-                                   announce_precision, method_settings, open_dataset, pinned_bf16, speed_settings)
+from medistill.cli.options import (
+    BF16,
+    Compile,
+    DataRoot,
+    Delta,
+    Device,
+    Epsilon,
+    Force,
+    ImageSize,
+    Init,
+    Iterations,
+    LrImg,
+    MethodConfig,
+    MethodSet,
+    NoiseMultiplier,
+    Progress,
+    PublicClassCounts,
+    Seed,
+    Size,
+    announce_precision,
+    method_settings,
+    open_dataset,
+    pinned_bf16,
+    speed_settings,
+)
 from medistill.data import FLAGS, SIZES, dataset_info, is_cached, resolve_data_root
 from medistill.demo import DEMO_DATASET, DEMO_IPC, demo_networks, run_demo
 from medistill.errors import ConfigError
@@ -33,14 +55,31 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 def datasets(data_root: Optional[Path] = DataRoot) -> None:
     """List the MedMNIST 2D datasets and whether their files are in the data root."""
     root = resolve_data_root(data_root)
-    table = Table("flag", "task", "classes", "channels", "train/val/test", "sizes", "license", "cached",
-                  title=f"MedMNIST 2D datasets (data root: {root})")
+    table = Table(
+        "flag",
+        "task",
+        "classes",
+        "channels",
+        "train/val/test",
+        "sizes",
+        "license",
+        "cached",
+        title=f"MedMNIST 2D datasets (data root: {root})",
+    )
     for flag in FLAGS:
         info = dataset_info(flag)
         n = info["n_samples"]
         cached = ",".join(str(s) for s in SIZES if is_cached(flag, s, root)) or "-"
-        table.add_row(flag, info["task"], str(len(info["label"])), str(info["n_channels"]),
-                      f"{n['train']}/{n['val']}/{n['test']}", ",".join(map(str, SIZES)), info["license"], cached)
+        table.add_row(
+            flag,
+            info["task"],
+            str(len(info["label"])),
+            str(info["n_channels"]),
+            f"{n['train']}/{n['val']}/{n['test']}",
+            ",".join(map(str, SIZES)),
+            info["license"],
+            cached,
+        )
     console.print(table)
 
 
@@ -54,7 +93,9 @@ def distill(
     device: str = Device,
     seed: int = Seed,
     eval_models: int = typer.Option(5, "--eval-models", help="Networks trained to score the set."),
-    eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Training epochs per network (default: 300, or 1000 with DSA)."),
+    eval_epochs: Optional[int] = typer.Option(
+        None, "--eval-epochs", help="Training epochs per network (default: 300, or 1000 with DSA)."
+    ),
     eval_model: str = typer.Option("convnet", "--eval-model", help="Architecture used for scoring."),
     config: Optional[Path] = MethodConfig,
     settings: list[str] = MethodSet,
@@ -68,8 +109,11 @@ def distill(
     noise_multiplier: Optional[float] = NoiseMultiplier,
     public_class_counts: bool = PublicClassCounts,
     max_expert_minutes: Optional[float] = typer.Option(
-        None, "--max-expert-minutes", help="MTT: refuse (exit 2, nothing trained) when the expert buffer still to train is estimated "
-                                           "to take longer than this; the estimate is printed before any expert is trained either way."),
+        None,
+        "--max-expert-minutes",
+        help="MTT: refuse (exit 2, nothing trained) when the expert buffer still to train is estimated "
+        "to take longer than this; the estimate is printed before any expert is trained either way.",
+    ),
     size: int = Size,
     image_size: Optional[int] = ImageSize,
     bf16: Optional[bool] = BF16,
@@ -79,16 +123,35 @@ def distill(
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     on_interrupt(lambda: _distill_interrupted(out))
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    given = method_settings(config, settings, iterations=iterations, lr_img=lr_img, init=init, epsilon=epsilon, delta=delta,
-                            noise_multiplier=noise_multiplier, public_class_counts=public_class_counts,
-                            max_expert_minutes=max_expert_minutes)
+    given = method_settings(
+        config,
+        settings,
+        iterations=iterations,
+        lr_img=lr_img,
+        init=init,
+        epsilon=epsilon,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        public_class_counts=public_class_counts,
+        max_expert_minutes=max_expert_minutes,
+    )
     spec = get_method(method)
     use_bf16, why = choose_bf16(bf16, pinned_bf16(given), data.device, [eval_model, *spec.networks(given)])
     evaluation = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=eval_model, bf16=use_bf16, compile=compile)
     announce_precision(use_bf16, why)  # after the settings are checked: an unknown model gets its error line alone
     given.update(speed_settings(spec, use_bf16, compile, given))
-    result = run_job(data, method, ipc, config=given, evaluation=evaluation, seed=seed,
-                     out_dir=out, progress=progress, resume=resume, force=force)
+    result = run_job(
+        data,
+        method,
+        ipc,
+        config=given,
+        evaluation=evaluation,
+        seed=seed,
+        out_dir=out,
+        progress=progress,
+        resume=resume,
+        force=force,
+    )
     r = result.record
     console.print(
         f"{r['dataset']} {r['method']} {'full set' if r['ipc'] is None else 'ipc=' + str(r['ipc'])}: "
@@ -98,8 +161,10 @@ def distill(
 
 def _distill_interrupted(out: Path) -> str:
     if has_checkpoint(out):
-        return (f"Kept: the distillation's last checkpoint in {out / CHECKPOINTS_NAME}. "
-                f"Continue from it with: {rerun_command('--resume')}")
+        return (
+            f"Kept: the distillation's last checkpoint in {out / CHECKPOINTS_NAME}. "
+            f"Continue from it with: {rerun_command('--resume')}"
+        )
     return f"Nothing was kept: no checkpoint had been written to {out} yet. Start again with: {rerun_command()}"
 
 
@@ -112,7 +177,9 @@ def evaluate(
     seed: int = Seed,
     eval_models: int = typer.Option(5, "--eval-models", help="Networks per architecture."),
     eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Epochs (default: the method's reference)."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."),
+    augment: Optional[bool] = typer.Option(
+        None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
     force: bool = Force,
     bf16: Optional[bool] = BF16,
@@ -130,16 +197,24 @@ def evaluate(
     data = synthetic.load_source(root=data_root, device=resolve_device(device), progress=progress)
     use_bf16, why = choose_bf16(bf16, None, data.device, names)
     announce_precision(use_bf16, why)
-    table = Table("model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)")
+    table = Table(
+        "model", "ACC", "AUC", "epochs", "augment", title=f"{synthetic.method} ipc={synthetic.ipc} on {data.name} (test split)"
+    )
     report = {}
     for name in names:
-        protocol = EvalSettings(num_models=eval_models, epochs=eval_epochs, model=name, augment=augment, bf16=use_bf16,
-                                compile=compile).protocol_for(synthetic.method)
+        protocol = EvalSettings(
+            num_models=eval_models, epochs=eval_epochs, model=name, augment=augment, bf16=use_bf16, compile=compile
+        ).protocol_for(synthetic.method)
         scores = score_set(synthetic, data, protocol, num_models=eval_models, seed=seed, progress=progress)
         report[name] = {**scores.summary(), "eval_protocol": protocol.to_dict()}
         n = len(scores.acc)
-        table.add_row(name, mean_std(scores.acc_mean, scores.acc_std, n), mean_std(scores.auc_mean, scores.auc_std, n),
-                      str(protocol.epochs), protocol.augment or "-")
+        table.add_row(
+            name,
+            mean_std(scores.acc_mean, scores.acc_std, n),
+            mean_std(scores.auc_mean, scores.auc_std, n),
+            str(protocol.epochs),
+            protocol.augment or "-",
+        )
     console.print(table)
     if out is not None:
         atomic_write(out, json.dumps(report, indent=2) + "\n")
@@ -154,7 +229,12 @@ def methods() -> None:
     for name in list_methods():
         spec = get_method(name)
         protocol = spec.default_protocol()
-        table.add_row(name, "synthetic" if spec.synthetic else "real images", f"{protocol.epochs} epochs, {protocol.augment or 'no augmentation'}", spec.summary)
+        table.add_row(
+            name,
+            "synthetic" if spec.synthetic else "real images",
+            f"{protocol.epochs} epochs, {protocol.augment or 'no augmentation'}",
+            spec.summary,
+        )
     console.print(table)
 
 
@@ -195,8 +275,12 @@ def demo(
 
     It states its plan and expected time first; finished runs in OUT are reused by the next demo.
     """
-    on_interrupt(lambda: f"Kept: finished runs in {out} and the distillation's last checkpoint. "
-                         f"Continue with: {rerun_command()} (finished runs are reused)")
+    on_interrupt(
+        lambda: (
+            f"Kept: finished runs in {out} and the distillation's last checkpoint. "
+            f"Continue with: {rerun_command()} (finished runs are reused)"
+        )
+    )
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
     use_bf16, why = choose_bf16(bf16, None, data.device, demo_networks())
     announce_precision(use_bf16, why)
@@ -207,7 +291,13 @@ def demo(
     for r in rows:
         p = r["eval_protocol"]
         seconds = f"{r['wall_seconds']:.0f}" + (" (earlier run)" if r["reused"] else "")
-        table.add_row(r["method"], str(r["num_images"]), record_score(r, "acc"), record_score(r, "auc"),
-                      f"{r['eval_models']} x {p['model']}, {p['epochs']} ep{', DSA' if p['augment'] else ''}", seconds)
+        table.add_row(
+            r["method"],
+            str(r["num_images"]),
+            record_score(r, "acc"),
+            record_score(r, "auc"),
+            f"{r['eval_models']} x {p['model']}, {p['epochs']} ep{', DSA' if p['augment'] else ''}",
+            seconds,
+        )
     console.print(table)
     console.print(f"runs written to {out}")

@@ -24,8 +24,12 @@ def experts(
     dataset: str = typer.Argument(..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder."),
     num_experts: int = typer.Option(10, "--num-experts", "-e", help="Experts the buffer must hold."),
     epochs: int = typer.Option(30, "--epochs", "-t", help="Training epochs per expert (T+1 snapshots are kept)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Buffer root (default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts); "
-                                                           "give the same folder to MTT as buffer_root."),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        help="Buffer root (default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts); "
+        "give the same folder to MTT as buffer_root.",
+    ),
     lr_teacher: float = typer.Option(0.01, "--lr-teacher", help="Experts' SGD learning rate (no momentum, no weight decay)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Experts' minibatch size."),
     augment: str = typer.Option(DEFAULT_STRATEGY, "--augment", help="DSA strategy for the experts, or 'none'."),
@@ -33,11 +37,19 @@ def experts(
     model_args: list[str] = typer.Option([], "--model-arg", help="Architecture setting KEY=VALUE, e.g. width=64 (repeatable)."),
     zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (kornia ZCA, eps 0.1, fitted on [0, 1] pixels)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store trajectories in fp16 (half the disk)."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", help="Experts trained at once (stacked; default: 1 on the CPU, "
-                                                                    "as many as the free memory holds on CUDA)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-expert-minutes", help="Refuse (exit 2, nothing trained) when the "
-                                                                                 "missing experts are estimated to take longer than this."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."),
+    parallel: Optional[int] = typer.Option(
+        None,
+        "--parallel",
+        help="Experts trained at once (stacked; default: 1 on the CPU, as many as the free memory holds on CUDA).",
+    ),
+    max_minutes: Optional[float] = typer.Option(
+        None,
+        "--max-expert-minutes",
+        help="Refuse (exit 2, nothing trained) when the missing experts are estimated to take longer than this.",
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."
+    ),
     data_root: Optional[Path] = DataRoot,
     device: str = Device,
     seed: int = Seed,
@@ -47,15 +59,33 @@ def experts(
 ) -> None:
     """Train MTT expert trajectories into a reusable, resumable buffer; the work and its estimated time are stated first."""
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
-    settings = ExpertSettings(epochs=epochs, lr_teacher=lr_teacher, batch_size=batch_size,
-                              augment=None if augment.lower() == "none" else augment, model=model,
-                              model_kwargs=parse_pairs(model_args, "--model-arg"), zca=zca, seed=seed, fp16=fp16)
+    settings = ExpertSettings(
+        epochs=epochs,
+        lr_teacher=lr_teacher,
+        batch_size=batch_size,
+        augment=None if augment.lower() == "none" else augment,
+        model=model,
+        model_kwargs=parse_pairs(model_args, "--model-arg"),
+        zca=zca,
+        seed=seed,
+        fp16=fp16,
+    )
     folder = buffer_dir(data, settings, out)
-    on_interrupt(lambda: f"Kept: every finished expert in {folder}. The same command trains only the missing ones: {rerun_command()}")
+    on_interrupt(
+        lambda: f"Kept: every finished expert in {folder}. The same command trains only the missing ones: {rerun_command()}"
+    )
     start = time.perf_counter()
-    buffer = build_buffer(data, settings, num_experts, root=out, parallel=parallel, max_minutes=max_minutes,
-                          smaller_buffer_hint="for a smaller buffer: --num-experts N or --epochs T", progress=progress,
-                          log=lambda message: typer.echo(message, err=True))
+    buffer = build_buffer(
+        data,
+        settings,
+        num_experts,
+        root=out,
+        parallel=parallel,
+        max_minutes=max_minutes,
+        smaller_buffer_hint="for a smaller buffer: --num-experts N or --epochs T",
+        progress=progress,
+        log=lambda message: typer.echo(message, err=True),
+    )
     summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

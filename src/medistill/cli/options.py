@@ -16,15 +16,25 @@ from medistill.runtime import resolve_device
 
 DataRoot = typer.Option(None, "--data-root", help="Folder of MedMNIST files (default: $MEDISTILL_DATA, else ~/.medmnist).")
 Device = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
-Seed = typer.Option(0, "--seed", help="Seed of the run; the same seed gives the same result on the same device with the same --threads.")
+Seed = typer.Option(
+    0, "--seed", help="Seed of the run; the same seed gives the same result on the same device with the same --threads."
+)
 Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
 ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
 Force = typer.Option(False, "--force", help="Replace an existing output instead of refusing it.")
-BF16 = typer.Option(None, "--bf16/--fp32", show_default=False,
-                    help="bf16 autocast (fp32 weights and sums) for the networks this command trains, or fp32 as the references. "
-                         "Default: bf16 on a CPU that computes it natively (AVX512-BF16 or AMX) when every network is the ConvNet, else fp32; "
-                         "the shipped method presets pin fp32.")
-Compile = typer.Option(False, "--compile/--no-compile", help="torch.compile the networks' training passes (a first run compiles; later runs reuse torch's cache).")
+BF16 = typer.Option(
+    None,
+    "--bf16/--fp32",
+    show_default=False,
+    help="bf16 autocast (fp32 weights and sums) for the networks this command trains, or fp32 as the references. "
+    "Default: bf16 on a CPU that computes it natively (AVX512-BF16 or AMX) when every network is the ConvNet, else fp32; "
+    "the shipped method presets pin fp32.",
+)
+Compile = typer.Option(
+    False,
+    "--compile/--no-compile",
+    help="torch.compile the networks' training passes (a first run compiles; later runs reuse torch's cache).",
+)
 Progress = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 # A method's settings, as `distill` and `privacy-audit` take them (gathered by `method_settings`).
 MethodConfig = typer.Option(None, "--config", help="YAML file of method settings, or a preset's name (medistill presets).")
@@ -35,8 +45,9 @@ Init = typer.Option(None, "--init", help="Initial synthetic images: noise or rea
 Epsilon = typer.Option(None, "--epsilon", help="Private methods: the ε budget; the noise is calibrated to it.")
 Delta = typer.Option(None, "--delta", help="Private methods: δ of the (ε, δ) guarantee (default 1e-5).")
 NoiseMultiplier = typer.Option(None, "--noise-multiplier", help="Private methods: σ given; reports the ε reached.")
-PublicClassCounts = typer.Option(False, "--public-class-counts",
-                                 help="Private methods: treat the per-class counts as public (else released with noise).")
+PublicClassCounts = typer.Option(
+    False, "--public-class-counts", help="Private methods: treat the per-class counts as public (else released with noise)."
+)
 
 
 def method_settings(config_file: Optional[Path], pairs: list[str], **options: Any) -> dict[str, Any]:
@@ -45,11 +56,25 @@ def method_settings(config_file: Optional[Path], pairs: list[str], **options: An
     return {**parse_settings(config_file, pairs), **given}
 
 
-def open_dataset(name: str, data_root: Optional[Path], device: str, size: int = 28, image_size: Optional[int] = None,
-                 channels: Optional[int] = None, progress: bool = True) -> Dataset:
+def open_dataset(
+    name: str,
+    data_root: Optional[Path],
+    device: str,
+    size: int = 28,
+    image_size: Optional[int] = None,
+    channels: Optional[int] = None,
+    progress: bool = True,
+) -> Dataset:
     """Resolve the device and load a dataset by flag or path onto it."""
-    return load_dataset(name, root=data_root, size=size, image_size=image_size, channels=channels,
-                        device=resolve_device(device), progress=progress)
+    return load_dataset(
+        name,
+        root=data_root,
+        size=size,
+        image_size=image_size,
+        channels=channels,
+        device=resolve_device(device),
+        progress=progress,
+    )
 
 
 def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, Any]:

@@ -34,10 +34,14 @@ def dp_sgd(
     progress: bool = Progress,
 ) -> None:
     """Train a classifier with DP-SGD on the real training split and score it on the test split (the baseline to a private set)."""
-    settings = DPSGDSettings(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size, lr=lr, clip_norm=clip_norm, model=model)
+    settings = DPSGDSettings(
+        epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size, lr=lr, clip_norm=clip_norm, model=model
+    )
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     r = run_dpsgd(data, settings, num_models=eval_models, seed=seed, out_dir=out)
     p = r["privacy"]
-    typer.echo(f"{r['dataset']} dp-sgd (ε = {p['epsilon']:.4g}, δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4g}, q = {p['sample_rate']:.4g}, "
-               f"{p['steps']} steps): test ACC {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}, "
-               f"AUC {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} ({r['wall_seconds']:.1f} s) -> {out}")
+    typer.echo(
+        f"{r['dataset']} dp-sgd (ε = {p['epsilon']:.4g}, δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4g}, q = {p['sample_rate']:.4g}, "
+        f"{p['steps']} steps): test ACC {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}, "
+        f"AUC {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} ({r['wall_seconds']:.1f} s) -> {out}"
+    )

@@ -26,12 +26,19 @@ EXIT_RUNS_FAILED = 1
 
 @app.command()
 def study(
-    config: Path = typer.Argument(..., help="Study config (YAML), or a preset's name (medistill presets); relative paths inside it resolve against its folder."),
+    config: Path = typer.Argument(
+        ...,
+        help="Study config (YAML), or a preset's name (medistill presets); relative paths inside it resolve against its folder.",
+    ),
     out: Path = typer.Option(DEFAULT_STUDY_DIR, "--out", help="Study folder: results, artifacts, report."),
     executor: str = typer.Option("local", "--executor", help=f"How runs are executed: {', '.join(list_executors())}."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local Ray instance)."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Ray cluster address (default: start a local Ray instance)."
+    ),
     data_root: Optional[Path] = DataRoot,
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the config's `device`, else auto)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu or cuda[:N] (default: the config's `device`, else auto)."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again (finished runs are always skipped)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md, index.html, tables and plots afterwards."),
 ) -> None:
@@ -40,20 +47,35 @@ def study(
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
     options = {"address": ray_address} if executor == "ray" else {}
-    on_interrupt(lambda: f"Kept: every finished run in {out / 'runs'}, and the checkpoints of runs in flight in {out / 'work'}. "
-                         f"The same command skips the finished runs and continues the others: {rerun_command()}")
+    on_interrupt(
+        lambda: (
+            f"Kept: every finished run in {out / 'runs'}, and the checkpoints of runs in flight in {out / 'work'}. "
+            f"The same command skips the finished runs and continues the others: {rerun_command()}"
+        )
+    )
     if spec.threads:
         typer.echo(f"medistill: each run uses {spec.threads} torch CPU thread(s), as the study config sets")
-    summary = run_study(spec, out, executor=executor, executor_options=options, data_root=data_root, device=device,
-                        retry_failed=retry_failed, log=typer.echo)
+    summary = run_study(
+        spec,
+        out,
+        executor=executor,
+        executor_options=options,
+        data_root=data_root,
+        device=device,
+        retry_failed=retry_failed,
+        log=typer.echo,
+    )
     if report:
         path = write_report(out)
         typer.echo(console_summary(out))
         typer.echo(f"report: {path} and {path.parent / 'index.html'}")
     failed = summary.failed + summary.previously_failed
     if failed:
-        typer.echo(f"{len(failed)} run(s) failed: {', '.join(failed)}; see runs/<key>.json in {out}"
-                   + ("" if retry_failed else " (rerun with --retry-failed to try them again)"), err=True)
+        typer.echo(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}; see runs/<key>.json in {out}"
+            + ("" if retry_failed else " (rerun with --retry-failed to try them again)"),
+            err=True,
+        )
         raise typer.Exit(EXIT_RUNS_FAILED)
 
 
@@ -70,7 +92,9 @@ def simulate(
     """Build the study's "distillation simulation" set: each source dataset becomes one class (3 channels, one size)."""
     refuse_existing(out, force)
     names = [d.strip() for d in datasets.split(",") if d.strip()]
-    recipe = SimulationRecipe(datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed)
+    recipe = SimulationRecipe(
+        datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed
+    )
     path = build_simulation(recipe, out, root=data_root, progress=True)
     classes = load_dataset(path).label_names  # each source's dataset name, not the path it was given by
     typer.echo(f"wrote {path}: {len(classes)} classes ({', '.join(classes)}), fraction {fraction}, {size}x{size}x3, seed {seed}")
@@ -78,25 +102,37 @@ def simulate(
 
 @app.command()
 def predict(
-    dataset: str = typer.Argument(..., help="MedMNIST flag, bundled set (digits), npz/folder path, or a simulation set of the study."),
+    dataset: str = typer.Argument(
+        ..., help="MedMNIST flag, bundled set (digits), npz/folder path, or a simulation set of the study."
+    ),
     ipc: int = typer.Option(..., "--ipc", help="Images per class."),
     study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted predictor is used."),
-    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help="The cheap run whose score predicts the methods': random, herding or kcenter (the study must hold its runs)."),
+    probe: str = typer.Option(
+        DEFAULT_PROBE,
+        "--probe",
+        help="The cheap run whose score predicts the methods': random, herding or kcenter (the study must hold its runs).",
+    ),
     level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Level of the conformal interval over the study's datasets."),
     data_root: Optional[Path] = DataRoot,
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
 ) -> None:
     """Run the cheap probe on a dataset and predict each distillation method's test ACC, with an interval over datasets."""
-    result = predict_accuracy(dataset, ipc, study_dir, probe=probe, level=level, data_root=data_root, device=device, log=typer.echo)
+    result = predict_accuracy(
+        dataset, ipc, study_dir, probe=probe, level=level, data_root=data_root, device=device, log=typer.echo
+    )
     typer.echo(f"study: {result.study}; fitted on {len(result.study_datasets)} datasets: {', '.join(result.study_datasets)}")
     f = result.facts
-    typer.echo(f"{result.dataset} ({f.num_classes} classes, {f.channels} channel(s), {'medical' if f.medical else 'not medical'}) "
-               f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} (seeds {', '.join(map(str, result.seeds))})")
+    typer.echo(
+        f"{result.dataset} ({f.num_classes} classes, {f.channels} channel(s), {'medical' if f.medical else 'not medical'}) "
+        f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} (seeds {', '.join(map(str, result.seeds))})"
+    )
     for reason in result.extrapolated:
         typer.echo(f"  WARNING extrapolating: {reason}; the interval is widened to span every candidate model")
     for m in result.methods:
-        typer.echo(f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {m.level:.0%} interval [{m.lower:.3f}, {m.upper:.3f}]; "
-                   f"model {m.model}, chosen over {m.n_datasets} datasets, leave-one-dataset-out MAE {m.lodo_mae:.3f}")
+        typer.echo(
+            f"  {m.method}: predicted test ACC {m.predicted_acc:.3f}, {m.level:.0%} interval [{m.lower:.3f}, {m.upper:.3f}]; "
+            f"model {m.model}, chosen over {m.n_datasets} datasets, leave-one-dataset-out MAE {m.lodo_mae:.3f}"
+        )
     for note in result.notes:
         typer.echo(f"  note: {note}")
 

@@ -13,9 +13,28 @@ from medistill.data.medmnist import FLAGS, SIZES, dataset_info, ensure_file, is_
 from medistill.errors import DataError
 
 __all__ = [
-    "BINARY", "BUNDLED", "FLAGS", "MULTI_CLASS", "MULTI_LABEL", "ORDINAL", "SIZES", "TASKS", "DataSource", "Dataset", "Split",
-    "dataset_info", "ensure_file", "is_bundled", "is_cached", "load_dataset", "load_image_folder", "load_medmnist",
-    "load_bundled", "load_npz_dataset", "resolve_data_root", "write_npz_dataset",
+    "BINARY",
+    "BUNDLED",
+    "FLAGS",
+    "MULTI_CLASS",
+    "MULTI_LABEL",
+    "ORDINAL",
+    "SIZES",
+    "TASKS",
+    "DataSource",
+    "Dataset",
+    "Split",
+    "dataset_info",
+    "ensure_file",
+    "is_bundled",
+    "is_cached",
+    "load_dataset",
+    "load_image_folder",
+    "load_medmnist",
+    "load_bundled",
+    "load_npz_dataset",
+    "resolve_data_root",
+    "write_npz_dataset",
 ]
 
 
@@ -37,8 +56,16 @@ def load_dataset(
     """
     text = str(name)
     if text.lower() in FLAGS:
-        return load_medmnist(text.lower(), size=size, root=root, image_size=image_size, channels=channels,
-                             device=device, download=download, progress=progress)
+        return load_medmnist(
+            text.lower(),
+            size=size,
+            root=root,
+            image_size=image_size,
+            channels=channels,
+            device=device,
+            download=download,
+            progress=progress,
+        )
     if is_bundled(text):
         return load_bundled(text, image_size=image_size, channels=channels, device=device)
     path = Path(text).expanduser()
@@ -46,4 +73,6 @@ def load_dataset(
         return load_npz_dataset(path, image_size=image_size, channels=channels, device=device)
     if path.is_dir():
         return load_image_folder(path, image_size=image_size, channels=channels, device=device)
-    raise DataError(f"unknown dataset '{text}'; give a MedMNIST flag ({', '.join(FLAGS)}), a bundled set ({', '.join(BUNDLED)}), an .npz file or an image folder")
+    raise DataError(
+        f"unknown dataset '{text}'; give a MedMNIST flag ({', '.join(FLAGS)}), a bundled set ({', '.join(BUNDLED)}), an .npz file or an image folder"
+    )

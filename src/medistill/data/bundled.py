@@ -45,8 +45,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 BUNDLED: dict[str, BundledSet] = {
-    "digits": BundledSet("digits", "handwritten digits 0-9 (UCI optdigits), 1,797 real 8x8 images; NOT medical",
-                         "scikit-learn", medical=False, load_arrays=_digits_arrays),
+    "digits": BundledSet(
+        "digits",
+        "handwritten digits 0-9 (UCI optdigits), 1,797 real 8x8 images; NOT medical",
+        "scikit-learn",
+        medical=False,
+        load_arrays=_digits_arrays,
+    ),
 }
 
 
@@ -54,7 +59,9 @@ def is_bundled(name: str) -> bool:
     return name.lower() in BUNDLED
 
 
-def stratified_split(labels: np.ndarray, shares: tuple[float, float, float] = SPLIT_SHARES, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, shares: tuple[float, float, float] = SPLIT_SHARES, seed: int = SPLIT_SEED
+) -> dict[str, np.ndarray]:
     """Sorted train/val/test indices, each class divided in the given shares (seeded)."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
@@ -63,8 +70,8 @@ def stratified_split(labels: np.ndarray, shares: tuple[float, float, float] = SP
         n_train = round(shares[0] * len(members))
         n_val = round(shares[1] * len(members))
         parts["train"].append(members[:n_train])
-        parts["val"].append(members[n_train:n_train + n_val])
-        parts["test"].append(members[n_train + n_val:])
+        parts["val"].append(members[n_train : n_train + n_val])
+        parts["test"].append(members[n_train + n_val :])
     return {split: np.sort(np.concatenate(chunks)) for split, chunks in parts.items()}
 
 
@@ -85,9 +92,22 @@ def load_bundled(
         name=entry.name,
         path=f"{entry.package}:{entry.name}",
         size=int(images.shape[-1]),
-        provenance={"package": entry.package, "package_version": version(entry.package), "medical": entry.medical,
-                    "description": entry.description, "split": dict(zip(("train", "val", "test"), SPLIT_SHARES)),
-                    "split_seed": SPLIT_SEED},
+        provenance={
+            "package": entry.package,
+            "package_version": version(entry.package),
+            "medical": entry.medical,
+            "description": entry.description,
+            "split": dict(zip(("train", "val", "test"), SPLIT_SHARES)),
+            "split_seed": SPLIT_SEED,
+        },
     )
-    return build_dataset(name=entry.name, task=MULTI_CLASS, label_names=label_names, arrays=arrays, source=source,
-                         channels=channels, image_size=image_size or DEFAULT_IMAGE_SIZE, device=device)
+    return build_dataset(
+        name=entry.name,
+        task=MULTI_CLASS,
+        label_names=label_names,
+        arrays=arrays,
+        source=source,
+        channels=channels,
+        image_size=image_size or DEFAULT_IMAGE_SIZE,
+        device=device,
+    )

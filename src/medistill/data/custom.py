@@ -14,7 +14,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from medistill.data.dataset import (
-    BINARY, MULTI_CLASS, MULTI_LABEL, SPLITS, DataSource, Dataset, build_dataset, check_image_arrays, check_label_array,
+    BINARY,
+    MULTI_CLASS,
+    MULTI_LABEL,
+    SPLITS,
+    DataSource,
+    Dataset,
+    build_dataset,
+    check_image_arrays,
+    check_label_array,
 )
 from medistill.atomic import atomic_path
 from medistill.data.download import md5sum
@@ -61,8 +69,14 @@ def load_npz_dataset(
         provenance=meta.get("provenance", {}),
     )
     return build_dataset(
-        name=path.stem, task=task, label_names=label_names, arrays=splits, source=source,
-        channels=channels, image_size=image_size, device=device,
+        name=path.stem,
+        task=task,
+        label_names=label_names,
+        arrays=splits,
+        source=source,
+        channels=channels,
+        image_size=image_size,
+        device=device,
     )
 
 
@@ -101,8 +115,10 @@ def _class_count(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
     images = sum(len(labels) for _, labels in splits.values())
     largest = max(int(np.max(labels)) for _, labels in splits.values())
     if largest >= images:
-        raise DataError(f"label value {largest} cannot be a class index: {images} images cannot hold {largest + 1} classes "
-                        "(labels must be class indices 0..K-1)")
+        raise DataError(
+            f"label value {largest} cannot be a class index: {images} images cannot hold {largest + 1} classes "
+            "(labels must be class indices 0..K-1)"
+        )
     return largest + 1
 
 
@@ -140,16 +156,30 @@ def load_image_folder(
     all_files = [f for s in SPLITS for f, _ in files[s]]
     mode = "L" if all(_image_mode(f) in ("L", "1", "I;16", "I") for f in all_files) else "RGB"
     size = image_size or _first_size(all_files[0])
-    arrays = {s: (_read_images([f for f, _ in files[s]], mode, size), np.array([[y] for _, y in files[s]], dtype=np.int64)) for s in SPLITS}
+    arrays = {
+        s: (_read_images([f for f, _ in files[s]], mode, size), np.array([[y] for _, y in files[s]], dtype=np.int64))
+        for s in SPLITS
+    }
     source = DataSource(kind="folder", name=root.name, path=str(root.resolve()), size=size, provenance={"split_seed": seed})
     task = BINARY if len(class_names) == 2 else MULTI_CLASS
-    return build_dataset(name=root.name, task=task, label_names=class_names, arrays=arrays, source=source,
-                         channels=channels, image_size=image_size, device=device)
+    return build_dataset(
+        name=root.name,
+        task=task,
+        label_names=class_names,
+        arrays=arrays,
+        source=source,
+        channels=channels,
+        image_size=image_size,
+        device=device,
+    )
 
 
 def _list_class_files(root: Path) -> dict[str, list[Path]]:
-    classes = {d.name: sorted(_inside(f, root) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-               for d in sorted(_inside(d, root) for d in root.iterdir()) if d.is_dir()}
+    classes = {
+        d.name: sorted(_inside(f, root) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(_inside(d, root) for d in root.iterdir())
+        if d.is_dir()
+    }
     classes = {name: files for name, files in classes.items() if files}
     if len(classes) < 2:
         raise DataError(f"image folder {root} needs at least two class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})")
@@ -171,8 +201,14 @@ def _open_image(path: Path) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 yield image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
 
 
@@ -215,7 +251,9 @@ def _read_images(paths: list[Path], mode: str, size: int) -> np.ndarray:
         with _open_image(p) as image:
             image.load()
             if image.mode.startswith("I"):  # 16/32-bit gray: PIL's convert clips at 255, so scale the 16-bit range
-                image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0), 0, 255).round().astype(np.uint8))
+                image = Image.fromarray(
+                    np.clip(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0), 0, 255).round().astype(np.uint8)
+                )
             image = image.convert(mode)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)

@@ -153,7 +153,9 @@ def resize_uint8(raw: np.ndarray, image_size: int) -> np.ndarray:
     if image_size < 8:
         raise ConfigError(f"image size {image_size} is too small; use 8 or more")
     height, width = raw.shape[1:3]
-    new_w, new_h = (image_size, int(image_size * height / width)) if width <= height else (int(image_size * width / height), image_size)
+    new_w, new_h = (
+        (image_size, int(image_size * height / width)) if width <= height else (int(image_size * width / height), image_size)
+    )
     left, top = int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0))
     box = (left, top, left + image_size, top + image_size)
     out = np.empty((raw.shape[0], image_size, image_size, raw.shape[3]), dtype=np.uint8)
@@ -252,8 +254,10 @@ def check_image_arrays(name: str, images: dict[str, Any]) -> None:
             raise DataError(f"{where}: pixel values must lie in 0..255, found {raw.min()}..{raw.max()}")
         shapes[split] = raw.shape[1:] if raw.ndim == 4 else (*raw.shape[1:], 1)
     if len(set(shapes.values())) > 1:
-        raise DataError(f"dataset '{name}': splits hold images of different shapes "
-                        f"({', '.join(f'{s} {shape}' for s, shape in shapes.items())}); every split must share one (H,W,C)")
+        raise DataError(
+            f"dataset '{name}': splits hold images of different shapes "
+            f"({', '.join(f'{s} {shape}' for s, shape in shapes.items())}); every split must share one (H,W,C)"
+        )
 
 
 def check_label_array(name: str, split: str, labels: Any) -> None:

@@ -137,7 +137,4 @@ def _network_error(dest: Path, part: Path, url: str, reason: str) -> DataError:
     """Remove the incomplete `.part` file and build a one-line DataError telling the user what to do."""
     part.unlink(missing_ok=True)
     reason = " ".join(reason.split())
-    return DataError(
-        f"Could not download {dest.name} from {url}: {reason}. "
-        f"Download it manually and put it in {dest.parent}."
-    )
+    return DataError(f"Could not download {dest.name} from {url}: {reason}. Download it manually and put it in {dest.parent}.")

@@ -66,7 +66,9 @@ def local_path(flag: str, size: int = 28, root: str | Path | None = None) -> Pat
     return resolve_data_root(root) / file_name(flag, size)
 
 
-def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, download: bool = True, progress: bool = True) -> Path:
+def ensure_file(
+    flag: str, size: int = 28, root: str | Path | None = None, *, download: bool = True, progress: bool = True
+) -> Path:
     """Return the verified local file of a dataset, downloading it from the official URL if absent.
 
     An existing file whose MD5 differs is reported and left untouched.
@@ -86,7 +88,9 @@ def ensure_file(flag: str, size: int = 28, root: str | Path | None = None, *, do
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the data folder {path.parent} ({exc.strerror}); give a writable --data-root or set {DATA_ENV}") from None
+        raise DataError(
+            f"cannot create the data folder {path.parent} ({exc.strerror}); give a writable --data-root or set {DATA_ENV}"
+        ) from None
     return download_file(url, path, md5, progress=progress, max_bytes=max_file_bytes(flag, size))
 
 
@@ -134,17 +138,23 @@ def read_npz(path: Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     With `max_bytes`, a file whose arrays declare more than that is refused before anything is allocated.
     """
     if path.is_file() and not zipfile.is_zipfile(path):  # np.load would guess a pickle and suggest allow_pickle
-        raise DataError(f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive")
+        raise DataError(
+            f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive"
+        )
     try:
         if max_bytes is not None:
             declared = declared_bytes(path)
             if declared > max_bytes:
-                raise DataError(f"{path} declares {declared / 2**30:.2f} GiB of arrays, more than the limit of "
-                                f"{max_bytes / 2**30:.2f} GiB; if the file is genuine, raise ${MAX_BYTES_ENV}")
+                raise DataError(
+                    f"{path} declares {declared / 2**30:.2f} GiB of arrays, more than the limit of "
+                    f"{max_bytes / 2**30:.2f} GiB; if the file is genuine, raise ${MAX_BYTES_ENV}"
+                )
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
-        raise DataError(f"{path} is not a readable npz file ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})") from None
+        raise DataError(
+            f"{path} is not a readable npz file ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
     except MemoryError:
         raise DataError(f"{path}: not enough memory to load its arrays") from None
 

@@ -67,8 +67,9 @@ def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float
         return float(account.get_epsilon(delta=delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, fixed: History, sample_rate: float, steps: int,
-                    accountant: str = "rdp") -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, fixed: History, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """The smallest σ (within SIGMA_TOLERANCE) such that `fixed` + [(σ, q, steps)] stays within `target_epsilon`."""
 
     def eps(sigma: float) -> float:
@@ -76,14 +77,18 @@ def calibrate_noise(target_epsilon: float, delta: float, fixed: History, sample_
 
     floor = epsilon_of(fixed, delta, accountant)
     if floor >= target_epsilon:
-        raise ConfigError(f"the class-count release alone spends ε = {floor:.3g} of the budget {target_epsilon:g}; "
-                          "raise --epsilon, raise count_noise_multiplier or pass --public-class-counts")
+        raise ConfigError(
+            f"the class-count release alone spends ε = {floor:.3g} of the budget {target_epsilon:g}; "
+            "raise --epsilon, raise count_noise_multiplier or pass --public-class-counts"
+        )
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, high * 2
         if high > SIGMA_CEILING:
-            raise ConfigError(f"no noise multiplier up to {SIGMA_CEILING:g} reaches ε = {target_epsilon:g} in {steps} steps "
-                              f"at sampling rate {sample_rate:g}; allow a larger ε or fewer iterations")
+            raise ConfigError(
+                f"no noise multiplier up to {SIGMA_CEILING:g} reaches ε = {target_epsilon:g} in {steps} steps "
+                f"at sampling rate {sample_rate:g}; allow a larger ε or fewer iterations"
+            )
     while high - low > SIGMA_TOLERANCE * high:
         middle = (low + high) / 2
         low, high = (low, middle) if eps(middle) <= target_epsilon else (middle, high)
@@ -140,8 +145,14 @@ class PrivacyLedger:
         elif math.isinf(settings.epsilon):
             self.sigma = 0.0  # no noise: clipping and sampling only, no guarantee (epsilon is infinite)
         else:
-            self.sigma = calibrate_noise(settings.epsilon, settings.delta, count_release(self.count_sigma),
-                                         settings.sample_rate, planned_steps, settings.accountant)
+            self.sigma = calibrate_noise(
+                settings.epsilon,
+                settings.delta,
+                count_release(self.count_sigma),
+                settings.sample_rate,
+                planned_steps,
+                settings.accountant,
+            )
         self.budget = settings.epsilon if settings.epsilon is not None else math.inf
         self.spent = 0
         planned = self.epsilon_after(planned_steps)
@@ -171,8 +182,10 @@ class PrivacyLedger:
         """Spend `steps` releases, refusing any past the planned steps (ε grows with steps, and the plan was checked)."""
         after = self.spent + steps
         if after > self.planned_steps:
-            raise BudgetExceeded(f"stopping before step {after}: it would exceed the privacy budget ε = {self.budget:g} "
-                                 f"(δ = {self.settings.delta:g}, {self.planned_steps} steps planned)")
+            raise BudgetExceeded(
+                f"stopping before step {after}: it would exceed the privacy budget ε = {self.budget:g} "
+                f"(δ = {self.settings.delta:g}, {self.planned_steps} steps planned)"
+            )
         self.spent = after
 
     def record(self) -> dict[str, Any]:
@@ -190,8 +203,11 @@ class PrivacyLedger:
             "sample_rate": s.sample_rate,
             "sampling": "Poisson",
             "steps": self.spent,
-            "class_counts": (PUBLIC_COUNTS if s.public_class_counts
-                             else f"released once with Gaussian noise (σ = {s.count_noise_multiplier:g})"),
+            "class_counts": (
+                PUBLIC_COUNTS
+                if s.public_class_counts
+                else f"released once with Gaussian noise (σ = {s.count_noise_multiplier:g})"
+            ),
             "history": [list(entry) for entry in self.history()],
             "accountant": s.accountant,
             "accountant_library": accountant_version(),
@@ -209,15 +225,22 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     count release), account exactly `planned_steps` subsampled releases at its σ (plus the one count
     release when the counts were private), and state the ε that the accountant computes from that history.
     """
+
     def refuse(why: str) -> ConfigError:
         return ConfigError(f"the set's privacy record {why}; it is not the record of this set's run")
 
     if not isinstance(record, dict):
         raise refuse("is not a mapping")
-    fields = {"epsilon": _number, "delta": lambda v: _number(v) and 0 < v < 1, "noise_multiplier": lambda v: _number(v) and 0 <= v < math.inf,
-              "sample_rate": lambda v: _number(v) and 0 < v <= 1, "clip_norm": lambda v: _number(v) and 0 < v < math.inf,
-              "steps": lambda v: isinstance(v, int) and not isinstance(v, bool), "accountant": lambda v: v in ACCOUNTANTS,
-              "history": lambda v: isinstance(v, list)}
+    fields = {
+        "epsilon": _number,
+        "delta": lambda v: _number(v) and 0 < v < 1,
+        "noise_multiplier": lambda v: _number(v) and 0 <= v < math.inf,
+        "sample_rate": lambda v: _number(v) and 0 < v <= 1,
+        "clip_norm": lambda v: _number(v) and 0 < v < math.inf,
+        "steps": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "accountant": lambda v: v in ACCOUNTANTS,
+        "history": lambda v: isinstance(v, list),
+    }
     for name, valid in fields.items():
         if not valid(record.get(name)):
             raise refuse(f"has no valid '{name}' (found {str(record.get(name))[:40]!r})")
@@ -230,8 +253,12 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     count_sigma = settings.get("count_noise_multiplier")
     if not public_counts and not (_number(count_sigma) and 0 < count_sigma < math.inf):
         raise refuse(f"comes with private class counts but no valid count noise multiplier ({str(count_sigma)[:40]!r})")
-    history = release_history(float(record["noise_multiplier"]), float(record["sample_rate"]), planned_steps,
-                              None if public_counts else float(count_sigma))
+    history = release_history(
+        float(record["noise_multiplier"]),
+        float(record["sample_rate"]),
+        planned_steps,
+        None if public_counts else float(count_sigma),
+    )
     if [list(entry) for entry in history] != record["history"]:
         raise refuse(f"has the history {str(record['history'])[:80]}, not {[list(e) for e in history]} of its own mechanism")
     if settings.get("noise_multiplier") is not None and settings["noise_multiplier"] != record["noise_multiplier"]:
@@ -241,7 +268,9 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     except (ArithmeticError, ValueError) as exc:
         raise refuse(f"has a mechanism the accountant cannot evaluate ({type(exc).__name__})") from None
     if not (epsilon == record["epsilon"] or math.isclose(epsilon, record["epsilon"], rel_tol=1e-6)):
-        raise refuse(f"states ε = {record['epsilon']:.6g}, but the {record['accountant']} accountant gives ε = {epsilon:.6g} for it")
+        raise refuse(
+            f"states ε = {record['epsilon']:.6g}, but the {record['accountant']} accountant gives ε = {epsilon:.6g} for it"
+        )
     budget = settings.get("epsilon")
     if _number(budget) and epsilon > budget * (1 + 1e-9):
         raise refuse(f"reaches ε = {epsilon:.6g}, past the run's budget {budget:g}")
@@ -258,11 +287,20 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
 
     Only a record `methods.privacy_check.verified_privacy` checked reaches a card or an audit report; this states what it covers."""
     if record is None:
-        return ["## Differential privacy", "", "No formal guarantee: this set was not made by a differentially private method.", ""]
+        return [
+            "## Differential privacy",
+            "",
+            "No formal guarantee: this set was not made by a differentially private method.",
+            "",
+        ]
     if not is_guarantee(record):
-        return ["## Differential privacy", "",
-                f"**No formal guarantee**: this set was made by a private method's pipeline without noise (noise multiplier "
-                f"σ = {record.get('noise_multiplier')}, ε = ∞): clipping and sampling alone bound nothing.", ""]
+        return [
+            "## Differential privacy",
+            "",
+            f"**No formal guarantee**: this set was made by a private method's pipeline without noise (noise multiplier "
+            f"σ = {record.get('noise_multiplier')}, ε = ∞): clipping and sampling alone bound nothing.",
+            "",
+        ]
     from medistill.markdown import cell
 
     counts = cell(record["class_counts"])
@@ -284,6 +322,16 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
 
 
 __all__ = [
-    "ACCOUNTANTS", "BudgetExceeded", "PrivacyLedger", "PrivacySettings", "accountant_version", "calibrate_noise",
-    "epsilon_of", "is_guarantee", "privacy_markdown", "PUBLIC_COUNTS", "release_history", "verify_record",
+    "ACCOUNTANTS",
+    "BudgetExceeded",
+    "PrivacyLedger",
+    "PrivacySettings",
+    "accountant_version",
+    "calibrate_noise",
+    "epsilon_of",
+    "is_guarantee",
+    "privacy_markdown",
+    "PUBLIC_COUNTS",
+    "release_history",
+    "verify_record",
 ]

@@ -71,8 +71,10 @@ def secure_mode_available() -> bool:
 
 
 SECURE_MODE = "Opacus secure_mode: torchcsprng's generator on the operating system's /dev/urandom"
-SEEDED_GENERATORS = ("torch generators (Mersenne Twister) seeded with 63 bits each of a secret key of 256 bits of "
-                     "operating-system entropy drawn at run start (Opacus secure_mode needs torchcsprng, not installed)")
+SEEDED_GENERATORS = (
+    "torch generators (Mersenne Twister) seeded with 63 bits each of a secret key of 256 bits of "
+    "operating-system entropy drawn at run start (Opacus secure_mode needs torchcsprng, not installed)"
+)
 
 
 def private_generators(secret: SecretRandom, index: int) -> tuple[torch.Generator, torch.Generator]:
@@ -82,8 +84,9 @@ def private_generators(secret: SecretRandom, index: int) -> tuple[torch.Generato
     return sampling, noise
 
 
-def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: SecretRandom,
-                index: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+def train_dpsgd(
+    dataset: Dataset, settings: DPSGDSettings, seed: int, secret: SecretRandom, index: int = 0
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """One network trained with DP-SGD on the (publicly normalised) training split; returns it and its guarantee.
 
     `seed` draws the network's initialisation (public); the batches and the noise come from `secret`."""
@@ -101,19 +104,35 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: Se
     n = len(dataset.train)
     # Opacus's Poisson loader takes the generator of the loader it wraps; without one it would use the global
     # generator, which the public seed set above.
-    loader = DataLoader(TensorDataset(dataset.train.images, dataset.train.labels), batch_size=min(settings.batch_size, n),
-                        generator=None if secure else sampling)
+    loader = DataLoader(
+        TensorDataset(dataset.train.images, dataset.train.labels),
+        batch_size=min(settings.batch_size, n),
+        generator=None if secure else sampling,
+    )
     generators = {} if secure else {"noise_generator": noise}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's note that secure_mode is off: the record says how the draws are made
         engine = PrivacyEngine(accountant=settings.accountant, secure_mode=secure)
         if math.isinf(settings.epsilon):
-            model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                           noise_multiplier=0.0, max_grad_norm=settings.clip_norm, **generators)
+            model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=0.0,
+                max_grad_norm=settings.clip_norm,
+                **generators,
+            )
         else:
             model, optimizer, loader = engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=settings.epsilon,
-                target_delta=settings.delta, epochs=settings.epochs, max_grad_norm=settings.clip_norm, **generators)
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                target_epsilon=settings.epsilon,
+                target_delta=settings.delta,
+                epochs=settings.epochs,
+                max_grad_norm=settings.clip_norm,
+                **generators,
+            )
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
     with warnings.catch_warnings():
@@ -145,8 +164,9 @@ def train_dpsgd(dataset: Dataset, settings: DPSGDSettings, seed: int, secret: Se
     return model._module, record
 
 
-def run_dpsgd(dataset: Dataset, settings: DPSGDSettings, *, num_models: int = 2, seed: int = 0,
-              out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_dpsgd(
+    dataset: Dataset, settings: DPSGDSettings, *, num_models: int = 2, seed: int = 0, out_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Train `num_models` DP-SGD networks (own seeds), score them on the test split and write result.json to `out_dir`."""
     if dataset.is_multilabel:
         raise ConfigError("the DP-SGD baseline supports single-label datasets only")

@@ -50,7 +50,9 @@ class PrivateSettings(PrivacySettings):
     def check_private(self, init: str) -> None:
         self.check()
         if init != "noise":
-            raise ConfigError(f"init={init} would put real images into a differentially private set; private methods start from noise")
+            raise ConfigError(
+                f"init={init} would put real images into a differentially private set; private methods start from noise"
+            )
 
 
 def public_view(dataset: Dataset) -> Dataset:
@@ -60,15 +62,23 @@ def public_view(dataset: Dataset) -> Dataset:
         return Split((dataset.denormalize(split.images) - PUBLIC_MEAN) / PUBLIC_STD, split.labels)
 
     public = (PUBLIC_MEAN,) * dataset.channels, (PUBLIC_STD,) * dataset.channels
-    return replace(dataset, train=to_public_normalization(dataset.train), val=to_public_normalization(dataset.val), test=to_public_normalization(dataset.test),
-                   mean=public[0], std=public[1])
+    return replace(
+        dataset,
+        train=to_public_normalization(dataset.train),
+        val=to_public_normalization(dataset.val),
+        test=to_public_normalization(dataset.test),
+        mean=public[0],
+        std=public[1],
+    )
 
 
 def require_per_example(network: nn.Module, model: str) -> None:
     """Refuse a network that mixes examples in a batch (batch norm): per-example clipping would not bound one image's effect."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
-        raise ConfigError(f"model '{model}' uses batch norm, which mixes the images of a batch; a private method needs "
-                          "per-example computation (e.g. the default ConvNet with instance norm)")
+        raise ConfigError(
+            f"model '{model}' uses batch norm, which mixes the images of a batch; a private method needs "
+            "per-example computation (e.g. the default ConvNet with instance norm)"
+        )
 
 
 def release_class_counts(dataset: Dataset, settings: PrivacySettings, secret: SecretRandom) -> Tensor:
@@ -154,6 +164,16 @@ def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: i
 
 
 __all__ = [
-    "GaussianMechanism", "PUBLIC_MEAN", "PUBLIC_STD", "PoissonSampler", "PrivateSettings", "clip_rows", "finish_private_set",
-    "private_run", "public_view", "release_class_counts", "require_per_example", "sync_ledger",
+    "GaussianMechanism",
+    "PUBLIC_MEAN",
+    "PUBLIC_STD",
+    "PoissonSampler",
+    "PrivateSettings",
+    "clip_rows",
+    "finish_private_set",
+    "private_run",
+    "public_view",
+    "release_class_counts",
+    "require_per_example",
+    "sync_ledger",
 ]

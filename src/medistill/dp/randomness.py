@@ -59,15 +59,24 @@ class SecretRandom:
         label = json.dumps([purpose, int(index)]).encode()
         return np.frombuffer(hashlib.shake_256(self._key + label).digest(8 * count), dtype="<u8")
 
-    def uniform(self, purpose: str, index: int, shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu") -> Tensor:
+    def uniform(
+        self, purpose: str, index: int, shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """float64 uniforms in the open interval (0, 1), 53 random bits each."""
         count = math.prod(shape)
         words = self._words(purpose, index, count) >> np.uint64(11)
         values = (words.astype(np.float64) + 0.5) * 2.0**-53
         return torch.from_numpy(values).reshape(tuple(shape)).to(device)
 
-    def normal(self, purpose: str, index: int, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> Tensor:
+    def normal(
+        self,
+        purpose: str,
+        index: int,
+        shape: tuple[int, ...] | torch.Size,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
         """Standard normal variates (Box-Muller on the stream's uniforms, computed in float64)."""
         count = math.prod(shape)
         pairs = (count + 1) // 2
@@ -103,11 +112,15 @@ class SecretRandom:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
-            raise DataError(f"{path} cannot be read as a run's secret ({exc.strerror}); delete the run's checkpoints to start over") from None
+            raise DataError(
+                f"{path} cannot be read as a run's secret ({exc.strerror}); delete the run's checkpoints to start over"
+            ) from None
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode) or info.st_size != KEY_BYTES:
-                raise DataError(f"{path} is not a run's secret ({KEY_BYTES}-byte file); delete the run's checkpoints to start over")
+                raise DataError(
+                    f"{path} is not a run's secret ({KEY_BYTES}-byte file); delete the run's checkpoints to start over"
+                )
             return cls(handle.read(KEY_BYTES))
 
 

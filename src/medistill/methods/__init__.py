@@ -22,4 +22,14 @@ from medistill.methods.base import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MethodSpec", "RunContext", "check_ipc", "distill", "get_method", "list_methods", "make_config", "new_set", "register_method"]
+__all__ = [
+    "MethodSpec",
+    "RunContext",
+    "check_ipc",
+    "distill",
+    "get_method",
+    "list_methods",
+    "make_config",
+    "new_set",
+    "register_method",
+]

@@ -88,7 +88,9 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> An
     known = spec.setting_names
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ConfigError(f"method '{spec.name}' has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}")
+        raise ConfigError(
+            f"method '{spec.name}' has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}"
+        )
     overrides = check_settings(spec.config_class, overrides, f"method '{spec.name}'")
     try:
         return spec.config_class(**overrides)
@@ -166,6 +168,14 @@ def new_set(dataset: Dataset, images: Any, labels: Any, *, method: str, ipc: int
 
 
 __all__ = [
-    "MethodSpec", "RunContext", "check_ipc", "distill", "get_method", "list_methods", "make_config",
-    "new_set", "register_method", "resolve_config",
+    "MethodSpec",
+    "RunContext",
+    "check_ipc",
+    "distill",
+    "get_method",
+    "list_methods",
+    "make_config",
+    "new_set",
+    "register_method",
+    "resolve_config",
 ]

@@ -46,16 +46,20 @@ class Checkpoint:
             return None
         for name in UNSAFE_NAMES:
             if (path.parent / name).exists():
-                raise ConfigError(f"{path.parent / name} is a checkpoint in a format that can run code and is never loaded; "
-                                  "delete it (the run starts over) or choose another output folder")
+                raise ConfigError(
+                    f"{path.parent / name} is a checkpoint in a format that can run code and is never loaded; "
+                    "delete it (the run starts over) or choose another output folder"
+                )
         if not path.exists():
             return None
         if not self.resume:
             raise ConfigError(f"{path} holds an unfinished run; pass --resume to continue it, or choose another output folder")
         saved = read_state(path)
         if _canonical(saved.get("fingerprint")) != _canonical(self.fingerprint):
-            raise ConfigError(f"the checkpoint {path} belongs to a different run ({_differences(saved.get('fingerprint'), self.fingerprint)} "
-                              "differ); resume with the run's own settings, or choose another output folder")
+            raise ConfigError(
+                f"the checkpoint {path} belongs to a different run ({_differences(saved.get('fingerprint'), self.fingerprint)} "
+                "differ); resume with the run's own settings, or choose another output folder"
+            )
         return saved["state"]
 
     def save(self, state: dict[str, Any]) -> None:
@@ -88,8 +92,9 @@ def read_state(path: str | Path) -> dict[str, Any]:
             raise ValueError("no state")
         return value
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
-        raise DataError(f"{path} is not a readable medistill checkpoint ({type(exc).__name__}); "
-                        "delete it to start the run over") from None
+        raise DataError(
+            f"{path} is not a readable medistill checkpoint ({type(exc).__name__}); delete it to start the run over"
+        ) from None
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -131,8 +136,11 @@ def _differences(saved: Any, current: dict[str, Any]) -> str:
     fields = [key for key in current if key != "config" and _canonical(saved.get(key)) != _canonical(current[key])]
     old, new = saved.get("config"), current["config"]
     if isinstance(old, dict):
-        fields += [f"{key} (checkpoint {_canonical(old.get(key))}, now {_canonical(new.get(key))})"
-                   for key in sorted(set(old) | set(new)) if _canonical(old.get(key)) != _canonical(new.get(key))]
+        fields += [
+            f"{key} (checkpoint {_canonical(old.get(key))}, now {_canonical(new.get(key))})"
+            for key in sorted(set(old) | set(new))
+            if _canonical(old.get(key)) != _canonical(new.get(key))
+        ]
     elif _canonical(old) != _canonical(new):
         fields.append("settings")
     return ", ".join(fields) or "method, dataset, IPC, settings or seed"

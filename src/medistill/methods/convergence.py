@@ -84,8 +84,10 @@ def score_plateau(points: list[dict[str, Any]], score: str, patience: int, min_d
     if stale == len(points):
         return f"{score} was not a number at any of the {stale} evaluation point(s)"
     best = points[-1 - stale]  # the point the stale ones failed to beat
-    return (f"{score} did not improve on {best[score]:.4f} (iteration {best['iteration']}) by more than {min_delta:g} "
-            f"in {stale} evaluation point(s)")
+    return (
+        f"{score} did not improve on {best[score]:.4f} (iteration {best['iteration']}) by more than {min_delta:g} "
+        f"in {stale} evaluation point(s)"
+    )
 
 
 def loss_plateau(losses: list[float], window: int, tolerance: float) -> str | None:
@@ -97,8 +99,10 @@ def loss_plateau(losses: list[float], window: int, tolerance: float) -> str | No
     previous, last = float(np.mean(losses[end - 2 * window : end - window])), float(np.mean(losses[end - window :]))
     if previous - last > tolerance * abs(previous):
         return None
-    return (f"the mean loss of iterations {end - window + 1}-{end} ({last:.4g}) is not lower than that of iterations "
-            f"{end - 2 * window + 1}-{end - window} ({previous:.4g}) by more than {tolerance:.3g} (relative)")
+    return (
+        f"the mean loss of iterations {end - window + 1}-{end} ({last:.4g}) is not lower than that of iterations "
+        f"{end - 2 * window + 1}-{end - window} ({previous:.4g}) by more than {tolerance:.3g} (relative)"
+    )
 
 
 def best_point(points: list[dict[str, Any]], score: str) -> dict[str, Any] | None:
@@ -119,5 +123,13 @@ def time_to_fraction(points: list[dict[str, Any]], fraction: float, score: str =
     return next((p for p in points if p[score] >= target), None)
 
 
-__all__ = ["VALIDATION_SCORES", "StoppingRule", "best_point", "loss_plateau", "points_without_improvement",
-           "score_plateau", "time_to_fraction", "validation_score"]
+__all__ = [
+    "VALIDATION_SCORES",
+    "StoppingRule",
+    "best_point",
+    "loss_plateau",
+    "points_without_improvement",
+    "score_plateau",
+    "time_to_fraction",
+    "validation_score",
+]

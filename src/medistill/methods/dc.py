@@ -239,8 +239,9 @@ def run_gradient_matching(name: str) -> Callable[[Dataset, int, DCConfig, RunCon
         outer = config.outer_loop or table_outer
         inner = table_inner if config.inner_loop is None else config.inner_loop
         matcher = GradientMatching(dataset, ipc, config, outer, inner)
-        return run_pixel_method(name, dataset, ipc, config, context, matcher.step,
-                              hyperparameters={"outer_loop": outer, "inner_loop": inner})
+        return run_pixel_method(
+            name, dataset, ipc, config, context, matcher.step, hyperparameters={"outer_loop": outer, "inner_loop": inner}
+        )
 
     return run
 

@@ -79,7 +79,9 @@ class DistributionMatching:
             with torch.no_grad():
                 real_features = forward_in_chunks(self.embed, torch.cat(reals), self.real_chunk).float()
             syn_features = self.embed(torch.cat(syns)).float()
-        real_mean = torch.zeros(self.num_classes, real_features.shape[1], device=self.device).index_add_(0, self.segment, real_features)
+        real_mean = torch.zeros(self.num_classes, real_features.shape[1], device=self.device).index_add_(
+            0, self.segment, real_features
+        )
         real_mean = real_mean / self.sizes
         syn_mean = syn_features.view(self.num_classes, self.ipc, -1).mean(1)
         loss = ((real_mean - syn_mean) ** 2).sum()

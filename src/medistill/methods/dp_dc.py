@@ -60,8 +60,17 @@ class DPDCConfig(DCConfig, PrivateSettings):
 class PrivateGradientMatching(GradientMatching):
     """DC's gradient matching whose real side is a noisy mean of clipped per-example gradients."""
 
-    def __init__(self, dataset: Dataset, ipc: int, config: DPDCConfig, outer: int, inner: int,
-                 ledger: PrivacyLedger, counts: Tensor, secret: SecretRandom) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        ipc: int,
+        config: DPDCConfig,
+        outer: int,
+        inner: int,
+        ledger: PrivacyLedger,
+        counts: Tensor,
+        secret: SecretRandom,
+    ) -> None:
         super().__init__(dataset, ipc, config, outer, inner)
         require_per_example(self.network.module, config.model)
         self.private_sampler = PoissonSampler(dataset, config.sample_rate, secret)
@@ -128,8 +137,9 @@ def run_dp_dc(dataset: Dataset, ipc: int, config: DPDCConfig, context: RunContex
     def run(secret: SecretRandom) -> SyntheticSet:
         counts = release_class_counts(dataset, config, secret)
         matcher = PrivateGradientMatching(public, ipc, config, outer, inner, ledger, counts, secret)
-        synthetic = run_pixel_method("dp-dc", public, ipc, config, context, matcher.step,
-                                   hyperparameters={"outer_loop": outer, "inner_loop": inner})
+        synthetic = run_pixel_method(
+            "dp-dc", public, ipc, config, context, matcher.step, hyperparameters={"outer_loop": outer, "inner_loop": inner}
+        )
         sync_ledger(ledger, config.iterations, outer)
         return finish_private_set(synthetic, ledger, counts, config)
 

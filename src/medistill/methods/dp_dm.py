@@ -62,8 +62,9 @@ class DPDMConfig(PixelConfig, PrivateSettings):
 class PrivateDistributionMatching:
     """One dp-dm run's state: the public-normalised real images, the network, the sampler and the mechanism."""
 
-    def __init__(self, dataset: Dataset, ipc: int, config: DPDMConfig, ledger: PrivacyLedger, counts: Tensor,
-                 secret: SecretRandom) -> None:
+    def __init__(
+        self, dataset: Dataset, ipc: int, config: DPDMConfig, ledger: PrivacyLedger, counts: Tensor, secret: SecretRandom
+    ) -> None:
         self.ipc, self.config, self.ledger = ipc, config, ledger
         self.device = dataset.device
         self.num_classes = dataset.num_classes

@@ -78,13 +78,20 @@ class DistillConfig:
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         if self.stop_patience is not None and self.eval_every == 0:
-            raise ConfigError("stop_patience follows the evaluation points' validation score and there are none: "
-                              "set eval_every too (e.g. --set eval_every=50)")
+            raise ConfigError(
+                "stop_patience follows the evaluation points' validation score and there are none: "
+                "set eval_every too (e.g. --set eval_every=50)"
+            )
 
     def stopping_rule(self, task: str) -> StoppingRule:
         """The run's stopping rule on a dataset of `task` (one that never stops when both parts are off)."""
-        return StoppingRule(score=validation_score(task), patience=self.stop_patience, min_delta=self.stop_min_delta,
-                            loss_window=self.stop_loss_window, loss_tolerance=self.stop_loss_tolerance)
+        return StoppingRule(
+            score=validation_score(task),
+            patience=self.stop_patience,
+            min_delta=self.stop_min_delta,
+            loss_window=self.stop_loss_window,
+            loss_tolerance=self.stop_loss_tolerance,
+        )
 
 
 def iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
@@ -107,7 +114,10 @@ class Distiller:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the iteration, losses and evaluation points (tensors, numbers)."""
-        return {"images": self.images.detach().cpu(), "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+        return {
+            "images": self.images.detach().cpu(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -137,20 +147,28 @@ class Distiller:
         return {}
 
 
-def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig, context: RunContext,
-                  distiller: Distiller) -> SyntheticSet:
+def run_distiller(
+    method: str, dataset: Dataset, ipc: int, config: DistillConfig, context: RunContext, distiller: Distiller
+) -> SyntheticSet:
     """Run `distiller` for `config.iterations` iterations, or until its stopping rule ends the run (checkpointed,
     resumable), and return its set: the images of the last iteration run."""
     # Machine settings are not part of the run: a killed run can be resumed with TensorBoard switched on or moved.
-    checkpoint = Checkpoint(context, fingerprint(method, dataset.source.md5, dataset.name, ipc, recorded_settings(config), context.seed))
+    checkpoint = Checkpoint(
+        context, fingerprint(method, dataset.source.md5, dataset.name, ipc, recorded_settings(config), context.seed)
+    )
     protocol = get_method(method).default_protocol()
     if config.eval_epochs is not None:
         protocol = dataclasses.replace(protocol, epochs=config.eval_epochs)
-    tracker = EvalTracker(distiller.evaluation_dataset(dataset), protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed)
+    tracker = EvalTracker(
+        distiller.evaluation_dataset(dataset), protocol, every=config.eval_every, num_models=config.eval_models, seed=context.seed
+    )
     rule = config.stopping_rule(dataset.task)
     total = config.iterations
     losses: list[float] = []
-    start, distilled_seconds = 0, 0.0  # seconds of the iterations (not of evaluation points or checkpoints), resumed runs included
+    start, distilled_seconds = (
+        0,
+        0.0,
+    )  # seconds of the iterations (not of evaluation points or checkpoints), resumed runs included
     state = checkpoint.restore()
     if state is not None:
         distiller.load_state_dict(state["distiller"])
@@ -172,11 +190,18 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                 evaluate = tracker.due(done, total)
                 status: dict[str, Any] = {}
                 # losses are read here only (no sync per step): where the loop or the stopping rule needs them
-                if evaluate or rule.reads_losses_at(done) or done % config.checkpoint_every == 0 or done in (total, HEALTH_CHECK_AT):
+                if (
+                    evaluate
+                    or rule.reads_losses_at(done)
+                    or done % config.checkpoint_every == 0
+                    or done in (total, HEALTH_CHECK_AT)
+                ):
                     for number, value in enumerate(torch.stack(pending).float().cpu().tolist(), done - len(pending) + 1):
                         if not math.isfinite(value):
-                            raise DivergenceError(f"{method} diverged at iteration {number} (loss {value:.4g}); no result "
-                                                  "is written and the last checkpoint is kept. Lower lr_img")
+                            raise DivergenceError(
+                                f"{method} diverged at iteration {number} (loss {value:.4g}); no result "
+                                "is written and the last checkpoint is kept. Lower lr_img"
+                            )
                         losses.append(value)
                         if board is not None:
                             board.add_scalar("loss", value, number)
@@ -195,10 +220,19 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
                         if name != "loss":
                             board.add_scalar("eval/acc" if name == "acc" else name, value, done)
                 if done % config.checkpoint_every == 0 or done == total or stop is not None:
-                    checkpoint.save({"iteration": done, "losses": losses, "distiller": distiller.state_dict(),
-                                     "eval_history": tracker.history, "seconds": distilled_seconds})
+                    checkpoint.save(
+                        {
+                            "iteration": done,
+                            "losses": losses,
+                            "distiller": distiller.state_dict(),
+                            "eval_history": tracker.history,
+                            "seconds": distilled_seconds,
+                        }
+                    )
                     if board is not None:
-                        board.add_image("synthetic", tensorboard_grid(dataset.denormalize(distiller.synthetic_set()[0]), ipc), done)
+                        board.add_image(
+                            "synthetic", tensorboard_grid(dataset.denormalize(distiller.synthetic_set()[0]), ipc), done
+                        )
                 if done == HEALTH_CHECK_AT:
                     for warning in distiller.health(losses):
                         context.log(warning)
@@ -220,8 +254,17 @@ def run_distiller(method: str, dataset: Dataset, ipc: int, config: DistillConfig
         **tracker.summary(rule.score),
         **({"stopped_at": len(losses), "stop_reason": stop} if stop is not None else {}),
     }
-    return new_set(dataset, images, labels, method=method, ipc=ipc, seed=context.seed, learned_lr=distiller.learned_lr(),
-                   metrics=metrics, **distiller.finish(losses))
+    return new_set(
+        dataset,
+        images,
+        labels,
+        method=method,
+        ipc=ipc,
+        seed=context.seed,
+        learned_lr=distiller.learned_lr(),
+        metrics=metrics,
+        **distiller.finish(losses),
+    )
 
 
 @dataclass
@@ -246,11 +289,26 @@ class EvalTracker:
 
     def run(self, iteration: int, distiller: Distiller, seconds: float) -> dict[str, Any]:
         """Score the distiller's images as learnt (on `dataset`) after `iteration`, `seconds` into the distillation."""
-        scores = evaluate(distiller.images.detach(), distiller.labels, self.dataset, self.protocol, num_models=self.num_models,
-                          seed=self.seed + iteration, lr=distiller.learned_lr(), validation=True)
-        point = {"iteration": iteration, "seconds": seconds, "acc_mean": scores.acc_mean, "acc_std": scores.acc_std,
-                 "auc_mean": scores.auc_mean, "auc_std": scores.auc_std, "val_acc_mean": scores.val_acc_mean,
-                 "val_auc_mean": scores.val_auc_mean}
+        scores = evaluate(
+            distiller.images.detach(),
+            distiller.labels,
+            self.dataset,
+            self.protocol,
+            num_models=self.num_models,
+            seed=self.seed + iteration,
+            lr=distiller.learned_lr(),
+            validation=True,
+        )
+        point = {
+            "iteration": iteration,
+            "seconds": seconds,
+            "acc_mean": scores.acc_mean,
+            "acc_std": scores.acc_std,
+            "auc_mean": scores.auc_mean,
+            "auc_std": scores.auc_std,
+            "val_acc_mean": scores.val_acc_mean,
+            "val_auc_mean": scores.val_auc_mean,
+        }
         self.history.append(point)
         return point
 
@@ -259,9 +317,14 @@ class EvalTracker:
         `val_score`, the point a selection may use) for the artifact's metrics."""
         if not self.history:
             return {}
-        return {"eval_points": list(self.history), "last": self.history[-1], "best": max(self.history, key=lambda p: p["acc_mean"]),
-                "best_val": best_point(self.history, val_score), "val_score": val_score,
-                "eval_point_protocol": {**self.protocol.to_dict(), "num_models": self.num_models}}
+        return {
+            "eval_points": list(self.history),
+            "last": self.history[-1],
+            "best": max(self.history, key=lambda p: p["acc_mean"]),
+            "best_val": best_point(self.history, val_score),
+            "val_score": val_score,
+            "eval_point_protocol": {**self.protocol.to_dict(), "num_models": self.num_models},
+        }
 
 
 def open_tensorboard(directory: str | None, resumed_after: int = 0) -> Any:

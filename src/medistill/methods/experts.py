@@ -213,7 +213,9 @@ class StackedStep:
         return flats - self.lr * gradient
 
 
-def stacked_experts(dataset: Dataset, settings: ExpertSettings, indices: list[int]) -> tuple[FlatModel, torch.Tensor, list[torch.Generator]]:
+def stacked_experts(
+    dataset: Dataset, settings: ExpertSettings, indices: list[int]
+) -> tuple[FlatModel, torch.Tensor, list[torch.Generator]]:
     """The experts `indices` at init: their layout, stacked flat parameters (E, P) and data generators, each from its own seed."""
     seeds = [expert_seed(settings.seed, i) for i in indices]
     flat_model = FlatModel(new_network(dataset, settings))
@@ -264,8 +266,10 @@ def expert_memory_bytes(dataset: Dataset, settings: ExpertSettings) -> int:
         network = new_network(dataset, settings)
     outputs: list[int] = []
     leaves = [m for m in network.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() if isinstance(out, torch.Tensor) else 0))
-             for m in leaves]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() if isinstance(out, torch.Tensor) else 0))
+        for m in leaves
+    ]
     with torch.no_grad():
         network(dataset.train.images[:1])
     for hook in hooks:
@@ -295,8 +299,10 @@ def experts_at_once(dataset: Dataset, settings: ExpertSettings, missing: int, as
         return 1, f"one at a time on {device.type}, where stacking brings no speed"
     free, _ = torch.cuda.mem_get_info(device)
     per_expert = expert_memory_bytes(dataset, settings)
-    return (stacked_count(free, per_expert, missing),
-            f"as many as {free / 2**30:.1f} GiB free {device} memory holds at about {per_expert / 2**30:.2f} GiB each")
+    return (
+        stacked_count(free, per_expert, missing),
+        f"as many as {free / 2**30:.1f} GiB free {device} memory holds at about {per_expert / 2**30:.2f} GiB each",
+    )
 
 
 def train_experts(
@@ -308,7 +314,9 @@ def train_experts(
 ) -> tuple[torch.Tensor, list[float]]:
     """Train the experts `indices` together; their trajectories (E, T+1, P) on CPU (fp32) and test accuracies."""
     if dataset.is_multilabel:
-        raise ConfigError(f"MTT experts are trained with cross-entropy; the multi-label dataset '{dataset.name}' is not supported")
+        raise ConfigError(
+            f"MTT experts are trained with cross-entropy; the multi-label dataset '{dataset.name}' is not supported"
+        )
     zca = fit_zca(dataset, settings)
     images, labels = training_data(dataset, zca)
     flat_model, flats, generators = stacked_experts(dataset, settings, indices)
@@ -332,8 +340,9 @@ def train_experts(
 
 
 @torch.no_grad()
-def expert_accuracy(flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset, zca: ZCA | None,
-                    batch_size: int = 1024) -> list[float]:
+def expert_accuracy(
+    flat_model: FlatModel, flats: torch.Tensor, dataset: Dataset, zca: ZCA | None, batch_size: int = 1024
+) -> list[float]:
     """Test accuracy of each stacked expert (in the space it was trained in)."""
     images = dataset.test.images if zca is None else zca.whiten_normalized(dataset, dataset.test.images)
     forward = vmap(flat_model, in_dims=(0, None))
@@ -393,10 +402,15 @@ class ExpertBuffer:
     def summary(self) -> dict[str, Any]:
         """Where, how many, how large and how accurate the experts are."""
         accs = [self.expert_meta(i)["test_acc"] for i in range(self.num_experts)]
-        return {"directory": str(self.directory), "num_experts": self.num_experts, "epochs": self.epochs,
-                "settings": self.settings.to_dict(), "size_bytes": self.size_bytes(),
-                "expert_test_acc_mean": float(np.mean(accs)) if accs else None,
-                "train_seconds": sum(self.expert_meta(i)["seconds"] for i in range(self.num_experts))}
+        return {
+            "directory": str(self.directory),
+            "num_experts": self.num_experts,
+            "epochs": self.epochs,
+            "settings": self.settings.to_dict(),
+            "size_bytes": self.size_bytes(),
+            "expert_test_acc_mean": float(np.mean(accs)) if accs else None,
+            "train_seconds": sum(self.expert_meta(i)["seconds"] for i in range(self.num_experts)),
+        }
 
 
 def build_buffer(
@@ -437,13 +451,16 @@ def build_buffer(
     groups = math.ceil(len(missing) / at_once)
     estimated_seconds = step_seconds(dataset, settings, at_once) * steps_per_epoch(dataset, settings) * settings.epochs * groups
     held = num_experts - len(missing)
-    work = (f"{len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name}"
-            + (f" (the buffer holds {held} of the {num_experts} needed)" if held else ""))
+    work = f"{len(missing)} expert(s) x {settings.epochs} epochs on {dataset.name}" + (
+        f" (the buffer holds {held} of the {num_experts} needed)" if held else ""
+    )
     estimate = f"about {_duration(estimated_seconds)} on {dataset.device} (an estimate from one timed training step)"
     hint = f"; {smaller_buffer_hint}" if smaller_buffer_hint else ""
     if max_minutes is not None and estimated_seconds > 60 * max_minutes:
-        raise ConfigError(f"training {work} would take {estimate}, over the limit of {max_minutes:g} min (max_expert_minutes); "
-                          f"nothing was trained{hint}")
+        raise ConfigError(
+            f"training {work} would take {estimate}, over the limit of {max_minutes:g} min (max_expert_minutes); "
+            f"nothing was trained{hint}"
+        )
     log(f"training {work} ({at_once} at once: {why}) into {directory}: {estimate}{hint}")
     with progress_bar(len(missing) * settings.epochs, f"experts {dataset.name}", progress) as bar:
         for start in range(0, len(missing), at_once):
@@ -452,8 +469,13 @@ def build_buffer(
             trajectories, accs = train_experts(dataset, settings, group, on_epoch=lambda g=len(group): bar.advance(g))
             seconds = (time.perf_counter() - began) / len(group)
             for row, (index, acc) in enumerate(zip(group, accs)):
-                meta = {"index": index, "seed": expert_seed(settings.seed, index), "test_acc": acc, "seconds": seconds,
-                        "device": str(dataset.device)}
+                meta = {
+                    "index": index,
+                    "seed": expert_seed(settings.seed, index),
+                    "test_acc": acc,
+                    "seconds": seconds,
+                    "device": str(dataset.device),
+                }
                 save_trajectory(_expert_path(directory, index), trajectories[row], fp16=settings.fp16, meta=meta)
             bar.set(acc=float(np.mean(accs)))
     return ExpertBuffer(directory)
@@ -475,8 +497,13 @@ def _expert_path(directory: Path, index: int) -> Path:
 def _write_manifest(directory: Path, dataset: Dataset, settings: ExpertSettings, flat_model: FlatModel) -> None:
     manifest = {
         "settings": settings.to_dict(),
-        "dataset": {"name": dataset.name, "channels": dataset.channels, "image_size": dataset.image_size,
-                    "num_classes": dataset.num_classes, "source": dataset.source.to_dict()},
+        "dataset": {
+            "name": dataset.name,
+            "channels": dataset.channels,
+            "image_size": dataset.image_size,
+            "num_classes": dataset.num_classes,
+            "source": dataset.source.to_dict(),
+        },
         "parameters": [[name, list(shape)] for name, shape in zip(flat_model.names, flat_model.shapes)],
         "num_params": flat_model.num_params,
     }
@@ -486,15 +513,32 @@ def _write_manifest(directory: Path, dataset: Dataset, settings: ExpertSettings,
         if existing.get("settings") != manifest["settings"]:
             raise DataError(f"{path} was written with other settings; remove the folder or choose another root")
         if existing.get("parameters") != manifest["parameters"]:
-            raise DataError(f"{path} holds experts of another network layout ({existing.get('num_params')} parameters, "
-                            f"this network has {manifest['num_params']}); remove the folder or choose another root")
+            raise DataError(
+                f"{path} holds experts of another network layout ({existing.get('num_params')} parameters, "
+                f"this network has {manifest['num_params']}); remove the folder or choose another root"
+            )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
 __all__ = [
-    "ExpertBuffer", "ExpertSettings", "FlatModel", "StackedStep", "buffer_dir", "build_buffer", "expert_memory_bytes",
-    "expert_seed", "experts_at_once", "experts_root", "init_expert", "new_network", "save_trajectory", "stacked_count",
-    "step_seconds", "steps_per_epoch", "train_experts", "training_data",
+    "ExpertBuffer",
+    "ExpertSettings",
+    "FlatModel",
+    "StackedStep",
+    "buffer_dir",
+    "build_buffer",
+    "expert_memory_bytes",
+    "expert_seed",
+    "experts_at_once",
+    "experts_root",
+    "init_expert",
+    "new_network",
+    "save_trajectory",
+    "stacked_count",
+    "step_seconds",
+    "steps_per_epoch",
+    "train_experts",
+    "training_data",
 ]

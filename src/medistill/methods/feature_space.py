@@ -56,15 +56,24 @@ def register_chosen_subset(name: str, choose: ChooseInClass, config_class: type,
     Its sets are real images (`synthetic=False`: export refuses them, the audit flags them); the feature
     network's training and the picked training indices are recorded in the artifact.
     """
+
     def run(dataset: Dataset, ipc: int, config: FeatureSettings, context: RunContext) -> SyntheticSet:
         check_ipc(dataset, ipc, name)
         space = feature_network(dataset, config.protocol(), context.seed, log=context.log)
         idx = select_per_class(dataset, ipc, space, choose, context.seed)
-        return new_set(dataset, dataset.train.images[idx], dataset.train.labels[idx], method=name, ipc=ipc,
-                       seed=context.seed, extra={"feature_network": space.info, "train_indices": idx.tolist()})
+        return new_set(
+            dataset,
+            dataset.train.images[idx],
+            dataset.train.labels[idx],
+            method=name,
+            ipc=ipc,
+            seed=context.seed,
+            extra={"feature_network": space.info, "train_indices": idx.tolist()},
+        )
 
-    return register_method(MethodSpec(name=name, run=run, config_class=config_class, summary=summary, synthetic=False,
-                                      supports_multilabel=False))
+    return register_method(
+        MethodSpec(name=name, run=run, config_class=config_class, summary=summary, synthetic=False, supports_multilabel=False)
+    )
 
 
 __all__ = ["ChooseInClass", "FeatureSettings", "register_chosen_subset", "select_per_class"]

@@ -41,4 +41,6 @@ def herding_order(features: torch.Tensor, count: int, generator: torch.Generator
     return torch.tensor(chosen, dtype=torch.long)
 
 
-SPEC = register_chosen_subset("herding", herding_order, HerdingConfig, "class-balanced real subset by herding in a full-set ConvNet's features (baseline)")
+SPEC = register_chosen_subset(
+    "herding", herding_order, HerdingConfig, "class-balanced real subset by herding in a full-set ConvNet's features (baseline)"
+)

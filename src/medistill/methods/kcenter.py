@@ -37,4 +37,9 @@ def kcenter_order(features: torch.Tensor, count: int, generator: torch.Generator
     return torch.tensor(chosen, dtype=torch.long)
 
 
-SPEC = register_chosen_subset("kcenter", kcenter_order, KCenterConfig, "class-balanced real subset by greedy k-center in a full-set ConvNet's features (baseline)")
+SPEC = register_chosen_subset(
+    "kcenter",
+    kcenter_order,
+    KCenterConfig,
+    "class-balanced real subset by greedy k-center in a full-set ConvNet's features (baseline)",
+)

@@ -50,7 +50,9 @@ def flat_cosine(real: Sequence[Tensor], syn: Sequence[Tensor]) -> Tensor:
     return (1 - dot / (real_sq.sqrt() * syn_sq.sqrt() + EPS)).sum()
 
 
-DISTANCES: Registry[Distance] = Registry("gradient distance", {"ours": layerwise_cosine, "mse": squared_error, "cos": flat_cosine})
+DISTANCES: Registry[Distance] = Registry(
+    "gradient distance", {"ours": layerwise_cosine, "mse": squared_error, "cos": flat_cosine}
+)
 get_distance = DISTANCES.get
 
 

@@ -69,7 +69,9 @@ class MTTConfig(DistillConfig):
     expert_seed: int = 0
     expert_fp16: bool = False
     expert_bf16: bool = False  # train the experts under bf16 autocast (a different buffer from fp32 experts')
-    experts_parallel: int | None = None  # experts trained at once when the buffer is built (None: 1 on the CPU, as many as fit on CUDA)
+    experts_parallel: int | None = (
+        None  # experts trained at once when the buffer is built (None: 1 on the CPU, as many as fit on CUDA)
+    )
     max_expert_minutes: float | None = None  # refuse to build a buffer estimated to take longer (None: build whatever it takes)
     buffer_root: str | None = None  # default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -82,12 +84,20 @@ class MTTConfig(DistillConfig):
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ConfigError(f"mtt setting batch_syn must be at least 1 (or null for the whole set), got {self.batch_syn}")
         if self.experts_parallel is not None and self.experts_parallel < 1:
-            raise ConfigError(f"mtt setting experts_parallel must be at least 1 (or null: chosen from the device), got {self.experts_parallel}")
+            raise ConfigError(
+                f"mtt setting experts_parallel must be at least 1 (or null: chosen from the device), got {self.experts_parallel}"
+            )
         if self.max_expert_minutes is not None and not (math.isfinite(self.max_expert_minutes) and self.max_expert_minutes > 0):
-            raise ConfigError(f"mtt setting max_expert_minutes must be a positive number (or null: no limit), got {self.max_expert_minutes}")
+            raise ConfigError(
+                f"mtt setting max_expert_minutes must be a positive number (or null: no limit), got {self.max_expert_minutes}"
+            )
         floor = self.min_syn_lr if self.min_syn_lr is not None else 0.0
-        if self.syn_lr_init is not None and not (math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor):
-            raise ConfigError(f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}")
+        if self.syn_lr_init is not None and not (
+            math.isfinite(self.syn_lr_init) and self.syn_lr_init > 0 and self.syn_lr_init >= floor
+        ):
+            raise ConfigError(
+                f"mtt setting syn_lr_init must be a positive number >= min_syn_lr ({self.min_syn_lr}), got {self.syn_lr_init}"
+            )
         for name in ("lr_teacher", "min_syn_lr"):
             value = getattr(self, name)
             if name == "min_syn_lr" and value is None:
@@ -101,8 +111,10 @@ class MTTConfig(DistillConfig):
             DiffAugment(self.augment)  # refuses an unknown op
         last = self.max_start_epoch - 1 + self.expert_epochs
         if last > self.buffer_epochs:
-            raise ConfigError(f"max_start_epoch {self.max_start_epoch} + expert_epochs {self.expert_epochs} needs expert "
-                              f"snapshots up to epoch {last}, but buffer_epochs is {self.buffer_epochs}")
+            raise ConfigError(
+                f"max_start_epoch {self.max_start_epoch} + expert_epochs {self.expert_epochs} needs expert "
+                f"snapshots up to epoch {last}, but buffer_epochs is {self.buffer_epochs}"
+            )
 
     @property
     def augment(self) -> str | None:
@@ -115,14 +127,25 @@ class MTTConfig(DistillConfig):
         least_epochs = self.max_start_epoch - 1 + self.expert_epochs
         fewer = [f"--set num_experts=N (now {self.num_experts})"]
         if self.buffer_epochs > least_epochs:
-            fewer.append(f"--set buffer_epochs={least_epochs} (now {self.buffer_epochs}; the least max_start_epoch "
-                         f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} allow)")
+            fewer.append(
+                f"--set buffer_epochs={least_epochs} (now {self.buffer_epochs}; the least max_start_epoch "
+                f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} allow)"
+            )
         return "for a smaller buffer: " + " or ".join(fewer)
 
     def expert_settings(self, zca: bool) -> ExpertSettings:
-        return ExpertSettings(epochs=self.buffer_epochs, lr_teacher=self.lr_teacher, batch_size=self.expert_batch,
-                              augment=self.augment, model=self.model, model_kwargs=dict(self.model_kwargs), zca=zca,
-                              seed=self.expert_seed, fp16=self.expert_fp16, bf16=self.expert_bf16)
+        return ExpertSettings(
+            epochs=self.buffer_epochs,
+            lr_teacher=self.lr_teacher,
+            batch_size=self.expert_batch,
+            augment=self.augment,
+            model=self.model,
+            model_kwargs=dict(self.model_kwargs),
+            zca=zca,
+            seed=self.expert_seed,
+            fp16=self.expert_fp16,
+            bf16=self.expert_bf16,
+        )
 
 
 @dataclass
@@ -219,22 +242,35 @@ class MTTDistiller(Distiller):
         self.config, self.seed = config, context.seed
         device = dataset.device
         if config.zca and dataset.channels == 1:
-            context.log(f"warning: ZCA on the 1-channel '{dataset.name}': the feasibility study's MTT with ZCA diverged on "
-                        "grayscale BreastMNIST (the stable presets switch it off)")
+            context.log(
+                f"warning: ZCA on the 1-channel '{dataset.name}': the feasibility study's MTT with ZCA diverged on "
+                "grayscale BreastMNIST (the stable presets switch it off)"
+            )
         self.dataset = dataset
         self.zca = ZCA.for_dataset(dataset) if config.zca else None
         self.buffer: ExpertBuffer = build_buffer(
-            dataset, config.expert_settings(config.zca), config.num_experts, root=config.buffer_root,
-            parallel=config.experts_parallel, max_minutes=config.max_expert_minutes,
-            smaller_buffer_hint=config.smaller_buffer_hint(), progress=context.progress, log=context.log)
+            dataset,
+            config.expert_settings(config.zca),
+            config.num_experts,
+            root=config.buffer_root,
+            parallel=config.experts_parallel,
+            max_minutes=config.max_expert_minutes,
+            smaller_buffer_hint=config.smaller_buffer_hint(),
+            progress=context.progress,
+            log=context.log,
+        )
         self.student = FlatModel(new_network(dataset, config.expert_settings(config.zca)))
         real = real_init(dataset, ipc, context.seed)  # the random baseline's subset
-        self.images = (real if self.zca is None else self.zca.whiten_normalized(dataset, real)).detach().clone().requires_grad_(True)
+        self.images = (
+            (real if self.zca is None else self.zca.whiten_normalized(dataset, real)).detach().clone().requires_grad_(True)
+        )
         self.labels = class_labels(dataset, ipc)
         syn_lr = config.lr_teacher if config.syn_lr_init is None else config.syn_lr_init
         self.syn_lr = torch.tensor(syn_lr, device=device, dtype=self.images.dtype, requires_grad=True)
-        self.optimizers = {"opt_img": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum),
-                           "opt_lr": torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum)}
+        self.optimizers = {
+            "opt_img": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum),
+            "opt_lr": torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum),
+        }
         self.augment = DiffAugment(config.augment) if config.augment else None
         self.lr_clamps = torch.zeros((), dtype=torch.long, device=device)  # iterations that ended clamped (kept on the device)
 
@@ -249,7 +285,9 @@ class MTTDistiller(Distiller):
         device, dtype = self.images.device, self.images.dtype
         start = to_device(self.buffer.snapshot(expert, start_epoch), device).to(dtype)
         target = to_device(self.buffer.snapshot(expert, start_epoch + c.expert_epochs), device).to(dtype)
-        return Unroll(self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment, self.config.bf16)
+        return Unroll(
+            self.student, start, target, self.images, self.labels, self.syn_lr, batches, seeds, self.augment, self.config.bf16
+        )
 
     def step(self, iteration: int) -> torch.Tensor:
         """One MTT iteration: unroll, check, update pixels and syn_lr, clamp syn_lr."""
@@ -262,7 +300,8 @@ class MTTDistiller(Distiller):
         if not (math.isfinite(value) and finite):
             raise DivergenceError(
                 f"MTT diverged at iteration {number} (loss {value:.4g}, syn_lr {self.syn_lr.item():.4g}); "
-                "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps")
+                "no result is written and the last checkpoint is kept. Lower lr_img, lr_lr or syn_steps"
+            )
         self.images.grad, self.syn_lr.grad = grad_images, grad_lr
         for optimizer in self.optimizers.values():
             optimizer.step()
@@ -298,19 +337,29 @@ class MTTDistiller(Distiller):
         """Signs of a badly scaled setup in the first iterations: the student overshoots, or syn_lr sits on its floor."""
         warnings = []
         if losses and sum(losses) / len(losses) > 2:
-            warnings.append(f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
-                            "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs")
+            warnings.append(
+                f"warning: mean MTT loss {sum(losses) / len(losses):.3g} > 2 over the first {len(losses)} iterations: the "
+                "student moves much further than the expert; lower syn_lr_init or syn_steps, or raise expert_epochs"
+            )
         if int(self.lr_clamps) > len(losses) // 2:
-            warnings.append(f"warning: syn_lr was clamped to min_syn_lr in {int(self.lr_clamps)} of {len(losses)} iterations; "
-                            "lower lr_lr or syn_lr_init (evaluation trains with this lr)")
+            warnings.append(
+                f"warning: syn_lr was clamped to min_syn_lr in {int(self.lr_clamps)} of {len(losses)} iterations; "
+                "lower lr_lr or syn_lr_init (evaluation trains with this lr)"
+            )
         return warnings
 
     def finish(self, losses: list[float]) -> dict[str, Any]:
         if not self.syn_lr.item() > 0:
             raise DivergenceError(f"MTT's learned lr ended at {self.syn_lr.item():.4g} (not positive); the set is not usable")
         # the buffer's identity, not where this machine keeps it: no local path in a set that may be shared
-        return {"extra": {"loss": list(losses), "syn_lr_clamps": int(self.lr_clamps), "zca": self.zca is not None,
-                          "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"}}}
+        return {
+            "extra": {
+                "loss": list(losses),
+                "syn_lr_clamps": int(self.lr_clamps),
+                "zca": self.zca is not None,
+                "buffer": {k: v for k, v in self.buffer.summary().items() if k != "directory"},
+            }
+        }
 
 
 def run_mtt(dataset: Dataset, ipc: int, config: MTTConfig, context: RunContext) -> SyntheticSet:

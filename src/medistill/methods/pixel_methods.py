@@ -97,7 +97,9 @@ class IterationRandom:
     @classmethod
     def for_iteration(cls, seed: int, iteration: int, device: torch.device) -> "IterationRandom":
         net_seed, cpu_seed, device_seed = iteration_seeds(seed, iteration, 3)
-        return cls(net_seed, torch.Generator().manual_seed(cpu_seed), torch.Generator(device=device).manual_seed(device_seed), iteration)
+        return cls(
+            net_seed, torch.Generator().manual_seed(cpu_seed), torch.Generator(device=device).manual_seed(device_seed), iteration
+        )
 
     def siamese_seed(self) -> int:
         """A seed for one Siamese augmentation draw (shared by a real and a synthetic batch)."""
@@ -131,7 +133,9 @@ Step = Callable[[Tensor, torch.optim.Optimizer, IterationRandom], Tensor]
 class PixelDistiller(Distiller):
     """Images learnt by SGD with momentum, one `step(images, optimizer, rng)` per iteration."""
 
-    def __init__(self, dataset: Dataset, ipc: int, config: PixelConfig, seed: int, step: Step, hyperparameters: dict[str, Any]) -> None:
+    def __init__(
+        self, dataset: Dataset, ipc: int, config: PixelConfig, seed: int, step: Step, hyperparameters: dict[str, Any]
+    ) -> None:
         self.images = INITS.get(config.init)(dataset, ipc, seed).requires_grad_(True)
         self.labels = class_labels(dataset, ipc)
         self.optimizers = {"optimizer": torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)}
@@ -145,12 +149,29 @@ class PixelDistiller(Distiller):
         return {"hyperparameters": dict(self.hyperparameters)}
 
 
-def run_pixel_method(method: str, dataset: Dataset, ipc: int, config: PixelConfig, context: RunContext, step: Step, *,
-                   hyperparameters: dict[str, Any] | None = None) -> SyntheticSet:
+def run_pixel_method(
+    method: str,
+    dataset: Dataset,
+    ipc: int,
+    config: PixelConfig,
+    context: RunContext,
+    step: Step,
+    *,
+    hyperparameters: dict[str, Any] | None = None,
+) -> SyntheticSet:
     """Learn IPC images per class with `step` for `config.iterations` iterations, through the driver."""
     check_ipc(dataset, ipc, method, needs_real_images=config.init == "real")
     distiller = PixelDistiller(dataset, ipc, config, context.seed, step, hyperparameters or {})
     return run_distiller(method, dataset, ipc, config, context, distiller)
 
 
-__all__ = ["FreshNetwork", "INITS", "IterationRandom", "PixelConfig", "PixelDistiller", "RealSampler", "class_labels", "run_pixel_method"]
+__all__ = [
+    "FreshNetwork",
+    "INITS",
+    "IterationRandom",
+    "PixelConfig",
+    "PixelDistiller",
+    "RealSampler",
+    "class_labels",
+    "run_pixel_method",
+]

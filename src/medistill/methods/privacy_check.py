@@ -20,16 +20,20 @@ def verified_privacy(synthetic: SyntheticSet) -> dict[str, Any] | None:
     record = synthetic.extra.get("privacy")
     if spec.private_releases is None:
         if record is not None:
-            raise ConfigError(f"the set carries a privacy record, but '{spec.name}' is not a "
-                              "differentially private method; only dp-dm and dp-dc sets carry a guarantee")
+            raise ConfigError(
+                f"the set carries a privacy record, but '{spec.name}' is not a "
+                "differentially private method; only dp-dm and dp-dc sets carry a guarantee"
+            )
         return None
     if record is None:
         raise ConfigError(f"this '{spec.name}' set has no privacy record, so its guarantee cannot be checked")
     if not isinstance(record, dict):
         raise ConfigError("the set's privacy record is not a mapping")
     if not str(record.get("randomness", "")).startswith(SECRET_DESCRIPTION):
-        raise ConfigError("this set was made by a version whose private draws followed its published seed, "
-                          "so anyone with the seed can remove the noise; make it again with this version")
+        raise ConfigError(
+            "this set was made by a version whose private draws followed its published seed, "
+            "so anyone with the seed can remove the noise; make it again with this version"
+        )
     try:
         releases = spec.private_releases(synthetic.hyperparameters)
     except (KeyError, TypeError, ValueError, ArithmeticError):

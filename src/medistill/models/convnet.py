@@ -57,7 +57,9 @@ class _FewChannelConv(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any
+    ) -> torch.Tensor:
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
@@ -71,7 +73,8 @@ class _FewChannelConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(  # oneDNN, never asked for the bias
-            grad, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1, [needs_x, needs_weight, False])
+            grad, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1, [needs_x, needs_weight, False]
+        )
         grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
@@ -85,13 +88,24 @@ class Conv2d(nn.Conv2d):
     to bf16, as oneDNN's do. fp32 and GPU convolutions are ``nn.Conv2d``'s own."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        few = self.in_channels <= FEW_CHANNELS and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        few = (
+            self.in_channels <= FEW_CHANNELS
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        )
         if not (few and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
             return super()._conv_forward(input, weight, bias)
         dtype = torch.get_autocast_dtype("cpu")
         with torch.autocast("cpu", enabled=False):
-            return _FewChannelConv.apply(input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                         self.stride, self.padding, self.dilation)
+            return _FewChannelConv.apply(
+                input.to(dtype),
+                weight.to(dtype),
+                None if bias is None else bias.to(dtype),
+                self.stride,
+                self.padding,
+                self.dilation,
+            )
 
 
 class AvgPool(nn.AvgPool2d):
@@ -176,10 +190,7 @@ class ConvNet(nn.Module):
             if pooling != "none":
                 size //= 2
         if size < 1:
-            raise ConfigError(
-                f"image size {image_size} is too small for a ConvNet of depth {depth} "
-                "with pooling"
-            )
+            raise ConfigError(f"image size {image_size} is too small for a ConvNet of depth {depth} with pooling")
         self.features = nn.Sequential(*layers)
         self.embed_dim = width * size * size
         self.classifier = nn.Linear(self.embed_dim, num_classes)

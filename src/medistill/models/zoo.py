@@ -31,9 +31,7 @@ def model_summary(name: str) -> str:
     return (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
 
 
-def create_model(
-    name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any
-) -> nn.Module:
+def create_model(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a registered model by (case-insensitive) name."""
     return MODELS.get(name)(in_channels, num_classes, image_size, **kwargs)
 

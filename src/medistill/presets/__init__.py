@@ -45,7 +45,9 @@ def preset_path(name: str) -> Path:
     """The file of a shipped preset; an unknown name is a one-line ConfigError listing the presets."""
     path = PRESETS_DIR / f"{name.removesuffix(SUFFIX)}{SUFFIX}"
     if not path.is_file():
-        raise ConfigError(f"no file or preset named '{name}'; presets: {', '.join(p.stem for p in sorted(PRESETS_DIR.glob(f'*{SUFFIX}')))}")
+        raise ConfigError(
+            f"no file or preset named '{name}'; presets: {', '.join(p.stem for p in sorted(PRESETS_DIR.glob(f'*{SUFFIX}')))}"
+        )
     return path
 
 

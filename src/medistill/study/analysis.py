@@ -128,7 +128,7 @@ def ipc_order(cells: Sequence[Cell], dataset: str | None = None) -> list[int]:
 
 
 def format_score(cell: Cell | None, metric: str) -> str:
-    """"0.849 ± 0.009", "0.849 (n=1)", "diverged" (every run of the cell diverged), "failed" or "–"."""
+    """ "0.849 ± 0.009", "0.849 (n=1)", "diverged" (every run of the cell diverged), "failed" or "–"."""
     if cell is None:
         return "–"
     if not cell.ok:
@@ -179,10 +179,16 @@ def markdown_tables(cells: Sequence[Cell], metric: str = "acc", link_prefix: str
     for dataset in dataset_order(cells):
         ipcs, rows = dataset_table(cells, dataset)
         header = ["method"] + [ipc_label(i) for i in ipcs]
-        lines = [f"**{md_cell(dataset)}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            f"**{md_cell(dataset)}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for method, row_cells in rows:
-            lines.append("| " + " | ".join([md_cell(method_label(method))] + [_md_link(c, metric, link_prefix) for c in row_cells]) + " |")
+            lines.append(
+                "| " + " | ".join([md_cell(method_label(method))] + [_md_link(c, metric, link_prefix) for c in row_cells]) + " |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -191,7 +197,9 @@ def csv_table(cells: Sequence[Cell]) -> str:
     """Long form: one row per (dataset, method, IPC) with both metrics and the run keys."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["dataset", "method", "ipc", "acc_mean", "acc_std", "auc_mean", "auc_std", "networks", "seeds", "runs", "failed_runs"])
+    writer.writerow(
+        ["dataset", "method", "ipc", "acc_mean", "acc_std", "auc_mean", "auc_std", "networks", "seeds", "runs", "failed_runs"]
+    )
     index = _lookup(cells)
     for dataset in dataset_order(cells):
         for method in method_order(cells):
@@ -199,9 +207,18 @@ def csv_table(cells: Sequence[Cell]) -> str:
                 cell = index.get((dataset, method, ipc))
                 if cell is None:
                     continue
-                writer.writerow([dataset, method, "" if ipc is None else ipc,
-                                 *(f"{v:.6f}" for v in (cell.mean("acc"), cell.std("acc"), cell.mean("auc"), cell.std("auc"))),
-                                 len(cell.acc), " ".join(map(str, sorted(cell.seeds))), " ".join(cell.keys), " ".join(cell.failed_keys)])
+                writer.writerow(
+                    [
+                        dataset,
+                        method,
+                        "" if ipc is None else ipc,
+                        *(f"{v:.6f}" for v in (cell.mean("acc"), cell.std("acc"), cell.mean("auc"), cell.std("auc"))),
+                        len(cell.acc),
+                        " ".join(map(str, sorted(cell.seeds))),
+                        " ".join(cell.keys),
+                        " ".join(cell.failed_keys),
+                    ]
+                )
     return out.getvalue()
 
 
@@ -211,12 +228,19 @@ def latex_table(cells: Sequence[Cell], metric: str = "acc") -> str:
     datasets = dataset_order(cells)
     groups = [(d, ipc_order(cells, d) or [None]) for d in datasets]
     columns = sum(len(ipcs) for _, ipcs in groups)
-    lines = [r"\begin{tabular}{l" + "c" * columns + "}", r"\toprule",
-             " & " + " & ".join(rf"\multicolumn{{{len(ipcs)}}}{{c}}{{{_tex(d)}}}" for d, ipcs in groups) + r" \\",
-             "IPC & " + " & ".join("all" if i is None else str(i) for _, ipcs in groups for i in ipcs) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{l" + "c" * columns + "}",
+        r"\toprule",
+        " & " + " & ".join(rf"\multicolumn{{{len(ipcs)}}}{{c}}{{{_tex(d)}}}" for d, ipcs in groups) + r" \\",
+        "IPC & " + " & ".join("all" if i is None else str(i) for _, ipcs in groups for i in ipcs) + r" \\",
+        r"\midrule",
+    ]
     for method in method_order(cells):
-        values = [format_score(_cell_for(index, d, method, i), metric).replace("±", r"$\pm$").replace("–", "--")
-                  for d, ipcs in groups for i in ipcs]
+        values = [
+            format_score(_cell_for(index, d, method, i), metric).replace("±", r"$\pm$").replace("–", "--")
+            for d, ipcs in groups
+            for i in ipcs
+        ]
         lines.append(_tex(method) + " & " + " & ".join(values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     caption = f"% test {METRICS[metric]}, mean $\\pm$ std over evaluation networks and seeds"
@@ -262,7 +286,7 @@ class LinearFit:
         slope = float(((xs - x_mean) * (ys - ys.mean())).sum() / sxx)
         intercept = float(ys.mean() - slope * x_mean)
         residuals = ys - (intercept + slope * xs)
-        residual_std = float(math.sqrt((residuals ** 2).sum() / (n - 2))) if n > 2 else math.nan
+        residual_std = float(math.sqrt((residuals**2).sum() / (n - 2))) if n > 2 else math.nan
         return cls(slope, intercept, n, x_mean, sxx, residual_std)
 
     def predict(self, x: float, level: float = 0.95) -> tuple[float, float, float]:
@@ -364,18 +388,24 @@ def correlation_markdown(results: dict[str, Correlation]) -> str:
     """A table of the correlations and fitted lines, with n stated."""
     if not results:
         return "No distillation method has finished runs next to random-subset runs: nothing to correlate.\n"
-    lines = ["| method | n datasets | n points | Pearson r [95% CI] | Spearman rho [95% CI] | r over datasets, p | fit: distilled ACC = |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | n datasets | n points | Pearson r [95% CI] | Spearman rho [95% CI] | r over datasets, p | fit: distilled ACC = |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in results.values():
         fit = f"{c.fit.intercept:.3f} + {c.fit.slope:.3f} × random ACC" if c.fit else "–"
         over = "–" if math.isnan(c.dataset_r) else f"{c.dataset_r:.3f}, p {c.dataset_p:.3f}"
-        lines.append(f"| {c.method} | {c.n_datasets} | {c.n_points} | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | "
-                     f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {over} | {fit} |")
+        lines.append(
+            f"| {c.method} | {c.n_datasets} | {c.n_points} | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | "
+            f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {over} | {fit} |"
+        )
     lines.append("")
-    lines.append("The points of one dataset share its data and are not independent: read n datasets first. CIs: percentile "
-                 "bootstrap resampling whole datasets (resamples with a constant side left out). The p-value is over datasets: "
-                 "Pearson r of the per-dataset means, n datasets - 2 degrees of freedom (none below 3 datasets). With few "
-                 "datasets these numbers are not meaningful.")
+    lines.append(
+        "The points of one dataset share its data and are not independent: read n datasets first. CIs: percentile "
+        "bootstrap resampling whole datasets (resamples with a constant side left out). The p-value is over datasets: "
+        "Pearson r of the per-dataset means, n datasets - 2 degrees of freedom (none below 3 datasets). With few "
+        "datasets these numbers are not meaningful."
+    )
     return "\n".join(lines) + "\n"
 
 

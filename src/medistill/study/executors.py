@@ -69,11 +69,15 @@ class RayExecutor:
                 ray.init(address=self.address, include_dashboard=False, **self.init_options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-                raise ConfigError(f"cannot start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                raise ConfigError(
+                    f"cannot start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
         try:
             _check_resources(ray.cluster_resources(), tasks)
             remote = ray.remote(function)
-            submitted = {remote.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_retries=0).remote(t.spec, env): t for t in tasks}
+            submitted = {
+                remote.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_retries=0).remote(t.spec, env): t for t in tasks
+            }
             pending = list(submitted)
             try:
                 while pending:
@@ -103,8 +107,10 @@ def _check_resources(available: dict[str, float], tasks: Sequence[Task]) -> None
         need = max(getattr(t, attr) for t in tasks)
         have = available.get(resource, 0.0)
         if need > have:
-            raise ConfigError(f"each run asks for {need:g} {resource} but the Ray cluster has {have:g}; "
-                              f"lower executor.resources.{attr} in the study config")
+            raise ConfigError(
+                f"each run asks for {need:g} {resource} but the Ray cluster has {have:g}; "
+                f"lower executor.resources.{attr} in the study config"
+            )
 
 
 def _import_ray() -> Any:

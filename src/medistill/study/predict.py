@@ -124,9 +124,11 @@ class Candidate:
         return FittedModel(self, coef)
 
 
-CANDIDATES: list[Candidate] = [Candidate("no-gain", "acc")] + [
-    Candidate(form, unit) for unit in UNIT_BASELINES for form in ("gain", "gap", "line")
-] + [Candidate("line+classes", "chance")]
+CANDIDATES: list[Candidate] = (
+    [Candidate("no-gain", "acc")]
+    + [Candidate(form, unit) for unit in UNIT_BASELINES for form in ("gain", "gap", "line")]
+    + [Candidate("line+classes", "chance")]
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class FittedModel:
 
 
 # --- leave-one-dataset-out, selection and the conformal interval ------------------------------------
+
 
 def datasets_of(observations: Sequence[Observation]) -> list[str]:
     return sorted({o.dataset for o in observations})
@@ -210,11 +213,21 @@ def choose_model(method: str, observations: Sequence[Observation], level: float 
     scores = {d: max(e) for d, e in errors.items()}
     alternatives = [m for m in (c.fit(observations) for c in CANDIDATES) if m is not None]
     folds = {d: candidate.fit([o for o in observations if o.dataset != d]) for d in scores}
-    return MethodModel(method, candidate.fit(observations), alternatives, folds, scores, mae,
-                       conformal_halfwidth(list(scores.values()), level), level, list(observations))
+    return MethodModel(
+        method,
+        candidate.fit(observations),
+        alternatives,
+        folds,
+        scores,
+        mae,
+        conformal_halfwidth(list(scores.values()), level),
+        level,
+        list(observations),
+    )
 
 
 # --- what a study covers -------------------------------------------------------------------------
+
 
 @dataclass
 class Coverage:
@@ -227,10 +240,12 @@ class Coverage:
 
     @classmethod
     def of(cls, observations: Sequence[Observation]) -> "Coverage":
-        return cls((min(o.facts.num_classes for o in observations), max(o.facts.num_classes for o in observations)),
-                   (min(o.probe for o in observations), max(o.probe for o in observations)),
-                   sorted({o.facts.channels for o in observations if o.facts.channels is not None}),
-                   sorted({o.ipc for o in observations}))
+        return cls(
+            (min(o.facts.num_classes for o in observations), max(o.facts.num_classes for o in observations)),
+            (min(o.probe for o in observations), max(o.probe for o in observations)),
+            sorted({o.facts.channels for o in observations if o.facts.channels is not None}),
+            sorted({o.ipc for o in observations}),
+        )
 
     def outside(self, facts: DatasetFacts, probe: float, ipc: int) -> list[str]:
         """One line per input of the target that lies outside what the study covered."""
@@ -258,11 +273,15 @@ def interval(model: MethodModel, probe: float, facts: DatasetFacts, extrapolated
     upper = sorted(p + r for p, r in fold_predictions)[rank - 1]
     if extrapolated:
         centres = [m.predict(probe, facts) for m in model.alternatives]
-        lower, upper = min([lower] + [c - model.halfwidth for c in centres]), max([upper] + [c + model.halfwidth for c in centres])
+        lower, upper = (
+            min([lower] + [c - model.halfwidth for c in centres]),
+            max([upper] + [c + model.halfwidth for c in centres]),
+        )
     return y, max(0.0, min(lower, y)), min(1.0, max(upper, y))
 
 
 # --- evaluation on held-out datasets ---------------------------------------------------------------
+
 
 @dataclass
 class HeldOut:
@@ -307,8 +326,22 @@ def evaluate_predictor(method: str, observations: Sequence[Observation], level: 
             if model is not None:
                 notes = coverage.outside(o.facts, o.probe, o.ipc)
                 y, lo, hi = interval(model, o.probe, o.facts, bool(notes))
-                out.append(HeldOut("transfer", method, dataset, o.facts.medical, o.ipc, o.probe, o.target, y, lo, hi,
-                                   model.model.candidate.name, notes))
+                out.append(
+                    HeldOut(
+                        "transfer",
+                        method,
+                        dataset,
+                        o.facts.medical,
+                        o.ipc,
+                        o.probe,
+                        o.target,
+                        y,
+                        lo,
+                        hi,
+                        model.model.candidate.name,
+                        notes,
+                    )
+                )
             if line is not None:
                 y, lo, hi = line.predict(o.probe)
                 out.append(HeldOut("line", method, dataset, o.facts.medical, o.ipc, o.probe, o.target, y, lo, hi, "line (acc)"))
@@ -340,13 +373,25 @@ def summarize_held_out(rows: Sequence[HeldOut]) -> list[HeldOutSummary]:
         per_dataset = [np.mean([r.error for r in mine if r.dataset == d]) for d in sorted({r.dataset for r in mine})]
         tested = [r for r in mine if r.covered is not None]
         inside = [r for r in tested if not r.extrapolated]
-        out.append(HeldOutSummary(predictor, method, len(per_dataset), len(mine), float(np.mean(per_dataset)),
-                                  float(max(r.error for r in mine)), sum(bool(r.covered) for r in tested), len(tested),
-                                  sum(bool(r.covered) for r in inside), len(inside)))
+        out.append(
+            HeldOutSummary(
+                predictor,
+                method,
+                len(per_dataset),
+                len(mine),
+                float(np.mean(per_dataset)),
+                float(max(r.error for r in mine)),
+                sum(bool(r.covered) for r in tested),
+                len(tested),
+                sum(bool(r.covered) for r in inside),
+                len(inside),
+            )
+        )
     return out
 
 
 # --- from a study folder -------------------------------------------------------------------------
+
 
 def dataset_facts(records: Sequence[dict[str, Any]]) -> dict[str, DatasetFacts]:
     """Per dataset label: class count, channels, majority rate and whether it is medical, from its finished runs."""
@@ -363,8 +408,13 @@ def facts_from_result(label: str, result: dict[str, Any], ipc: int | None) -> Da
     classes = result.get("num_classes") or (result.get("num_images", 0) // ipc if ipc else 0)
     classes = max(2, int(classes))
     majority = result.get("test_majority_rate")
-    return DatasetFacts(label, classes, result.get("channels"), float(majority) if majority is not None else 1.0 / classes,
-                        is_medical(result.get("source") or {}))
+    return DatasetFacts(
+        label,
+        classes,
+        result.get("channels"),
+        float(majority) if majority is not None else 1.0 / classes,
+        is_medical(result.get("source") or {}),
+    )
 
 
 def is_medical(source: dict[str, Any]) -> bool:
@@ -377,10 +427,15 @@ def is_medical(source: dict[str, Any]) -> bool:
     return True
 
 
-def observations_from(cells: Sequence[Cell], facts: dict[str, DatasetFacts], probe: str = DEFAULT_PROBE) -> dict[str, list[Observation]]:
+def observations_from(
+    cells: Sequence[Cell], facts: dict[str, DatasetFacts], probe: str = DEFAULT_PROBE
+) -> dict[str, list[Observation]]:
     """Per distillation method, its observations next to the probe's (the probe itself excluded)."""
-    return {method: [Observation(p.dataset, p.ipc, p.x, p.y, facts[p.dataset]) for p in points]
-            for method, points in correlation_points(cells, reference=probe).items() if method != probe}
+    return {
+        method: [Observation(p.dataset, p.ipc, p.x, p.y, facts[p.dataset]) for p in points]
+        for method, points in correlation_points(cells, reference=probe).items()
+        if method != probe
+    }
 
 
 @dataclass
@@ -405,23 +460,37 @@ def fit_predictor(study_dir: str | Path, *, probe: str = DEFAULT_PROBE, level: f
     probes = [RunSpec.from_dict(r["spec"]) for r in records if r["status"] == OK and r["spec"]["method"] == probe]
     if not probes:
         methods = sorted({r["spec"]["method"] for r in records if r["status"] == OK})
-        raise ConfigError(f"the study in {study_dir} has no finished '{probe}' runs to use as the probe "
-                          f"(finished methods: {', '.join(methods) or 'none'})")
+        raise ConfigError(
+            f"the study in {study_dir} has no finished '{probe}' runs to use as the probe "
+            f"(finished methods: {', '.join(methods) or 'none'})"
+        )
     facts = dataset_facts(records)
     observations = observations_from(cells_from_records(records), facts, probe)
     datasets = sorted({o.dataset for obs in observations.values() for o in obs})
     if len(datasets) < 2:
-        raise ConfigError(f"the study in {study_dir} has {len(datasets)} dataset(s) with a distillation method next to "
-                          f"'{probe}' runs; a predictor for unseen datasets needs at least two")
+        raise ConfigError(
+            f"the study in {study_dir} has {len(datasets)} dataset(s) with a distillation method next to "
+            f"'{probe}' runs; a predictor for unseen datasets needs at least two"
+        )
     models = {m: model for m, obs in sorted(observations.items()) if (model := choose_model(m, obs, level)) is not None}
     settings = Counter((s.settings, s.evaluation, s.size, s.image_size, s.channels) for s in probes).most_common(1)[0][0]
-    template = RunSpec(dataset="", method=probe, ipc=1, seed=0, settings=settings[0], evaluation=settings[1],
-                       size=settings[2], image_size=settings[3], channels=settings[4])
+    template = RunSpec(
+        dataset="",
+        method=probe,
+        ipc=1,
+        seed=0,
+        settings=settings[0],
+        evaluation=settings[1],
+        size=settings[2],
+        image_size=settings[3],
+        channels=settings[4],
+    )
     every = [o for obs in observations.values() for o in obs]
     return Predictor(Path(study_dir), study, probe, models, Coverage.of(every), facts, template, sorted({s.seed for s in probes}))
 
 
 # --- predicting for a new dataset -----------------------------------------------------------------
+
 
 @dataclass
 class MethodPrediction:
@@ -464,9 +533,18 @@ def dataset_reference(dataset: str, study: dict[str, Any]) -> str:
     return resolve_path_ref(dataset, Path.cwd())
 
 
-def predict(dataset: str, ipc: int, study_dir: str | Path, *, probe: str = DEFAULT_PROBE, level: float = DEFAULT_LEVEL,
-            data_root: str | Path | None = None, device: str | None = None, seeds: Sequence[int] | None = None,
-            log: Callable[[str], None] = lambda message: None) -> Prediction:
+def predict(
+    dataset: str,
+    ipc: int,
+    study_dir: str | Path,
+    *,
+    probe: str = DEFAULT_PROBE,
+    level: float = DEFAULT_LEVEL,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+    seeds: Sequence[int] | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> Prediction:
     """Run the probe on `dataset` at `ipc` as the study did, and predict each method's test ACC with an interval."""
     if ipc < 1:
         raise ConfigError(f"IPC must be at least 1, got {ipc}")
@@ -476,8 +554,12 @@ def predict(dataset: str, ipc: int, study_dir: str | Path, *, probe: str = DEFAU
     study = predictor.study
     ref = dataset_reference(dataset, study)
     root = data_root if data_root is not None else study.get("data_root")
-    env = RunEnv(study_dir=str(Path(study_dir).resolve()), data_root=str(root) if root else None,
-                 device=device or study.get("device") or "auto", threads=study.get("threads"))
+    env = RunEnv(
+        study_dir=str(Path(study_dir).resolve()),
+        data_root=str(root) if root else None,
+        device=device or study.get("device") or "auto",
+        threads=study.get("threads"),
+    )
     accs: list[float] = []
     run_seeds = list(seeds) if seeds else predictor.seeds
     result: dict[str, Any] = {}
@@ -501,6 +583,18 @@ def predict(dataset: str, ipc: int, study_dir: str | Path, *, probe: str = DEFAU
     if any(math.isinf(m.halfwidth) for m in predictor.models.values()):
         notes.append(f"too few datasets for a {level:.0%} conformal interval: the interval is the whole [0, 1]")
     described = [f"{name} ({'medical' if f.medical else 'not medical'})" for name, f in sorted(predictor.facts.items())]
-    return Prediction(label, ipc, probe, x, float(np.std(accs)), run_seeds, facts, methods,
-                      f"{Path(study_dir)} ({study.get('name', 'study')}, config {study.get('config_path')})",
-                      described, in_study, extrapolated, notes)
+    return Prediction(
+        label,
+        ipc,
+        probe,
+        x,
+        float(np.std(accs)),
+        run_seeds,
+        facts,
+        methods,
+        f"{Path(study_dir)} ({study.get('name', 'study')}, config {study.get('config_path')})",
+        described,
+        in_study,
+        extrapolated,
+        notes,
+    )

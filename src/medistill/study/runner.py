@@ -69,14 +69,24 @@ def run_record(spec: RunSpec, env: RunEnv, out_dir: str | Path | None = None, *,
     With `resume`, a checkpoint in `out_dir` is continued (and a `result.json` there does not stop the run).
     """
     device = resolve_device(env.device)
-    data = _cached_dataset(dataset_path(spec, env.study_dir), env.data_root, spec.size, spec.image_size, spec.channels, str(device))
+    data = _cached_dataset(
+        dataset_path(spec, env.study_dir), env.data_root, spec.size, spec.image_size, spec.channels, str(device)
+    )
     previous_threads = torch.get_num_threads()
     if env.threads:
         torch.set_num_threads(env.threads)
     try:
         seed_everything(spec.seed)
-        result = run_job(data, spec.method, spec.ipc or 1, config=spec.method_settings, evaluation=spec.eval_settings,
-                         seed=spec.seed, out_dir=out_dir, resume=resume)
+        result = run_job(
+            data,
+            spec.method,
+            spec.ipc or 1,
+            config=spec.method_settings,
+            evaluation=spec.eval_settings,
+            seed=spec.seed,
+            out_dir=out_dir,
+            resume=resume,
+        )
     finally:
         torch.set_num_threads(previous_threads)
     return result.record
@@ -138,20 +148,35 @@ def run_study(
         return _run_locked(study, out, executor, executor_options, data_root, device, retry_failed, log)
 
 
-def _run_locked(study: StudySpec, out: Path, executor: str, executor_options: dict[str, Any] | None, data_root: str | Path | None,
-                device: str | None, retry_failed: bool, log: Callable[[str], None]) -> StudySummary:
+def _run_locked(
+    study: StudySpec,
+    out: Path,
+    executor: str,
+    executor_options: dict[str, Any] | None,
+    data_root: str | Path | None,
+    device: str | None,
+    retry_failed: bool,
+    log: Callable[[str], None],
+) -> StudySummary:
     store = ResultStore(out)
     store.write_study(study.to_dict())
     root = data_root if data_root is not None else study.data_root
-    env = RunEnv(study_dir=str(out.resolve()), data_root=str(root) if root is not None else None,
-                 device=device or study.device, threads=study.threads)
+    env = RunEnv(
+        study_dir=str(out.resolve()),
+        data_root=str(root) if root is not None else None,
+        device=device or study.device,
+        threads=study.threads,
+    )
     statuses = {task.spec.key: store.status(task.spec.key) for task in study.tasks}
     for key, status in statuses.items():
         if status is not None:  # stored, but the driver was killed before it removed the scratch
             store.discard_work(key)
     pending = [t for t in study.tasks if statuses[t.spec.key] is None or (retry_failed and statuses[t.spec.key] == FAILED)]
-    summary = StudySummary(total=len(study.tasks), skipped=len(study.tasks) - len(pending),
-                           previously_failed=[k for k, s in statuses.items() if s == FAILED and not retry_failed])
+    summary = StudySummary(
+        total=len(study.tasks),
+        skipped=len(study.tasks) - len(pending),
+        previously_failed=[k for k, s in statuses.items() if s == FAILED and not retry_failed],
+    )
     log(f"{summary.total} runs: {summary.skipped} already done, {len(pending)} to run ({executor} executor)")
     if not pending:
         store.tidy_work()

@@ -70,7 +70,9 @@ def stratified_indices(labels: np.ndarray, fraction: float, rng: np.random.Gener
     return np.sort(np.concatenate(picks))
 
 
-def build_simulation(recipe: SimulationRecipe, out: str | Path, *, root: str | Path | None = None, progress: bool = False) -> Path:
+def build_simulation(
+    recipe: SimulationRecipe, out: str | Path, *, root: str | Path | None = None, progress: bool = False
+) -> Path:
     """Build the simulation set of `recipe` and write it to `out` (atomically); returns the path."""
     out = Path(out)
     if out.suffix != ".npz":

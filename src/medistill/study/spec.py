@@ -157,7 +157,7 @@ class StudySpec:
 def dataset_label(ref: str) -> str:
     """Display name of a dataset reference."""
     if ref.startswith(SIMULATION_PREFIX):
-        return ref[len(SIMULATION_PREFIX):].split("@", 1)[0]
+        return ref[len(SIMULATION_PREFIX) :].split("@", 1)[0]
     if is_named_dataset(ref):
         return ref.lower()
     return Path(ref).stem if Path(ref).suffix else Path(ref).name
@@ -175,7 +175,7 @@ def simulation_ref(name: str, recipe: SimulationRecipe) -> str:
 
 def simulation_file(ref: str, study_dir: str | Path) -> Path:
     """Where a simulation reference's npz lives inside a study folder."""
-    name, _, digest = ref[len(SIMULATION_PREFIX):].partition("@")
+    name, _, digest = ref[len(SIMULATION_PREFIX) :].partition("@")
     return Path(study_dir) / "simulations" / f"{name}-{digest}.npz"
 
 
@@ -201,12 +201,17 @@ def parse_study(config: Any, *, base: Path, name: str = "study", config_path: Pa
     """Expand a study config (a mapping, as loaded from YAML) into its runs; relative paths resolve against `base`."""
     config = _mapping(config, "the study config")
     _check_keys(config, TOP_KEYS, "the study config")
-    simulations = {str(n): _recipe(str(n), block, base) for n, block in _mapping(config.get("simulations") or {}, "simulations").items()}
+    simulations = {
+        str(n): _recipe(str(n), block, base) for n, block in _mapping(config.get("simulations") or {}, "simulations").items()
+    }
     datasets = _datasets(config.get("datasets"), simulations, base)
     data = _mapping(config.get("data") or {}, "data")
     _check_keys(data, DATA_KEYS, "data")
-    data_settings = {"size": int(data.get("size", 28)), "image_size": _optional_int(data.get("image_size"), "data.image_size"),
-                     "channels": _optional_int(data.get("channels"), "data.channels")}
+    data_settings = {
+        "size": int(data.get("size", 28)),
+        "image_size": _optional_int(data.get("image_size"), "data.image_size"),
+        "channels": _optional_int(data.get("channels"), "data.channels"),
+    }
     ipcs = _int_list(config.get("ipcs", [10]), "ipcs", minimum=1)
     seeds = _int_list(config.get("seeds", [0]), "seeds", minimum=0)
     evaluation = _eval_block(config.get("eval"), "eval")
@@ -232,18 +237,33 @@ def parse_study(config: Any, *, base: Path, name: str = "study", config_path: Pa
     )
 
 
-def _expand_method(method: str, block: dict[str, Any], datasets: dict[str, str], data_settings: dict[str, Any], ipcs: list[int],
-                   seeds: list[int], evaluation: dict[str, Any], resources: dict[str, float]) -> list[Task]:
+def _expand_method(
+    method: str,
+    block: dict[str, Any],
+    datasets: dict[str, str],
+    data_settings: dict[str, Any],
+    ipcs: list[int],
+    seeds: list[int],
+    evaluation: dict[str, Any],
+    resources: dict[str, float],
+) -> list[Task]:
     """The runs of one method. An unregistered method still expands (its runs fail with a clear error)."""
     registered = method in list_methods()
     uses_ipc = get_method(method).uses_ipc if registered else True
     settings = _mapping(block.get("settings") or {}, f"methods.{method}.settings")
     method_eval = {**evaluation, **_eval_block(block.get("eval"), f"methods.{method}.eval")}
-    method_ipcs: list[int | None] = _int_list(block.get("ipcs", ipcs), f"methods.{method}.ipcs", minimum=1) if uses_ipc else [None]
+    method_ipcs: list[int | None] = (
+        _int_list(block.get("ipcs", ipcs), f"methods.{method}.ipcs", minimum=1) if uses_ipc else [None]
+    )
     method_seeds = _int_list(block.get("seeds", seeds), f"methods.{method}.seeds", minimum=0)
     task_resources = {**resources, **_resources(block.get("resources"), f"methods.{method}.resources")}
-    by_ipc = {int(k): _override(v, f"methods.{method}.by_ipc.{k}") for k, v in _mapping(block.get("by_ipc") or {}, "by_ipc").items()}
-    by_dataset = {str(k): _override(v, f"methods.{method}.by_dataset.{k}") for k, v in _mapping(block.get("by_dataset") or {}, "by_dataset").items()}
+    by_ipc = {
+        int(k): _override(v, f"methods.{method}.by_ipc.{k}") for k, v in _mapping(block.get("by_ipc") or {}, "by_ipc").items()
+    }
+    by_dataset = {
+        str(k): _override(v, f"methods.{method}.by_dataset.{k}")
+        for k, v in _mapping(block.get("by_dataset") or {}, "by_dataset").items()
+    }
     unknown = sorted(set(by_dataset) - set(datasets))
     if unknown:
         raise ConfigError(f"methods.{method}.by_dataset names {', '.join(unknown)}, which the study's datasets do not list")
@@ -258,8 +278,15 @@ def _expand_method(method: str, block: dict[str, Any], datasets: dict[str, str],
             if registered:
                 make_config(get_method(method), run_settings)  # refuse unknown or bad settings before any run starts
             for seed in method_seeds:
-                spec = RunSpec(dataset=ref, method=method, ipc=ipc, seed=seed, settings=canonical_json(run_settings),
-                               evaluation=canonical_json(run_eval), **data_settings)
+                spec = RunSpec(
+                    dataset=ref,
+                    method=method,
+                    ipc=ipc,
+                    seed=seed,
+                    settings=canonical_json(run_settings),
+                    evaluation=canonical_json(run_eval),
+                    **data_settings,
+                )
                 tasks.append(Task(spec, **task_resources))
     return tasks
 
@@ -309,7 +336,10 @@ def _methods(value: Any) -> dict[str, dict[str, Any]]:
 def _override(value: Any, where: str) -> dict[str, Any]:
     block = _mapping(value or {}, where)
     _check_keys(block, OVERRIDE_KEYS, where)
-    return {"settings": _mapping(block.get("settings") or {}, f"{where}.settings"), "eval": _eval_block(block.get("eval"), f"{where}.eval")}
+    return {
+        "settings": _mapping(block.get("settings") or {}, f"{where}.settings"),
+        "eval": _eval_block(block.get("eval"), f"{where}.eval"),
+    }
 
 
 def _eval_block(value: Any, where: str) -> dict[str, Any]:

@@ -66,7 +66,9 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
         except OSError:
             handle.seek(0)
             holder = " ".join(handle.read().split()) or "another process"
-            raise ConfigError(f"{folder} is in use by another study runner ({holder}); wait for it to finish or choose another --out") from None
+            raise ConfigError(
+                f"{folder} is in use by another study runner ({holder}); wait for it to finish or choose another --out"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -121,7 +123,7 @@ class ResultStore:
         return record
 
     def status(self, key: str) -> str | None:
-        """"ok", "failed", or None when the run has no record."""
+        """ "ok", "failed", or None when the run has no record."""
         record = self.load(key)
         return record["status"] if record else None
 
@@ -159,11 +161,15 @@ class ResultStore:
     def read_study(self) -> dict[str, Any]:
         path = self.root / STUDY_FILE
         if not path.exists():
-            raise DataError(f"{self.root} is not a study folder (no {STUDY_FILE}); run `medistill study CONFIG --out {self.root}` first")
+            raise DataError(
+                f"{self.root} is not a study folder (no {STUDY_FILE}); run `medistill study CONFIG --out {self.root}` first"
+            )
         try:
             study = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path} is not valid JSON ({type(exc).__name__}); rerun `medistill study CONFIG --out {self.root}` to rewrite it") from None
+            raise DataError(
+                f"{path} is not valid JSON ({type(exc).__name__}); rerun `medistill study CONFIG --out {self.root}` to rewrite it"
+            ) from None
         if not isinstance(study, dict) or not isinstance(study.get("runs", []), list):
             raise DataError(f"{path} is not a study description; rerun `medistill study CONFIG --out {self.root}` to rewrite it")
         return study

@@ -7,6 +7,17 @@ from medistill.train.protocol import TrainProtocol, loss_function, model_seeds
 from medistill.train.stacked import StackedModels, can_stack, stacked_scores_on, train_stacked
 
 __all__ = [
-    "Scores", "StackedModels", "TrainProtocol", "can_stack", "evaluate", "loss_function", "model_seeds", "predict_scores",
-    "score", "scores_on", "stacked_scores_on", "train_model", "train_stacked",
+    "Scores",
+    "StackedModels",
+    "TrainProtocol",
+    "can_stack",
+    "evaluate",
+    "loss_function",
+    "model_seeds",
+    "predict_scores",
+    "score",
+    "scores_on",
+    "stacked_scores_on",
+    "train_model",
+    "train_stacked",
 ]

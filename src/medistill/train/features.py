@@ -50,8 +50,9 @@ def embed(model: nn.Module, images: Tensor, batch_size: int = EMBED_BATCH) -> Te
     return forward_in_chunks(lambda x: model.embed(x).flatten(1), images, size)
 
 
-def feature_network(dataset: Dataset, protocol: TrainProtocol, seed: int, *,
-                    log: Callable[[str], None] = lambda message: None) -> FeatureNetwork:
+def feature_network(
+    dataset: Dataset, protocol: TrainProtocol, seed: int, *, log: Callable[[str], None] = lambda message: None
+) -> FeatureNetwork:
     """A network trained on all of the dataset's training images (trained once per process and key)."""
     key = _cache_key(dataset, protocol, seed)
     if key in _CACHE:
@@ -67,8 +68,14 @@ def feature_network(dataset: Dataset, protocol: TrainProtocol, seed: int, *,
     network = FeatureNetwork(
         model=model,
         train_features=embed(model, dataset.train.images),
-        info={"protocol": protocol.to_dict(), "seed": seed, "train_images": len(dataset.train),
-              "test_acc": acc, "test_auc": auc, "seconds": round(seconds, 1)},
+        info={
+            "protocol": protocol.to_dict(),
+            "seed": seed,
+            "train_images": len(dataset.train),
+            "test_acc": acc,
+            "test_auc": auc,
+            "seconds": round(seconds, 1),
+        },
     )
     _CACHE[key] = network
     while len(_CACHE) > CACHE_SIZE:

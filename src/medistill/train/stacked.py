@@ -169,8 +169,9 @@ class StackedModels:
     def logits(self, images: Tensor, budget: int = EVAL_IMAGE_BUDGET) -> Tensor:
         """Logits (K, N, classes) of every model on the same images, in chunks of `budget` images x models."""
         k = len(self)
-        per_image = forward_in_chunks(lambda batch: self(batch.unsqueeze(0).expand(k, *batch.shape)).transpose(0, 1),
-                                      images, max(1, budget // k))
+        per_image = forward_in_chunks(
+            lambda batch: self(batch.unsqueeze(0).expand(k, *batch.shape)).transpose(0, 1), images, max(1, budget // k)
+        )
         return per_image.transpose(0, 1)
 
     def unstack(self) -> list[nn.Module]:
