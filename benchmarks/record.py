@@ -32,8 +32,9 @@ RESULTS_DIR = ROOT / "results"
 
 def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
     """The `--out` option every benchmark shares: where its JSON goes (default `results/<name>.json`)."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"write the JSON here (default: results/{name}.json, with a provenance block)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"write the JSON here (default: results/{name}.json, with a provenance block)"
+    )
 
 
 def write_result(name: str, payload: dict[str, Any], *, path: Path | None = None, command: str | None = None) -> Path:
@@ -62,8 +63,13 @@ def write_atomically(target: Path, text: str) -> None:
 def provenance(command: str | None = None) -> dict[str, Any]:
     """Where a result came from: command line, commit, hardware and the UTC date and time."""
     commit, dirty = git_commit()
-    return {"command": command or invoked_command(), "commit": commit, "dirty": dirty, "hardware": hardware(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "command": command or invoked_command(),
+        "commit": commit,
+        "dirty": dirty,
+        "hardware": hardware(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def invoked_command() -> str:
@@ -94,8 +100,14 @@ def git(*args: str) -> str:
 
 def hardware() -> dict[str, Any]:
     """CPU model and core count, GPU name (when CUDA is available) and torch version (when torch is installed)."""
-    info: dict[str, Any] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": None, "torch": None,
-                            "platform": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": None,
+        "torch": None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     if importlib.util.find_spec("torch") is not None:
         import torch
 

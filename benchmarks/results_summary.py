@@ -70,8 +70,16 @@ def speedup(value: float | None) -> str:
 
 
 def render_baselines(payload: Payload) -> list[str]:
-    rows = [[r["training_set"], str(r["images"]), score(r["acc_mean"], r["acc_std"]), score(r["auc_mean"], r["auc_std"]),
-             seconds(r["wall_seconds"]) + (f" ({r['wall_note']})" if r.get("wall_note") else "")] for r in payload["rows"]]
+    rows = [
+        [
+            r["training_set"],
+            str(r["images"]),
+            score(r["acc_mean"], r["acc_std"]),
+            score(r["auc_mean"], r["auc_std"]),
+            seconds(r["wall_seconds"]) + (f" ({r['wall_note']})" if r.get("wall_note") else ""),
+        ]
+        for r in payload["rows"]
+    ]
     return markdown_table(["training set", "images", "test ACC", "test AUC", "wall time"], rows)
 
 
@@ -79,24 +87,66 @@ def render_distillation_vs_random(payload: Payload) -> list[str]:
     rows = []
     for r in payload["rows"]:
         ahead = r["acc_mean"] > r["random"]["acc_mean"] and r["auc_mean"] > r["random"]["auc_mean"]
-        rows.append([r["dataset"], str(r["ipc"]), r["method"], r["budget"], str(r["networks"]), acc_auc(r),
-                     f"{acc_auc(r['random'])} ({r['random']['what']})", "yes" if ahead else "**no**"])
-    return markdown_table(["dataset", "IPC", "method", "budget", "nets", "distilled ACC / AUC", "random, same protocol",
-                           "beats random"], rows)
+        rows.append(
+            [
+                r["dataset"],
+                str(r["ipc"]),
+                r["method"],
+                r["budget"],
+                str(r["networks"]),
+                acc_auc(r),
+                f"{acc_auc(r['random'])} ({r['random']['what']})",
+                "yes" if ahead else "**no**",
+            ]
+        )
+    return markdown_table(
+        ["dataset", "IPC", "method", "budget", "nets", "distilled ACC / AUC", "random, same protocol", "beats random"], rows
+    )
 
 
 def render_real_subsets(payload: Payload) -> list[str]:
-    rows = [[r["dataset"], str(r["ipc"]), str(r["networks"]), f"{acc_auc(r['random'])} (seeds {r['random_seeds']})",
-             acc_auc(r["herding"]), acc_auc(r["kcenter"]), f"{acc_auc(r['best_distilled'])} ({r['best_distilled']['label']})"]
-            for r in payload["rows"]]
+    rows = [
+        [
+            r["dataset"],
+            str(r["ipc"]),
+            str(r["networks"]),
+            f"{acc_auc(r['random'])} (seeds {r['random_seeds']})",
+            acc_auc(r["herding"]),
+            acc_auc(r["kcenter"]),
+            f"{acc_auc(r['best_distilled'])} ({r['best_distilled']['label']})",
+        ]
+        for r in payload["rows"]
+    ]
     return markdown_table(["dataset", "IPC", "nets", "random, mean of seeds", "herding", "k-center", "best distilled set"], rows)
 
 
 def render_predictor_lodo(payload: Payload) -> list[str]:
-    rows = [[r["method"], r["predictor"], str(r["datasets"]), str(r["points"]), f"{r['mae']:.3f}", f"{r['max_abs_error']:.3f}",
-             r["inside"], r["inside_within_range"]] for r in payload["rows"]]
-    return markdown_table(["method", "predictor", "datasets", "points", "MAE", "max abs error", "measured inside interval",
-                           "inside, held-out dataset within the others' range"], rows)
+    rows = [
+        [
+            r["method"],
+            r["predictor"],
+            str(r["datasets"]),
+            str(r["points"]),
+            f"{r['mae']:.3f}",
+            f"{r['max_abs_error']:.3f}",
+            r["inside"],
+            r["inside_within_range"],
+        ]
+        for r in payload["rows"]
+    ]
+    return markdown_table(
+        [
+            "method",
+            "predictor",
+            "datasets",
+            "points",
+            "MAE",
+            "max abs error",
+            "measured inside interval",
+            "inside, held-out dataset within the others' range",
+        ],
+        rows,
+    )
 
 
 def timed_variant(value: float | None, ratio: float | None) -> str:
@@ -111,11 +161,27 @@ def render_cpu_stages(payload: Payload) -> list[str]:
         low, high = r["baseline_range_s"]
         note = f"; {r['note']}" if r.get("note") else ""
         best = f"{speedup(r['best_speedup'])} ({speedup(r['lowest_round_speedup'])}){note}"
-        rows.append([r["stage"], f"{r['baseline_s']:.3f} s ({low:.2f}-{high:.2f})",
-                     timed_variant(r["fp32_chunked_s"], r["fp32_chunked_speedup"]), timed_variant(r["bf16_s"], r["bf16_speedup"]),
-                     timed_variant(r["bf16_compile_s"], r["bf16_compile_speedup"]), best])
-    return markdown_table(["stage", "baseline: fp32, whole batches", "fp32, chunked", "bf16", "bf16 + compile",
-                           "best speed-up, median (lowest round)"], rows)
+        rows.append(
+            [
+                r["stage"],
+                f"{r['baseline_s']:.3f} s ({low:.2f}-{high:.2f})",
+                timed_variant(r["fp32_chunked_s"], r["fp32_chunked_speedup"]),
+                timed_variant(r["bf16_s"], r["bf16_speedup"]),
+                timed_variant(r["bf16_compile_s"], r["bf16_compile_speedup"]),
+                best,
+            ]
+        )
+    return markdown_table(
+        [
+            "stage",
+            "baseline: fp32, whole batches",
+            "fp32, chunked",
+            "bf16",
+            "bf16 + compile",
+            "best speed-up, median (lowest round)",
+        ],
+        rows,
+    )
 
 
 def render_bf16_accuracy(payload: Payload) -> list[str]:
@@ -123,15 +189,19 @@ def render_bf16_accuracy(payload: Payload) -> list[str]:
     by_dataset: dict[str, dict[str, Payload]] = {}
     for r in payload["rows"]:
         by_dataset.setdefault(r["dataset"], {})[r["case"]] = r
-    rows = [[dataset, *(paired_difference(cells[case]) if case in cells else "" for case in cases)]
-            for dataset, cells in by_dataset.items()]
+    rows = [
+        [dataset, *(paired_difference(cells[case]) if case in cells else "" for case in cases)]
+        for dataset, cells in by_dataset.items()
+    ]
     return markdown_table(["dataset", *cases], rows)
 
 
 def paired_difference(r: Payload) -> str:
     """bf16 - fp32 ACC / AUC, mean over seeds, with the spread over evaluation networks in brackets."""
-    return (f"{r['bf16_minus_fp32_acc']:+.3f} / {r['bf16_minus_fp32_auc']:+.3f} "
-            f"({r['network_std_acc']:.3f} / {r['network_std_auc']:.3f})")
+    return (
+        f"{r['bf16_minus_fp32_acc']:+.3f} / {r['bf16_minus_fp32_auc']:+.3f} "
+        f"({r['network_std_acc']:.3f} / {r['network_std_auc']:.3f})"
+    )
 
 
 def render_membership(payload: Payload) -> list[str]:
@@ -171,8 +241,10 @@ def render_canary_audits(payload: Payload) -> list[str]:
     for key, entry in payload["entries"].items():
         cells.setdefault(audit_row_label(key, entry), {})[key.split("/")[0]] = entry
     private_first = sorted(cells, key=lambda label: ("non-private" in label, label))
-    rows = [[label, *(audit_cell(cells[label][d]) if d in cells[label] else "not run" for d in DATASET_NAMES)]
-            for label in private_first]
+    rows = [
+        [label, *(audit_cell(cells[label][d]) if d in cells[label] else "not run" for d in DATASET_NAMES)]
+        for label in private_first
+    ]
     return markdown_table(["method", *(f"{name}: ε ≥ (95%)" for name in DATASET_NAMES.values())], rows)
 
 
@@ -194,8 +266,10 @@ def seed_mean(entries: list[Payload]) -> str:
     if len(entries) < 2:
         return "–" if not entries else f"{entries[0]['test_acc_mean']:.3f} / {entries[0]['test_auc_mean']:.3f} (1 seed)"
     acc, auc = ([e[k] for e in entries] for k in ("test_acc_mean", "test_auc_mean"))
-    return (f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} / "
-            f"{statistics.mean(auc):.3f} ± {statistics.stdev(auc):.3f} ({len(entries)} seeds)")
+    return (
+        f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} / "
+        f"{statistics.mean(auc):.3f} ± {statistics.stdev(auc):.3f} ({len(entries)} seeds)"
+    )
 
 
 def render_dp_grid_seeds(payload: Payload) -> list[str]:
@@ -255,8 +329,10 @@ def source_line(source: str, provenance: Payload, document: Path, results_dir: P
     if origin:
         origin_link = os.path.relpath(results_dir.parent / origin, document.parent)  # origin is relative to the repository
         origin_text = f", transcribed from [{Path(origin).name}]({origin_link})"
-    return (f"*Source: [results/{source}.json]({link}){origin_text}; command: {describe_command(provenance['command'])}; "
-            f"hardware: {describe_hardware(provenance['hardware'])}; date: {provenance['date'][:10]}.*")
+    return (
+        f"*Source: [results/{source}.json]({link}){origin_text}; command: {describe_command(provenance['command'])}; "
+        f"hardware: {describe_hardware(provenance['hardware'])}; date: {provenance['date'][:10]}.*"
+    )
 
 
 # Rendering the document ---------------------------------------------------------------------------------
@@ -274,6 +350,7 @@ def render_table(name: str, document: Path, results_dir: Path) -> str:
 
 def render_document(text: str, document: Path = DOCUMENT, results_dir: Path = RESULTS_DIR) -> str:
     """The document with every table between its markers rendered afresh from the results files."""
+
     def replace(match: re.Match[str]) -> str:
         return match["open"] + render_table(match["name"], document, results_dir) + match["close"]
 
@@ -288,8 +365,13 @@ def first_difference(text: str, expected: str) -> str | None:
     for match in BLOCK.finditer(expected):
         name = match["name"]
         if current.get(name) != match["body"]:
-            diff = difflib.unified_diff((current.get(name) or "").splitlines(), match["body"].splitlines(),
-                                        "in the document", "from the results", lineterm="")
+            diff = difflib.unified_diff(
+                (current.get(name) or "").splitlines(),
+                match["body"].splitlines(),
+                "in the document",
+                "from the results",
+                lineterm="",
+            )
             return f"table {name!r} differs:\n" + "\n".join(diff)
     return "the text outside the tables differs"
 

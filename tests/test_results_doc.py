@@ -67,8 +67,12 @@ def test_no_heading_names_an_issue(markdown: Path) -> None:
 
 
 def test_no_file_name_names_an_issue() -> None:
-    names = [p.relative_to(REPO) for folder in ("docs", "results", "benchmarks") for p in (REPO / folder).rglob("*")
-             if "__pycache__" not in p.parts]
+    names = [
+        p.relative_to(REPO)
+        for folder in ("docs", "results", "benchmarks")
+        for p in (REPO / folder).rglob("*")
+        if "__pycache__" not in p.parts
+    ]
     assert [str(name) for name in names if ISSUE_IN_NAME.search(name.name)] == []
 
 
