@@ -78,7 +78,7 @@ class SyntheticSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SyntheticSet":
+    def load(cls, path: str | Path) -> SyntheticSet:
         """Read a set written by `save` (a file, or a directory holding `synthetic.safetensors`)."""
         path = Path(path)
         if path.is_dir():
@@ -191,7 +191,8 @@ def renormalize(synthetic: SyntheticSet, dataset: Dataset) -> torch.Tensor:
     hold pixels outside [0, 1], and they are part of what it learnt)."""
     if synthetic.images.shape[1:] != dataset.train.images.shape[1:]:
         raise ConfigError(
-            f"the set's images are {tuple(synthetic.images.shape[1:])} but the dataset's are {tuple(dataset.train.images.shape[1:])}"
+            f"the set's images are {tuple(synthetic.images.shape[1:])} "
+            f"but the dataset's are {tuple(dataset.train.images.shape[1:])}"
         )
     if len(synthetic.mean) != len(dataset.mean) or len(synthetic.std) != len(dataset.std):
         raise ConfigError(f"the set has {len(synthetic.mean)} channel statistics but the dataset {len(dataset.mean)}")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from safetensors import SafetensorError
 
 from medistill.errors import ConfigError, DataError
-
 
 ORDINARY_FILE_MODE = 0o666
 
@@ -56,11 +55,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write bytes (or UTF-8 text) to `path` through a temporary file and a rename."""
     payload = data.encode() if isinstance(data, str) else data
-    with atomic_path(path) as partial:
-        with open(partial, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
     return Path(path)
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,18 +35,17 @@ import torch.nn as nn
 from medistill import __version__
 from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet
 from medistill.atomic import atomic_path, atomic_write, refuse_existing
+from medistill.audit.neighbours import CopyThresholds
+from medistill.audit.report import file_sha256 as sha256
+from medistill.audit.report import screen_near_copies
 from medistill.data import load_dataset
-from medistill.data.dataset import DataSource, Dataset, Split
+from medistill.data.dataset import Dataset, DataSource, Split
 from medistill.dp.accounting import is_guarantee
-from medistill.methods.privacy_check import verified_privacy
 from medistill.errors import ConfigError, DataError
 from medistill.markdown import cell
 from medistill.methods import get_method
+from medistill.methods.privacy_check import verified_privacy
 from medistill.models import create_model
-
-from medistill.audit.report import file_sha256 as sha256
-from medistill.audit.report import screen_near_copies
-from medistill.audit.neighbours import CopyThresholds
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, scores_on, train_model
 
@@ -93,14 +93,17 @@ def export_rule(rule: ExportRule) -> ExportRule:
 def method_outputs_synthetic_images(evidence: ExportEvidence) -> str | None:
     method = evidence.synthetic.method
     if not get_method(method).synthetic:
-        return f"refusing to export a '{method}' set: its images are real training images; only synthetic (distilled) sets can be shared"
+        return (
+            f"refusing to export a '{method}' set: its images are real training images; "
+            "only synthetic (distilled) sets can be shared"
+        )
     return None
 
 
 @export_rule
 def privacy_record_holds(evidence: ExportEvidence) -> str | None:
     try:
-        evidence.privacy
+        _ = evidence.privacy  # reading the property runs the privacy-record check
     except ConfigError as exc:
         return f"refusing to export: {exc}"
     return None
@@ -264,8 +267,8 @@ def withheld(value: Any) -> str:
 
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable dataset card; every value from the set's metadata is escaped (`markdown.cell`)."""
-    from medistill.dp.accounting import privacy_markdown
     from medistill.audit.report import audit_markdown
+    from medistill.dp.accounting import privacy_markdown
 
     src, rec, metrics = card["source"], card["recommended_training"], card["metrics"]
     learned = card["learned_lr"] if card["learned_lr"] is not None else "none (train with the protocol lr)"
@@ -284,7 +287,10 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| hyperparameters | {cell(json.dumps(card['hyperparameters'], default=str))} |",
         f"| learned lr | {cell(learned)} |",
         f"| normalisation | mean {cell(card['normalization']['mean'])}, std {cell(card['normalization']['std'])} |",
-        f"| version | made with medistill {cell(card['made_with_version'])}, exported with {cell(card['exported_with_version'])} |",
+        (
+            f"| version | made with medistill {cell(card['made_with_version'])}, "
+            f"exported with {cell(card['exported_with_version'])} |"
+        ),
     ]
     if "test_acc_mean" in metrics:
         protocol = metrics.get("eval_protocol", {})
@@ -586,10 +592,10 @@ __all__ = [
     "MODEL_FORMAT",
     "bundle_dataset",
     "card_markdown",
+    "check_label_names",
     "dataset_card",
     "export_bundle",
     "load_bundle",
-    "check_label_names",
     "load_trained_model",
     "receiving_test_split",
     "sha256",

@@ -28,7 +28,7 @@ _FLOAT = re.compile(
   | [0-9][0-9_]*[eE][-+]?[0-9]+
   | \.(?:inf|Inf|INF)
 )$|^\.(?:nan|NaN|NAN)$""",
-    re.X,
+    re.VERBOSE,
 )
 
 
@@ -48,7 +48,7 @@ SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+
 def parse_yaml(text: str, what: str) -> Any:
     """Parse YAML text with `SettingsLoader`; invalid YAML or an alias is a ConfigError naming `what`."""
     try:
-        return yaml.load(text, Loader=SettingsLoader)  # noqa: S506 - SettingsLoader is a SafeLoader
+        return yaml.load(text, Loader=SettingsLoader)  # safe: SettingsLoader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except RecursionError:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medistill.data.dataset import Dataset
 from medistill.methods import RunContext, distill, get_method, list_methods
@@ -120,8 +121,9 @@ def estimate_seconds(plan: list[DemoRun], dataset: Dataset, seed: int = 0) -> fl
         if spec.synthetic and "iterations" in run.settings:
 
             def iterations(n: int) -> float:
-                settings = {**run.settings, "iterations": n}
-                return _seconds(lambda: distill(run.method, dataset, DEMO_IPC, settings, context=RunContext(seed=seed)))
+                # called within this iteration only, so the loop variable is the one meant
+                settings = {**run.settings, "iterations": n}  # noqa: B023
+                return _seconds(lambda: distill(run.method, dataset, DEMO_IPC, settings, context=RunContext(seed=seed)))  # noqa: B023
 
             per_iteration = max(iterations(1 + CALIBRATION_ITERATIONS) - iterations(1), 0.0) / CALIBRATION_ITERATIONS
             total += per_iteration * run.settings["iterations"]
@@ -162,7 +164,8 @@ def run_demo(
     if estimate and todo:
         minutes = estimate_seconds(todo, dataset, seed) / 60
         say(
-            f"expected time on this machine: about {minutes:.1f} min (from a short timing just now; more if the machine gets busier)"
+            f"expected time on this machine: about {minutes:.1f} min "
+            "(from a short timing just now; more if the machine gets busier)"
         )
     records = []
     for run in plan:

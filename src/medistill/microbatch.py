@@ -17,6 +17,7 @@ for a reason that holds on any dataset rather than a size tuned to one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -86,7 +87,7 @@ def chunks(n: int, size: int | None) -> list[slice]:
     """
     count = 1 if size is None else max(1, round(n / size))
     bounds = [i * n // count for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def weighted_chunks(n: int, size: int | None) -> list[tuple[slice, float]]:

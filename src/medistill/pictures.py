@@ -56,7 +56,7 @@ def render_grid(
     mode = "L" if channels == 1 else "RGB"
     canvas = Image.new(mode, (left + columns * (tile_w + PAD), PAD + len(rows) * (tile_h + PAD)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, images) in enumerate(rows):
+    for i, (_name, images) in enumerate(rows):
         top = PAD + i * (tile_h + PAD)
         draw.text((PAD, top + tile_h // 2), names[i], fill="black", font=font, anchor="lm")
         for j, image in enumerate(images):

@@ -9,9 +9,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,8 +23,8 @@ from medistill.augment import DEFAULT_STRATEGY
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods import RunContext, distill, get_method
-from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.methods.base import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
+from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.models import list_models
 from medistill.train import Scores, TrainProtocol, evaluate
 from medistill.zca import ZCA, whitened_dataset

@@ -24,7 +24,8 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def pinned(t: Tensor, device: torch.device) -> Tensor:
-    """A pinned copy of the host tensor `t` when it is bound for a CUDA `device` (for `copy_(..., non_blocking=True)`), else `t`."""
+    """A pinned copy of the host tensor `t` when it is bound for a CUDA `device` (for `copy_(..., non_blocking=True)`),
+    else `t`."""
     if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory()
     return t

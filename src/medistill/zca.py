@@ -50,7 +50,7 @@ class ZCA:
     inverse: torch.Tensor  # (D, D) its inverse
 
     @classmethod
-    def fit(cls, pixels: torch.Tensor, eps: float = DEFAULT_EPS) -> "ZCA":
+    def fit(cls, pixels: torch.Tensor, eps: float = DEFAULT_EPS) -> ZCA:
         """Fit on (N, C, H, W) [0, 1] pixel images: W = U diag(1/sqrt(s + eps)) U^T of the unbiased covariance."""
         dims = pixels[0].numel()
         if dims > MAX_DIMS:
@@ -71,7 +71,7 @@ class ZCA:
         return cls(mean.to(dtype), matrix.to(dtype), inverse.to(dtype))
 
     @classmethod
-    def for_dataset(cls, dataset: Dataset, eps: float = DEFAULT_EPS) -> "ZCA":
+    def for_dataset(cls, dataset: Dataset, eps: float = DEFAULT_EPS) -> ZCA:
         """The transform of a dataset: fitted on its training split as [0, 1] pixels."""
         return cls.fit(to_pixels(dataset, dataset.train.images), eps)
 

@@ -30,9 +30,10 @@ import math
 import secrets
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -414,11 +415,13 @@ def canary_summary(report: dict[str, Any]) -> str:
     verdict = (
         "claimed ε: none (no privacy guarantee recorded)"
         if claimed is None
-        else f"claimed ε = {claimed:.3g} — {'CONTRADICTED: the guarantee does not hold' if report['contradicts_claim'] else 'consistent'}"
+        else f"claimed ε = {claimed:.3g} — "
+        f"{'CONTRADICTED: the guarantee does not hold' if report['contradicts_claim'] else 'consistent'}"
     )
     return (
         f"{report['dataset']} {report['method']} {ipc}: empirical ε ≥ {report['epsilon_lower_bound']:.2f} at "
-        f"{report['confidence'] * 100:.4g}% confidence ({report['canaries']} canaries, best: {best['score']} score, k = {best['k']}: "
+        f"{report['confidence'] * 100:.4g}% confidence ({report['canaries']} canaries, "
+        f"best: {best['score']} score, k = {best['k']}: "
         f"{best['correct']} of {best['guesses']} guesses right); {verdict}"
     )
 
@@ -436,21 +439,21 @@ def _plain(value: Any) -> Any:
 
 __all__ = [
     "CANARY_AUDIT_JSON",
-    "CanaryAuditConfig",
     "DEFAULT_DELTA",
     "DEFAULT_GUESS_COUNTS",
+    "SCORES",
+    "CanaryAuditConfig",
     "audit_guesses",
     "canary_scores",
     "canary_summary",
-    "embedding_scores",
-    "pixel_scores",
-    "SCORES",
     "count_correct_guesses",
     "draw_canaries",
     "draw_inclusion",
+    "embedding_scores",
     "epsilon_lower_bound",
     "guess_counts_for",
     "p_value",
+    "pixel_scores",
     "real_subset",
     "require_single_label",
     "run_canary_audit",

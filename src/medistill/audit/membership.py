@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from medistill.artifact import SyntheticSet
+from medistill.artifact import SyntheticSet, renormalize
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
 from medistill.methods import get_method
-from medistill.artifact import renormalize
 from medistill.train import TrainProtocol, model_seeds, scores_on, train_model
 
 FPRS = (0.01, 0.001)

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from medistill.atomic import atomic_path
 from medistill.errors import ConfigError

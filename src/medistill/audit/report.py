@@ -12,21 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from medistill import __version__
-from medistill.artifact import ARTIFACT_NAME, SyntheticSet
+from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet, renormalize
 from medistill.atomic import atomic_write
-from medistill.data.dataset import Dataset
-from medistill.dp.accounting import privacy_markdown
-from medistill.methods.privacy_check import verified_privacy
-from medistill.errors import ConfigError
-from medistill.markdown import cell
-from medistill.artifact import BUNDLE_MARKER, renormalize
 from medistill.audit.membership import membership_audit
 from medistill.audit.neighbours import (
     DEFAULT_BATCH_ELEMENTS,
@@ -35,6 +30,11 @@ from medistill.audit.neighbours import (
     neighbour_summary,
     save_worst_cases,
 )
+from medistill.data.dataset import Dataset
+from medistill.dp.accounting import privacy_markdown
+from medistill.errors import ConfigError
+from medistill.markdown import cell
+from medistill.methods.privacy_check import verified_privacy
 from medistill.train import TrainProtocol
 from medistill.train.features import embed, feature_network
 
@@ -297,7 +297,10 @@ def _membership_markdown(membership: dict[str, Any] | None) -> list[str]:
         f"Membership inference ({cell(membership['attack_model'])}; members: {membership['members']} real training images, "
         f"non-members: {membership['non_members']} real test images):",
         "",
-        "| target | training images | test ACC | loss attack AUC | TPR@1% FPR | TPR@0.1% FPR | LiRA AUC | TPR@1% FPR | TPR@0.1% FPR |",
+        (
+            "| target | training images | test ACC | loss attack AUC | TPR@1% FPR | TPR@0.1% FPR "
+            "| LiRA AUC | TPR@1% FPR | TPR@0.1% FPR |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
@@ -369,8 +372,8 @@ def _held_out_reference(
 __all__ = [
     "AUDIT_JSON",
     "AUDIT_MD",
-    "AuditConfig",
     "WORST_PNG",
+    "AuditConfig",
     "audit",
     "audit_markdown",
     "default_report_dir",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import typer
 
@@ -49,7 +49,7 @@ def _global_options(
         help="torch CPU threads. 1 is fastest on a small or busy machine; results are reproducible "
         "for the same seed, device and thread count.",
     ),
-    version: Optional[bool] = typer.Option(
+    version: bool | None = typer.Option(
         None,
         "--version",
         is_eager=True,

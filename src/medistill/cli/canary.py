@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
-from medistill.artifact import ARTIFACT_NAME
+from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER
 from medistill.atomic import refuse_existing
+from medistill.audit.canary import (
+    CANARY_AUDIT_JSON,
+    CanaryAuditConfig,
+    canary_summary,
+    require_single_label,
+    run_canary_audit,
+    write_canary_report,
+)
 from medistill.cli import app
 from medistill.cli.options import (
     BF16,
@@ -27,7 +35,6 @@ from medistill.cli.options import (
     NoiseMultiplier,
     Progress,
     PublicClassCounts,
-    Seed,
     Size,
     announce_precision,
     method_settings,
@@ -37,15 +44,6 @@ from medistill.cli.options import (
 )
 from medistill.errors import ConfigError
 from medistill.methods import get_method
-from medistill.artifact import BUNDLE_MARKER
-from medistill.audit.canary import (
-    CANARY_AUDIT_JSON,
-    CanaryAuditConfig,
-    canary_summary,
-    require_single_label,
-    run_canary_audit,
-    write_canary_report,
-)
 from medistill.runtime import choose_bf16
 
 
@@ -75,31 +73,32 @@ def privacy_audit(
         help="Side of the random pattern each canary is upsampled from.",
     ),
     confidence: float = typer.Option(CanaryAuditConfig.confidence, "--confidence", help="Confidence of the lower bound."),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = typer.Option(
         0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."
     ),
-    config: Optional[Path] = MethodConfig,
+    config: Path | None = MethodConfig,
     settings: list[str] = MethodSet,
-    iterations: Optional[int] = Iterations,
-    lr_img: Optional[float] = LrImg,
-    init: Optional[str] = Init,
-    epsilon: Optional[float] = Epsilon,
-    delta: Optional[float] = Delta,
-    noise_multiplier: Optional[float] = NoiseMultiplier,
+    iterations: int | None = Iterations,
+    lr_img: float | None = LrImg,
+    init: str | None = Init,
+    epsilon: float | None = Epsilon,
+    delta: float | None = Delta,
+    noise_multiplier: float | None = NoiseMultiplier,
     public_class_counts: bool = PublicClassCounts,
     force: bool = Force,
     size: int = Size,
-    image_size: Optional[int] = ImageSize,
-    bf16: Optional[bool] = BF16,
+    image_size: int | None = ImageSize,
+    bf16: bool | None = BF16,
     compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
+    # the docstring is the command's --help text, where Typer keeps line breaks: one line per paragraph
     """Audit a method empirically: train it once with canaries, guess which were in, and bound ε from below.
 
     Canary designs follow --seed (publishable); which canaries join the training split is decided by the operating system's entropy. Writes OUT/canary_audit.json (the bound per number of guesses, the claimed ε if any, and, the experiment being over, the inclusion bits); the released set itself is not kept.
-    """
+    """  # noqa: E501
     spec = get_method(method)
     audit_config = CanaryAuditConfig(
         canaries=canaries, real_per_class=real_per_class, canary_resolution=canary_resolution, confidence=confidence

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -52,7 +51,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @app.command()
-def datasets(data_root: Optional[Path] = DataRoot) -> None:
+def datasets(data_root: Path | None = DataRoot) -> None:
     """List the MedMNIST 2D datasets and whether their files are in the data root."""
     root = resolve_data_root(data_root)
     table = Table(
@@ -89,34 +88,34 @@ def distill(
     method: str = typer.Option(..., "--method", "-m", help="random, full, or a distillation method (see `medistill methods`)."),
     ipc: int = typer.Option(10, "--ipc", help="Images per class."),
     out: Path = typer.Option(..., "--out", help="Output folder for the artifact, grid.png and result.json."),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     eval_models: int = typer.Option(5, "--eval-models", help="Networks trained to score the set."),
-    eval_epochs: Optional[int] = typer.Option(
+    eval_epochs: int | None = typer.Option(
         None, "--eval-epochs", help="Training epochs per network (default: 300, or 1000 with DSA)."
     ),
     eval_model: str = typer.Option("convnet", "--eval-model", help="Architecture used for scoring."),
-    config: Optional[Path] = MethodConfig,
+    config: Path | None = MethodConfig,
     settings: list[str] = MethodSet,
-    iterations: Optional[int] = Iterations,
-    lr_img: Optional[float] = LrImg,
-    init: Optional[str] = Init,
+    iterations: int | None = Iterations,
+    lr_img: float | None = LrImg,
+    init: str | None = Init,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     force: bool = Force,
-    epsilon: Optional[float] = Epsilon,
-    delta: Optional[float] = Delta,
-    noise_multiplier: Optional[float] = NoiseMultiplier,
+    epsilon: float | None = Epsilon,
+    delta: float | None = Delta,
+    noise_multiplier: float | None = NoiseMultiplier,
     public_class_counts: bool = PublicClassCounts,
-    max_expert_minutes: Optional[float] = typer.Option(
+    max_expert_minutes: float | None = typer.Option(
         None,
         "--max-expert-minutes",
         help="MTT: refuse (exit 2, nothing trained) when the expert buffer still to train is estimated "
         "to take longer than this; the estimate is printed before any expert is trained either way.",
     ),
     size: int = Size,
-    image_size: Optional[int] = ImageSize,
-    bf16: Optional[bool] = BF16,
+    image_size: int | None = ImageSize,
+    bf16: bool | None = BF16,
     compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
@@ -172,17 +171,17 @@ def _distill_interrupted(out: Path) -> str:
 def evaluate(
     artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
     models: str = typer.Option("convnet", "--models", help="Comma-separated architectures (cross-architecture evaluation)."),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     eval_models: int = typer.Option(5, "--eval-models", help="Networks per architecture."),
-    eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Epochs (default: the method's reference)."),
-    augment: Optional[bool] = typer.Option(
+    eval_epochs: int | None = typer.Option(None, "--eval-epochs", help="Epochs (default: the method's reference)."),
+    augment: bool | None = typer.Option(
         None, "--augment/--no-augment", help="DSA augmentation (default: the method's reference)."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
+    out: Path | None = typer.Option(None, "--out", help="Write the scores as JSON here."),
     force: bool = Force,
-    bf16: Optional[bool] = BF16,
+    bf16: bool | None = BF16,
     compile: bool = Compile,
     progress: bool = Progress,
 ) -> None:
@@ -264,11 +263,11 @@ def models() -> None:
 
 @app.command()
 def demo(
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo's runs are written."),
-    bf16: Optional[bool] = BF16,
+    bf16: bool | None = BF16,
     progress: bool = Progress,
 ) -> None:
     """The main job on its default: BreastMNIST, random vs the best available distillation method at IPC 10, vs full.

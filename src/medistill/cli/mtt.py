@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,7 +23,7 @@ def experts(
     dataset: str = typer.Argument(..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder."),
     num_experts: int = typer.Option(10, "--num-experts", "-e", help="Experts the buffer must hold."),
     epochs: int = typer.Option(30, "--epochs", "-t", help="Training epochs per expert (T+1 snapshots are kept)."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None,
         "--out",
         help="Buffer root (default: $MEDISTILL_CACHE/experts or ~/.cache/medistill/experts); "
@@ -37,24 +36,24 @@ def experts(
     model_args: list[str] = typer.Option([], "--model-arg", help="Architecture setting KEY=VALUE, e.g. width=64 (repeatable)."),
     zca: bool = typer.Option(False, "--zca", help="Train on ZCA-whitened images (kornia ZCA, eps 0.1, fitted on [0, 1] pixels)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store trajectories in fp16 (half the disk)."),
-    parallel: Optional[int] = typer.Option(
+    parallel: int | None = typer.Option(
         None,
         "--parallel",
         help="Experts trained at once (stacked; default: 1 on the CPU, as many as the free memory holds on CUDA).",
     ),
-    max_minutes: Optional[float] = typer.Option(
+    max_minutes: float | None = typer.Option(
         None,
         "--max-expert-minutes",
         help="Refuse (exit 2, nothing trained) when the missing experts are estimated to take longer than this.",
     ),
-    json_out: Optional[Path] = typer.Option(
+    json_out: Path | None = typer.Option(
         None, "--json", help="Also write the buffer summary (folder, size, time, accuracy) as JSON here."
     ),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     size: int = Size,
-    image_size: Optional[int] = ImageSize,
+    image_size: int | None = ImageSize,
     progress: bool = Progress,
 ) -> None:
     """Train MTT expert trajectories into a reusable, resumable buffer; the work and its estimated time are stated first."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from medistill.data import Dataset, load_dataset
 from medistill.configfile import check_value, parse_value, read_yaml
+from medistill.data import Dataset, load_dataset
 from medistill.errors import ConfigError
 from medistill.methods.base import MethodSpec
 from medistill.presets import resolve_config_path
@@ -50,7 +50,7 @@ PublicClassCounts = typer.Option(
 )
 
 
-def method_settings(config_file: Optional[Path], pairs: list[str], **options: Any) -> dict[str, Any]:
+def method_settings(config_file: Path | None, pairs: list[str], **options: Any) -> dict[str, Any]:
     """The settings a command line gives a method: the config file, then `--set`, then its own options (those given)."""
     given = {k: v for k, v in options.items() if v is not None and not (k == "public_class_counts" and v is False)}
     return {**parse_settings(config_file, pairs), **given}
@@ -58,11 +58,11 @@ def method_settings(config_file: Optional[Path], pairs: list[str], **options: An
 
 def open_dataset(
     name: str,
-    data_root: Optional[Path],
+    data_root: Path | None,
     device: str,
     size: int = 28,
-    image_size: Optional[int] = None,
-    channels: Optional[int] = None,
+    image_size: int | None = None,
+    channels: int | None = None,
     progress: bool = True,
 ) -> Dataset:
     """Resolve the device and load a dataset by flag or path onto it."""
@@ -77,8 +77,9 @@ def open_dataset(
     )
 
 
-def parse_settings(config_file: Optional[Path], pairs: list[str]) -> dict[str, Any]:
-    """Method settings from a YAML file or a shipped preset by name, then `KEY=VALUE` pairs (values parsed as YAML scalars; 1e-6 is a number)."""
+def parse_settings(config_file: Path | None, pairs: list[str]) -> dict[str, Any]:
+    """Method settings from a YAML file or a shipped preset by name, then `KEY=VALUE` pairs
+    (values parsed as YAML scalars; 1e-6 is a number)."""
     settings: dict[str, Any] = {}
     if config_file is not None:
         config_file = resolve_config_path(config_file)

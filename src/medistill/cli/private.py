@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,14 +25,15 @@ def dp_sgd(
     clip_norm: float = typer.Option(DEFAULTS.clip_norm, "--clip-norm", help="Per-example gradient clip norm C."),
     model: str = typer.Option(DEFAULTS.model, "--model", help="Architecture (no batch norm)."),
     eval_models: int = typer.Option(2, "--eval-models", help="Networks trained, each with its own seed, and scored."),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     size: int = Size,
-    image_size: Optional[int] = ImageSize,
+    image_size: int | None = ImageSize,
     progress: bool = Progress,
 ) -> None:
-    """Train a classifier with DP-SGD on the real training split and score it on the test split (the baseline to a private set)."""
+    # the docstring is the command's --help text, where Typer keeps line breaks: one line per paragraph
+    """Train a classifier with DP-SGD on the real training split and score it on the test split (the baseline to a private set)."""  # noqa: E501
     settings = DPSGDSettings(
         epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size, lr=lr, clip_norm=clip_norm, model=model
     )
@@ -41,7 +41,8 @@ def dp_sgd(
     r = run_dpsgd(data, settings, num_models=eval_models, seed=seed, out_dir=out)
     p = r["privacy"]
     typer.echo(
-        f"{r['dataset']} dp-sgd (ε = {p['epsilon']:.4g}, δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4g}, q = {p['sample_rate']:.4g}, "
+        f"{r['dataset']} dp-sgd (ε = {p['epsilon']:.4g}, δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4g}, "
+        f"q = {p['sample_rate']:.4g}, "
         f"{p['steps']} steps): test ACC {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f}, "
         f"AUC {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} ({r['wall_seconds']:.1f} s) -> {out}"
     )

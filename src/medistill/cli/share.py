@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
 from medistill.artifact import SyntheticSet
+from medistill.audit.report import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
 from medistill.bundle import export_bundle, train_on_bundle
 from medistill.cli import app
 from medistill.cli.options import DataRoot, Device, Force, Progress, Seed
 from medistill.dp.accounting import is_guarantee
-from medistill.audit.report import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
 from medistill.runtime import resolve_device
 
 EXIT_AUDIT_FAILED = 1
@@ -25,12 +25,13 @@ def _say(enabled: bool) -> Callable[[str], None]:
 @app.command()
 def audit(
     artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
-    report_dir: Optional[Path] = typer.Option(
+    report_dir: Path | None = typer.Option(
         None,
         "--report",
-        help="Folder for audit.json, audit.md, worst_cases.png (default: FOLDER-audit/ beside the set's folder; never inside it or a bundle).",
+        help="Folder for audit.json, audit.md, worst_cases.png "
+        "(default: FOLDER-audit/ beside the set's folder; never inside it or a bundle).",
     ),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     ssim_threshold: float = typer.Option(
         AuditConfig.ssim_threshold,
@@ -43,7 +44,7 @@ def audit(
         help="Flag a synthetic image within this RMS pixel distance (L2 / sqrt(pixels), pixels in [0,1]) of a real one.",
     ),
     mia: bool = typer.Option(True, "--mia/--no-mia", help="Run membership inference (trains target and shadow networks)."),
-    mia_epochs: Optional[int] = typer.Option(
+    mia_epochs: int | None = typer.Option(
         None, "--mia-epochs", help="Epochs for every attacked and shadow network (default: each one's reference protocol)."
     ),
     lira_shadows: int = typer.Option(
@@ -89,10 +90,10 @@ def audit(
 def export(
     artifact: Path = typer.Argument(..., help="A synthetic.safetensors file or the folder holding it."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write (new, empty, or an earlier bundle)."),
-    audit_report: Optional[Path] = typer.Option(
+    audit_report: Path | None = typer.Option(
         None, "--audit", help="A passing `medistill audit` report made for this exact file, to include in the card."
     ),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
 ) -> None:
     """Write a shareable bundle: the set (safetensors + MedMNIST-style npz), a dataset card and a PNG grid.
@@ -124,16 +125,16 @@ def train(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `medistill export`."),
     model: str = typer.Option("convnet", "--model", help="Architecture to train (`medistill models` lists them)."),
     out: Path = typer.Option(Path("model.pt"), "--out", help="Where to save the trained model (state_dict + metadata)."),
-    eval_data: Optional[str] = typer.Option(
+    eval_data: str | None = typer.Option(
         None,
         "--eval-data",
         help="Your labelled data (npz with MedMNIST array names, MedMNIST flag or image folder); scored on its test split.",
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the bundle's recommended epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the bundle's recommended epochs."),
     ignore_label_names: bool = typer.Option(
         False, "--ignore-label-names", help="Score on --eval-data even though its class names differ from the bundle's."
     ),
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     device: str = Device,
     seed: int = Seed,
     force: bool = Force,

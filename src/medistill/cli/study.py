@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,8 @@ from medistill.data import load_dataset
 from medistill.errors import ConfigError
 from medistill.presets import resolve_config_path
 from medistill.study.executors import list_executors
-from medistill.study.predict import DEFAULT_LEVEL, DEFAULT_PROBE, predict as predict_accuracy
+from medistill.study.predict import DEFAULT_LEVEL, DEFAULT_PROBE
+from medistill.study.predict import predict as predict_accuracy
 from medistill.study.report import console_summary, write_report
 from medistill.study.runner import run_study
 from medistill.study.simulation import SimulationRecipe, build_simulation
@@ -32,17 +32,18 @@ def study(
     ),
     out: Path = typer.Option(DEFAULT_STUDY_DIR, "--out", help="Study folder: results, artifacts, report."),
     executor: str = typer.Option("local", "--executor", help=f"How runs are executed: {', '.join(list_executors())}."),
-    ray_address: Optional[str] = typer.Option(
+    ray_address: str | None = typer.Option(
         None, "--ray-address", help="Ray cluster address (default: start a local Ray instance)."
     ),
-    data_root: Optional[Path] = DataRoot,
-    device: Optional[str] = typer.Option(
+    data_root: Path | None = DataRoot,
+    device: str | None = typer.Option(
         None, "--device", help="auto, cpu or cuda[:N] (default: the config's `device`, else auto)."
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again (finished runs are always skipped)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md, index.html, tables and plots afterwards."),
 ) -> None:
-    """Run a study grid (datasets x methods x IPCs x seeds); a rerun skips finished runs and continues a killed one from its checkpoint."""
+    # the docstring is the command's --help text, where Typer keeps line breaks: one line per paragraph
+    """Run a study grid (datasets x methods x IPCs x seeds); a rerun skips finished runs and continues a killed one from its checkpoint."""  # noqa: E501
     spec = load_study(resolve_config_path(config))
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
@@ -86,7 +87,7 @@ def simulate(
     fraction: float = typer.Option(0.1, "--fraction", help="Share of each split of each dataset to take (stratified by class)."),
     size: int = typer.Option(28, "--size", help="Image size of the set (every source is resized to it)."),
     seed: int = Seed,
-    data_root: Optional[Path] = DataRoot,
+    data_root: Path | None = DataRoot,
     force: bool = Force,
 ) -> None:
     """Build the study's "distillation simulation" set: each source dataset becomes one class (3 channels, one size)."""
@@ -113,8 +114,8 @@ def predict(
         help="The cheap run whose score predicts the methods': random, herding or kcenter (the study must hold its runs).",
     ),
     level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Level of the conformal interval over the study's datasets."),
-    data_root: Optional[Path] = DataRoot,
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
+    data_root: Path | None = DataRoot,
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
 ) -> None:
     """Run the cheap probe on a dataset and predict each distillation method's test ACC, with an interval over datasets."""
     result = predict_accuracy(
@@ -124,7 +125,8 @@ def predict(
     f = result.facts
     typer.echo(
         f"{result.dataset} ({f.num_classes} classes, {f.channels} channel(s), {'medical' if f.medical else 'not medical'}) "
-        f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} (seeds {', '.join(map(str, result.seeds))})"
+        f"IPC {ipc}: {probe} test ACC {result.probe_acc_mean:.3f} ± {result.probe_acc_std:.3f} "
+        f"(seeds {', '.join(map(str, result.seeds))})"
     )
     for reason in result.extrapolated:
         typer.echo(f"  WARNING extrapolating: {reason}; the interval is widened to span every candidate model")

@@ -8,7 +8,7 @@ import torch
 
 from medistill.data.bundled import BUNDLED, is_bundled, load_bundled
 from medistill.data.custom import load_image_folder, load_npz_dataset, write_npz_dataset
-from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS, DataSource, Dataset, Split
+from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS, Dataset, DataSource, Split
 from medistill.data.medmnist import FLAGS, SIZES, dataset_info, ensure_file, is_cached, load_medmnist, resolve_data_root
 from medistill.errors import DataError
 
@@ -28,10 +28,10 @@ __all__ = [
     "ensure_file",
     "is_bundled",
     "is_cached",
+    "load_bundled",
     "load_dataset",
     "load_image_folder",
     "load_medmnist",
-    "load_bundled",
     "load_npz_dataset",
     "resolve_data_root",
     "write_npz_dataset",
@@ -74,5 +74,6 @@ def load_dataset(
     if path.is_dir():
         return load_image_folder(path, image_size=image_size, channels=channels, device=device)
     raise DataError(
-        f"unknown dataset '{text}'; give a MedMNIST flag ({', '.join(FLAGS)}), a bundled set ({', '.join(BUNDLED)}), an .npz file or an image folder"
+        f"unknown dataset '{text}'; give a MedMNIST flag ({', '.join(FLAGS)}), a bundled set ({', '.join(BUNDLED)}), "
+        "an .npz file or an image folder"
     )

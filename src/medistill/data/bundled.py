@@ -11,14 +11,14 @@ not have) and are marked `medical: false` in their provenance, which every run r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Callable
 
 import numpy as np
 import torch
 
-from medistill.data.dataset import MULTI_CLASS, DataSource, Dataset, build_dataset
+from medistill.data.dataset import MULTI_CLASS, Dataset, DataSource, build_dataset
 
 SPLIT_SHARES = (0.7, 0.1, 0.2)
 SPLIT_SEED = 0

@@ -6,25 +6,25 @@ import contextlib
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from medistill.atomic import atomic_path
 from medistill.data.dataset import (
     BINARY,
     MULTI_CLASS,
     MULTI_LABEL,
     SPLITS,
-    DataSource,
     Dataset,
+    DataSource,
     build_dataset,
     check_image_arrays,
     check_label_array,
 )
-from medistill.atomic import atomic_path
 from medistill.data.download import md5sum
 from medistill.data.medmnist import max_npz_bytes, read_npz, split_arrays
 from medistill.errors import DataError

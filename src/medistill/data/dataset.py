@@ -34,7 +34,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def to(self, device: torch.device | str) -> "Split":
+    def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -103,7 +103,7 @@ class Dataset:
         self._require_single_label("selecting images per class")
         return torch.nonzero(self.train.labels == label, as_tuple=False).flatten()
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def resize_uint8(raw: np.ndarray, image_size: int) -> np.ndarray:
     new_w, new_h = (
         (image_size, int(image_size * height / width)) if width <= height else (int(image_size * width / height), image_size)
     )
-    left, top = int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0))
+    left, top = round((new_w - image_size) / 2.0), round((new_h - image_size) / 2.0)
     box = (left, top, left + image_size, top + image_size)
     out = np.empty((raw.shape[0], image_size, image_size, raw.shape[3]), dtype=np.uint8)
     for i, image in enumerate(raw):

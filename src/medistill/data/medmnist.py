@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib import format as npy_format
 import torch
 from medmnist import INFO
 from medmnist.info import DEFAULT_ROOT
+from numpy.lib import format as npy_format
 
-from medistill.data.dataset import SPLITS, DataSource, Dataset, build_dataset
+from medistill.data.dataset import SPLITS, Dataset, DataSource, build_dataset
 from medistill.data.download import download_file, md5sum
 from medistill.errors import DataError
 

@@ -285,7 +285,8 @@ def is_guarantee(record: dict[str, Any] | None) -> bool:
 def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
     """Markdown lines stating a set's differential-privacy guarantee (or its absence).
 
-    Only a record `methods.privacy_check.verified_privacy` checked reaches a card or an audit report; this states what it covers."""
+    Only a record `methods.privacy_check.verified_privacy` checked reaches a card or an audit report; this states what it
+    covers."""
     if record is None:
         return [
             "## Differential privacy",
@@ -310,9 +311,12 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
         f"**(ε = {record['epsilon']:.4g}, δ = {record['delta']:g})-differentially private** with respect to the training images "
         "(adding or removing one image). The guarantee covers the released images and, when they were noised, the released "
         "class counts; the method, its settings, the seed and the class names are public choices. "
-        f"Mechanism: {cell(record['mechanism'])}; clip norm C = {record['clip_norm']:g}, noise multiplier σ = {record['noise_multiplier']:.4g}, "
-        f"{cell(record['sampling'])} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; class counts {counts}; "
-        f"accountant {cell(record['accountant'])} ({cell(record.get('accountant_library'))}), ε recomputed from this record by the accountant. "
+        f"Mechanism: {cell(record['mechanism'])}; clip norm C = {record['clip_norm']:g}, "
+        f"noise multiplier σ = {record['noise_multiplier']:.4g}, "
+        f"{cell(record['sampling'])} sampling rate q = {record['sample_rate']:g}, {record['steps']} steps; "
+        f"class counts {counts}; "
+        f"accountant {cell(record['accountant'])} ({cell(record.get('accountant_library'))}), "
+        "ε recomputed from this record by the accountant. "
         f"Randomness: {cell(record.get('randomness', 'not recorded'))}.",
         "",
         "Each release made from the same training data spends its own budget: two sets (or a set and a model) released "
@@ -323,6 +327,7 @@ def privacy_markdown(record: dict[str, Any] | None) -> list[str]:
 
 __all__ = [
     "ACCOUNTANTS",
+    "PUBLIC_COUNTS",
     "BudgetExceeded",
     "PrivacyLedger",
     "PrivacySettings",
@@ -331,7 +336,6 @@ __all__ = [
     "epsilon_of",
     "is_guarantee",
     "privacy_markdown",
-    "PUBLIC_COUNTS",
     "release_history",
     "verify_record",
 ]

@@ -45,7 +45,8 @@ PUBLIC_STD = 0.5
 
 @dataclass
 class PrivateSettings(PrivacySettings):
-    """The privacy settings as method settings (`--set KEY=VALUE`, or --epsilon/--delta/--noise-multiplier/--public-class-counts)."""
+    """The privacy settings as method settings
+    (`--set KEY=VALUE`, or --epsilon/--delta/--noise-multiplier/--public-class-counts)."""
 
     def check_private(self, init: str) -> None:
         self.check()
@@ -164,9 +165,9 @@ def sync_ledger(ledger: PrivacyLedger, iteration: int, releases_per_iteration: i
 
 
 __all__ = [
-    "GaussianMechanism",
     "PUBLIC_MEAN",
     "PUBLIC_STD",
+    "GaussianMechanism",
     "PoissonSampler",
     "PrivateSettings",
     "clip_rows",

@@ -47,7 +47,7 @@ class SecretRandom:
         self._key = bytes(key)
 
     @classmethod
-    def fresh(cls) -> "SecretRandom":
+    def fresh(cls) -> SecretRandom:
         """A new key from the operating system's entropy."""
         return cls(secrets.token_bytes(KEY_BYTES))
 
@@ -106,7 +106,7 @@ class SecretRandom:
                 partial.unlink()
 
     @classmethod
-    def load(cls, path: str | Path) -> "SecretRandom":
+    def load(cls, path: str | Path) -> SecretRandom:
         """Read a key written by `save`; a link, a non-regular file or a wrong size is a one-line DataError."""
         path = Path(path)
         try:

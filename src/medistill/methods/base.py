@@ -8,9 +8,10 @@ benchmarks go through `distill()` and never special-case a method.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medistill.artifact import SyntheticSet
 from medistill.configfile import check_settings
@@ -60,7 +61,8 @@ class MethodSpec:
         return frozenset(f.name for f in dataclasses.fields(self.config_class))
 
     def networks(self, settings: dict[str, Any]) -> list[str]:
-        """The architecture the method's own passes train (its `model` setting, given or default); none for a method without one."""
+        """The architecture the method's own passes train (its `model` setting, given or default);
+        none for a method without one."""
         fields = {f.name: f for f in dataclasses.fields(self.config_class)}
         return [str(settings.get("model", fields["model"].default))] if "model" in fields else []
 

@@ -84,7 +84,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = (handle.metadata() or {}).get(HEADER_KEY)
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         if header is None:
             raise ValueError("no checkpoint header")
         value = _decode(json.loads(header), tensors)

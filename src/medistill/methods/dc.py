@@ -26,8 +26,8 @@ depends on the device; see docs/RESULTS.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
+from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.methods.matching import get_distance
 from medistill.methods.pixel_methods import (
     FreshNetwork,
@@ -48,7 +49,6 @@ from medistill.methods.pixel_methods import (
     class_labels,
     run_pixel_method,
 )
-from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.microbatch import chunk_size, samples_independent, weighted_chunks
 from medistill.runtime import autocast, maybe_compile
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
+from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.methods.pixel_methods import (
     FreshNetwork,
     IterationRandom,
@@ -28,7 +29,6 @@ from medistill.methods.pixel_methods import (
     RealSampler,
     run_pixel_method,
 )
-from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.microbatch import chunk_size, forward_in_chunks
 from medistill.runtime import autocast, maybe_compile
 

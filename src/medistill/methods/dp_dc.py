@@ -34,10 +34,10 @@ from medistill.dp.mechanism import (
     sync_ledger,
 )
 from medistill.dp.randomness import SecretRandom
+from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.methods.dc import DCConfig, GradientMatching, loops_for_ipc
 from medistill.methods.pixel_methods import IterationRandom, run_pixel_method
 from medistill.runtime import autocast
-from medistill.methods.base import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-example loss gradients, summed per class (DP gradient matching)"
 PER_EXAMPLE_CHUNK = 64  # real images whose per-example gradients are held at once

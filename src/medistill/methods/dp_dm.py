@@ -33,9 +33,9 @@ from medistill.dp.mechanism import (
     sync_ledger,
 )
 from medistill.dp.randomness import SecretRandom
+from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.methods.pixel_methods import FreshNetwork, IterationRandom, PixelConfig, run_pixel_method
 from medistill.runtime import autocast
-from medistill.methods.base import MethodSpec, RunContext, register_method
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
 

@@ -15,6 +15,7 @@ histories alone, so a resumed run stops where an uninterrupted one does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ from torch import Tensor
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
+from medistill.methods.base import RunContext, get_method, new_set, recorded_settings
 from medistill.methods.checkpoint import Checkpoint, fingerprint
 from medistill.methods.convergence import StoppingRule, best_point, validation_score
-from medistill.methods.base import RunContext, get_method, new_set, recorded_settings
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, evaluate
 
@@ -354,7 +355,7 @@ def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[lis
     if not losses:
         return []
     edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).round().astype(int)
-    return [[int(b), float(np.mean(losses[a:b]))] for a, b in zip(edges[:-1], edges[1:])]
+    return [[int(b), float(np.mean(losses[a:b]))] for a, b in itertools.pairwise(edges)]
 
 
 __all__ = ["DistillConfig", "Distiller", "DivergenceError", "iteration_seeds", "loss_curve", "run_distiller"]

@@ -27,9 +27,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -466,7 +467,7 @@ def build_buffer(
         for start in range(0, len(missing), at_once):
             group = missing[start : start + at_once]
             began = time.perf_counter()
-            trajectories, accs = train_experts(dataset, settings, group, on_epoch=lambda g=len(group): bar.advance(g))
+            trajectories, accs = train_experts(dataset, settings, group, on_epoch=lambda g=len(group): bar.advance(g))  # noqa: B008 - binds this group's size
             seconds = (time.perf_counter() - began) / len(group)
             for row, (index, acc) in enumerate(zip(group, accs)):
                 meta = {

@@ -13,8 +13,8 @@ import torch
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
-from medistill.models import list_models
 from medistill.methods.base import MethodSpec, RunContext, check_ipc, new_set, register_method
+from medistill.models import list_models
 from medistill.train.features import FeatureNetwork, feature_network
 from medistill.train.protocol import TrainProtocol
 

@@ -13,7 +13,7 @@ batch. `gradient_distance` is the unbatched front door (one gradient per paramet
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 

@@ -21,8 +21,9 @@ diverged and is refused the same way).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,11 @@ from medistill.artifact import SyntheticSet
 from medistill.augment import DEFAULT_STRATEGY, DiffAugment
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
+from medistill.methods.base import MethodSpec, RunContext, check_ipc, register_method
 from medistill.methods.driver import DistillConfig, Distiller, DivergenceError, iteration_seeds, run_distiller
 from medistill.methods.experts import ExpertBuffer, ExpertSettings, FlatModel, build_buffer, new_network
 from medistill.methods.mtt_presets import stable_preset
 from medistill.methods.pixel_methods import class_labels, real_init
-from medistill.methods.base import MethodSpec, RunContext, check_ipc, register_method
 from medistill.registry import Registry
 from medistill.runtime import autocast
 from medistill.transfer import to_device, to_host_async
@@ -379,4 +380,4 @@ SPEC = register_method(
     )
 )
 
-__all__ = ["DivergenceError", "MTTConfig", "MTTDistiller", "UNROLLS", "Unroll", "bounded_unroll", "plain_unroll", "run_mtt"]
+__all__ = ["UNROLLS", "DivergenceError", "MTTConfig", "MTTDistiller", "Unroll", "bounded_unroll", "plain_unroll", "run_mtt"]

@@ -9,8 +9,9 @@ resume, evaluation points, progress, the NaN guard and TensorBoard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +19,11 @@ from torch import Tensor, nn
 from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError
+from medistill.methods.base import RunContext, check_ipc
 from medistill.methods.driver import DistillConfig, Distiller, iteration_seeds, run_distiller
 from medistill.methods.random import random_subset_indices
-from medistill.methods.base import RunContext, check_ipc
 from medistill.models import create_model
 from medistill.registry import Registry
-from medistill.runtime import autocast
 from medistill.transfer import pinned
 
 
@@ -95,7 +95,7 @@ class IterationRandom:
     iteration: int = -1  # the 0-based iteration these draws belong to (private methods derive their accounting from it)
 
     @classmethod
-    def for_iteration(cls, seed: int, iteration: int, device: torch.device) -> "IterationRandom":
+    def for_iteration(cls, seed: int, iteration: int, device: torch.device) -> IterationRandom:
         net_seed, cpu_seed, device_seed = iteration_seeds(seed, iteration, 3)
         return cls(
             net_seed, torch.Generator().manual_seed(cpu_seed), torch.Generator(device=device).manual_seed(device_seed), iteration
@@ -166,8 +166,8 @@ def run_pixel_method(
 
 
 __all__ = [
-    "FreshNetwork",
     "INITS",
+    "FreshNetwork",
     "IterationRandom",
     "PixelConfig",
     "PixelDistiller",

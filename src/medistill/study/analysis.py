@@ -18,8 +18,9 @@ import io
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -203,7 +204,7 @@ def csv_table(cells: Sequence[Cell]) -> str:
     index = _lookup(cells)
     for dataset in dataset_order(cells):
         for method in method_order(cells):
-            for ipc in ipc_order(cells, dataset) + [None]:
+            for ipc in [*ipc_order(cells, dataset), None]:
                 cell = index.get((dataset, method, ipc))
                 if cell is None:
                     continue
@@ -276,7 +277,7 @@ class LinearFit:
     residual_std: float  # NaN when n <= 2 (no degrees of freedom left)
 
     @classmethod
-    def fit(cls, x: Sequence[float], y: Sequence[float]) -> "LinearFit":
+    def fit(cls, x: Sequence[float], y: Sequence[float]) -> LinearFit:
         xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         n = len(xs)
         if n < 2 or np.ptp(xs) == 0:
@@ -389,7 +390,10 @@ def correlation_markdown(results: dict[str, Correlation]) -> str:
     if not results:
         return "No distillation method has finished runs next to random-subset runs: nothing to correlate.\n"
     lines = [
-        "| method | n datasets | n points | Pearson r [95% CI] | Spearman rho [95% CI] | r over datasets, p | fit: distilled ACC = |",
+        (
+            "| method | n datasets | n points | Pearson r [95% CI] | Spearman rho [95% CI] "
+            "| r over datasets, p | fit: distilled ACC = |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for c in results.values():

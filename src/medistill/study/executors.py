@@ -7,7 +7,8 @@ only its run's scratch folder, `DIR/work/<key>/`, see `study.runner`). Registere
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from medistill.errors import ConfigError
 from medistill.registry import Registry

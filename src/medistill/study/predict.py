@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class Candidate:
     def name(self) -> str:
         return self.form if self.form == "no-gain" else f"{self.form} ({self.unit})"
 
-    def fit(self, observations: Sequence[Observation]) -> "FittedModel | None":
+    def fit(self, observations: Sequence[Observation]) -> FittedModel | None:
         """The fitted model, or None when the points cannot determine it (too few, or a constant input)."""
         offset, features = FORMS[self.form]
         us = [to_unit(o.probe, self.unit, o.facts) for o in observations]
@@ -152,7 +153,8 @@ def datasets_of(observations: Sequence[Observation]) -> list[str]:
 
 
 def lodo_scores(candidate: Candidate, observations: Sequence[Observation]) -> dict[str, list[float]] | None:
-    """Absolute errors of each dataset's points, predicted by the candidate fitted on the other datasets (None if a fold cannot fit)."""
+    """Absolute errors of each dataset's points, predicted by the candidate fitted on the other datasets
+    (None if a fold cannot fit)."""
     errors = {}
     for dataset in datasets_of(observations):
         model = candidate.fit([o for o in observations if o.dataset != dataset])
@@ -239,7 +241,7 @@ class Coverage:
     ipcs: list[int]
 
     @classmethod
-    def of(cls, observations: Sequence[Observation]) -> "Coverage":
+    def of(cls, observations: Sequence[Observation]) -> Coverage:
         return cls(
             (min(o.facts.num_classes for o in observations), max(o.facts.num_classes for o in observations)),
             (min(o.probe for o in observations), max(o.probe for o in observations)),

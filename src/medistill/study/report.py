@@ -16,16 +16,18 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from medistill.study.analysis import (  # noqa: E402
+from medistill.markdown import cell
+from medistill.study.analysis import (
     METRICS,
     RANDOM,
     Cell,
@@ -45,7 +47,7 @@ from medistill.study.analysis import (  # noqa: E402
     method_label,
     method_order,
 )
-from medistill.study.predict import (  # noqa: E402
+from medistill.study.predict import (
     DEFAULT_LEVEL,
     DEFAULT_PROBE,
     HeldOut,
@@ -55,8 +57,7 @@ from medistill.study.predict import (  # noqa: E402
     observations_from,
     summarize_held_out,
 )
-from medistill.markdown import cell
-from medistill.study.store import FAILED, OK, ResultStore, atomic_write  # noqa: E402
+from medistill.study.store import FAILED, OK, ResultStore, atomic_write
 
 SCATTER = "plots/random_vs_distilled.png"
 TRANSFER = "transfer"
@@ -105,7 +106,8 @@ def write_report(study_dir: str | Path) -> Path:
 
 
 def console_summary(study_dir: str | Path) -> str:
-    """The ACC tables, the correlation, the predictor's error and the probe comparison as plain text (no links), for the terminal."""
+    """The ACC tables, the correlation, the predictor's error and the probe comparison as plain text (no links),
+    for the terminal."""
     records = ResultStore(study_dir).study_records()
     cells = cells_from_records(records)
     corr = correlations(cells)
@@ -265,7 +267,8 @@ def _transfer_probes(rows: dict[str, list[HeldOut]]) -> list[str]:
 
 
 def compare_probes(records: Sequence[dict], cells: Sequence[Cell]) -> ProbeComparison:
-    """`held_out_rows` with every probe of `probe_names`, ranked by mean transfer MAE (datasets weigh equally) over the common methods."""
+    """`held_out_rows` with every probe of `probe_names`, ranked by mean transfer MAE (datasets weigh equally)
+    over the common methods."""
     rows = {probe: held_out_rows(records, cells, probe) for probe in probe_names(cells)}
     ranked = _transfer_probes(rows)
     maes = {probe: {e.method: e.mae for e in summarize_held_out(rows[probe]) if e.predictor == TRANSFER} for probe in ranked}
@@ -289,7 +292,10 @@ def probe_comparison_markdown(comparison: ProbeComparison) -> str:
     missing = [probe for probe, summary in summaries.items() if not summary]
     if missing:
         lines += [
-            f"No held-out predictions from {cell(', '.join(missing))} (no distillation method next to it on two or more datasets).",
+            (
+                f"No held-out predictions from {cell(', '.join(missing))} "
+                "(no distillation method next to it on two or more datasets)."
+            ),
             "",
         ]
     if len(comparison.probes) > 1:
@@ -326,7 +332,8 @@ def grid_images(cells: Sequence[Cell], store: ResultStore) -> list[tuple[str, st
                 if grid.exists():
                     out.append(
                         (
-                            f"{dataset} · {method} · IPC {ipc} · from run {cell.keys[0]}, seed {cell.seeds[0]} (runs/{cell.keys[0]}.json)",
+                            f"{dataset} · {method} · IPC {ipc} · from run {cell.keys[0]}, seed {cell.seeds[0]} "
+                            f"(runs/{cell.keys[0]}.json)",
                             str(grid.relative_to(store.root)),
                         )
                     )
@@ -417,7 +424,8 @@ def report_markdown(
     if failed:
         lines += ["## Failed runs", ""]
         lines += [
-            f"- [{cell(r['dataset_label'])} {cell(r['spec']['method'])} ipc={cell(r['spec']['ipc'])} seed={cell(r['spec']['seed'])}]"
+            f"- [{cell(r['dataset_label'])} {cell(r['spec']['method'])} ipc={cell(r['spec']['ipc'])} "
+            f"seed={cell(r['spec']['seed'])}]"
             f"(runs/{r['key']}.json): {cell(r['error']['type'])}: {cell(r['error']['message'])}"
             for r in failed
         ]
@@ -503,10 +511,12 @@ def report_html(
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}td:first-child{text-align:left}"
-        "img{max-width:100%}.grids{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}figure img{image-rendering:pixelated;max-width:280px}"
+        "img{max-width:100%}.grids{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}"
+        "figure img{image-rendering:pixelated;max-width:280px}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.get('name', 'study'))}</title><style>{style}</style></head>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.get('name', 'study'))}</title>"
+        f"<style>{style}</style></head>"
         f"<body>{''.join(body)}</body></html>\n"
     )
 
@@ -537,7 +547,7 @@ def _md_table_html(markdown: str) -> str:
     """Render the simple pipe tables this module writes (and the lines around them) as HTML, undoing `cell`'s escapes."""
     out: list[str] = []
     rows: list[list[str]] = []
-    for line in markdown.splitlines() + [""]:
+    for line in [*markdown.splitlines(), ""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):
                 rows.append([_plain_html(c.strip()) for c in CELL_BORDER.split(line.strip()[1:-1])])

@@ -91,7 +91,7 @@ def build_simulation(
             idx = stratified_indices(labels, recipe.fraction, rng)
             arrays[split][0].append(_harmonised_pixels(data, split, idx, recipe.size))
             arrays[split][1].append(np.full((len(idx), 1), index, dtype=np.uint8))
-            taken[split] = int(len(idx))
+            taken[split] = len(idx)
         sources.append({**data.source.to_dict(), "taken": taken, "available": {s: len(data.split(s)) for s in SPLITS}})
     provenance = {
         "kind": "simulation",

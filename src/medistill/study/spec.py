@@ -106,7 +106,7 @@ class RunSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         """Inverse of `to_dict` (as stored in a run's JSON)."""
         values = dict(data)
         values["settings"] = canonical_json(values.get("settings") or {})

@@ -24,8 +24,9 @@ import shutil
 import socket
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medistill.atomic import atomic_write
 from medistill.errors import ConfigError, DataError
@@ -57,7 +58,7 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")
+        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the `with handle:` below
     except OSError as exc:
         raise DataError(f"cannot use {folder} as a study folder: {exc.strerror or exc}") from None
     with handle:
@@ -104,10 +105,9 @@ class ResultStore:
 
     def tidy_work(self) -> None:
         """Remove `work/` if no run's scratch is left in it (call when no run is in flight)."""
-        try:
+        # scratch of runs not finished (or of another config) is kept, or there is no work/
+        with contextlib.suppress(OSError):
             (self.root / WORK_DIR).rmdir()
-        except OSError:  # scratch of runs not finished (or of another config) is kept, or there is no work/
-            pass
 
     def load(self, key: str) -> dict[str, Any] | None:
         """The stored record of a run, or None when it has not finished."""

@@ -35,7 +35,9 @@ class TrainProtocol:
     augment: str | None = None  # a DSA strategy, e.g. "color_crop_cutout_flip_scale_rotate"
     model: str = "convnet"
     bf16: bool = False  # bf16 autocast for forward and loss: a speed-up, not the reference protocol's fp32
-    compile: bool = False  # torch.compile the training forward (fuses norm, activation and pooling): the same computation up to float rounding; sequential training only
+    # torch.compile the training forward (fuses norm, activation and pooling): the same computation up to float rounding;
+    # sequential training only
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
