@@ -139,7 +139,7 @@ def run_job(
         "eval_protocol": protocol.to_dict(),
         "eval_models": evaluation.num_models,
     }
-    record = {
+    record: dict[str, Any] = {
         "dataset": dataset.name,
         "method": spec.name,
         "ipc": ipc if spec.uses_ipc else None,

@@ -13,9 +13,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 INTERVAL_ENV = "MEDISTILL_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
@@ -34,7 +43,7 @@ class Bar:
 class RichBar(Bar):
     """One task of a rich progress display (a terminal)."""
 
-    def __init__(self, progress: Progress, task_id: int) -> None:
+    def __init__(self, progress: Progress, task_id: TaskID) -> None:
         self._progress = progress
         self._task_id = task_id
 
@@ -92,7 +101,7 @@ def status_text(fields: dict[str, object]) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
 
 
-def _rich_status(fields: dict[str, object]) -> dict[str, object]:
+def _rich_status(fields: dict[str, object]) -> dict[str, Any]:
     return {"status": status_text(fields)} if fields else {}
 
 

@@ -100,7 +100,7 @@ def whitened_dataset(dataset: Dataset, zca: ZCA) -> Dataset:
         name: replace(dataset.split(name), images=zca.whiten_normalized(dataset, dataset.split(name).images))
         for name in ("train", "val", "test")
     }
-    return replace(dataset, **splits)
+    return replace(dataset, train=splits["train"], val=splits["val"], test=splits["test"])
 
 
 __all__ = ["DEFAULT_EPS", "ZCA", "from_pixels", "to_pixels", "whitened_dataset"]

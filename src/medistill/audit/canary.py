@@ -199,7 +199,7 @@ def embedding_scores(
     gets a positive weight; one that was not is only correlated with them by chance. A class without
     released images gives its canaries the neutral score 0. The networks come from a fixed public seed.
     """
-    from medistill.models import create_model
+    from medistill.models import create_model, embedding
 
     synthetic_images, synthetic_labels = synthetic_images.detach().cpu().float(), synthetic_labels.detach().cpu()
     canary_images, canary_labels = canary_images.detach().cpu().float(), canary_labels.detach().cpu()
@@ -211,8 +211,8 @@ def embedding_scores(
         for index in range(networks):
             torch.manual_seed(seed + index)
             network = create_model("convnet", channels, max(classes) + 1, size).eval()
-            canary_features = network.embed(canary_images).double()
-            synthetic_features = network.embed(synthetic_images).double() if len(synthetic_images) else None
+            canary_features = embedding(network)(canary_images).double()
+            synthetic_features = embedding(network)(synthetic_images).double() if len(synthetic_images) else None
             for c in classes:
                 if synthetic_features is not None and bool((synthetic_labels == c).any()):
                     designs[c].append(canary_features[canary_labels == c].T)
@@ -310,7 +310,7 @@ def audit_guesses(
     if not ks:
         raise ConfigError(f"{canaries} canaries are too few to guess with; use at least 2")
     per_test_confidence = 1.0 - (1.0 - confidence) / (len(ks) * len(scores))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, values in scores.items():
         for k in ks:
             correct = count_correct_guesses(values, included, k)
@@ -389,7 +389,7 @@ def run_canary_audit(
     }
 
 
-def score_released_set(synthetic: SyntheticSet, canary_pixels: Tensor, canary_labels: Tensor) -> Tensor:
+def score_released_set(synthetic: SyntheticSet, canary_pixels: Tensor, canary_labels: Tensor) -> dict[str, Tensor]:
     """`canary_scores` of a released set, the canaries mapped into its normalisation."""
     if synthetic.task == MULTI_LABEL or synthetic.labels.ndim != 1:
         raise DataError("the released set has multi-label labels; the canary score needs one class per image")

@@ -247,10 +247,10 @@ def save_worst_cases(
         for left, image in ((pad, syn), (pad + w + gap, by_ssim), (pad + w + gap + w + pad, by_l2)):
             canvas[:, top : top + h, left : left + w] = image.detach().cpu().clamp(0, 1)
     array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if c == 1 else array)
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    picture = Image.fromarray(array[..., 0] if c == 1 else array)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     with atomic_path(path) as partial:
-        image.save(partial, format="PNG")
+        picture.save(partial, format="PNG")
     return path
 
 

@@ -110,7 +110,9 @@ def audit(
         }
 
     log(f"audit: nearest real neighbours of {len(synthetic)} synthetic images among {len(dataset.train)} training images")
-    features = (embed(network, synthetic_normalized), real_features) if network is not None else None
+    features = (
+        (embed(network, synthetic_normalized), real_features) if network is not None and real_features is not None else None
+    )
     neighbours = find_neighbours(synthetic_pixels, real_pixels, features=features, batch_elements=config.batch_elements)
     flags = thresholds.flags(neighbours.ssim, neighbours.l2_rms)
     order = torch.argsort(neighbours.ssim, descending=True)[: config.worst]
@@ -362,7 +364,7 @@ def _held_out_reference(
     count = min(config.reference_images, len(dataset.test))
     pick = torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(config.seed))[:count].to(dataset.device)
     images = dataset.test.images[pick]
-    features = (embed(network, images), real_features) if network is not None else None
+    features = (embed(network, images), real_features) if network is not None and real_features is not None else None
     neighbours = find_neighbours(
         dataset.denormalize(images), real_pixels, features=features, batch_elements=config.batch_elements
     )

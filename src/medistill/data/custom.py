@@ -8,6 +8,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,10 +91,12 @@ def write_npz_dataset(
 ) -> Path:
     """Write splits of uint8 images and labels as a MedMNIST-style npz with medistill metadata."""
     path = Path(path)
-    payload = {f"{s}_{kind}": value for s in SPLITS for kind, value in zip(("images", "labels"), arrays[s])}
+    # typed Any: mypy would otherwise match the arrays against np.savez_compressed's allow_pickle keyword
+    payload: dict[str, Any] = {f"{s}_{kind}": value for s in SPLITS for kind, value in zip(("images", "labels"), arrays[s])}
     meta = {"task": task, "label_names": label_names, "provenance": provenance or {}}
     with atomic_path(path) as partial, open(partial, "wb") as handle:
-        np.savez_compressed(handle, **payload, **{META_KEY: np.array(json.dumps(meta))})
+        meta_entry: dict[str, Any] = {META_KEY: np.array(json.dumps(meta))}
+        np.savez_compressed(handle, **payload, **meta_entry)
     return path
 
 
@@ -256,6 +259,6 @@ def _read_images(paths: list[Path], mode: str, size: int) -> np.ndarray:
                 )
             image = image.convert(mode)
             if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
             out[i] = np.asarray(image)
     return out

@@ -161,7 +161,7 @@ def resize_uint8(raw: np.ndarray, image_size: int) -> np.ndarray:
     out = np.empty((raw.shape[0], image_size, image_size, raw.shape[3]), dtype=np.uint8)
     for i, image in enumerate(raw):
         pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR).crop(box))
+        resized = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box))
         out[i] = resized.reshape(image_size, image_size, -1)
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from medistill.errors import ConfigError
 
@@ -142,17 +142,19 @@ class PrivacyLedger:
         self.count_sigma = None if settings.public_class_counts else settings.count_noise_multiplier
         if settings.noise_multiplier is not None:
             self.sigma = float(settings.noise_multiplier)
-        elif math.isinf(settings.epsilon):
-            self.sigma = 0.0  # no noise: clipping and sampling only, no guarantee (epsilon is infinite)
         else:
-            self.sigma = calibrate_noise(
-                settings.epsilon,
-                settings.delta,
-                count_release(self.count_sigma),
-                settings.sample_rate,
-                planned_steps,
-                settings.accountant,
-            )
+            assert settings.epsilon is not None  # check(): without a noise multiplier there is a budget
+            if math.isinf(settings.epsilon):
+                self.sigma = 0.0  # no noise: clipping and sampling only, no guarantee (epsilon is infinite)
+            else:
+                self.sigma = calibrate_noise(
+                    settings.epsilon,
+                    settings.delta,
+                    count_release(self.count_sigma),
+                    settings.sample_rate,
+                    planned_steps,
+                    settings.accountant,
+                )
         self.budget = settings.epsilon if settings.epsilon is not None else math.inf
         self.spent = 0
         planned = self.epsilon_after(planned_steps)
@@ -214,7 +216,7 @@ class PrivacyLedger:
         }
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
@@ -250,7 +252,7 @@ def verify_record(record: Any, settings: dict[str, Any], planned_steps: int) -> 
     if record["steps"] != planned_steps:
         raise refuse(f"accounts {record['steps']} releases but the set's settings make {planned_steps}")
     public_counts = settings.get("public_class_counts") is True
-    count_sigma = settings.get("count_noise_multiplier")
+    count_sigma: Any = settings.get("count_noise_multiplier")  # unchecked input: checked just below
     if not public_counts and not (_number(count_sigma) and 0 < count_sigma < math.inf):
         raise refuse(f"comes with private class counts but no valid count noise multiplier ({str(count_sigma)[:40]!r})")
     history = release_history(

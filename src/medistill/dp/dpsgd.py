@@ -99,7 +99,8 @@ def train_dpsgd(
     require_per_example(model, settings.model)
     for module in model.modules():  # Opacus's backward hooks refuse in-place activations
         if getattr(module, "inplace", False):
-            module.inplace = False
+            # torch's stubs allow only Tensor | Module for a module attribute; `inplace` is a bool (ReLU and the like)
+            module.inplace = False  # type: ignore[assignment]
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     n = len(dataset.train)
     # Opacus's Poisson loader takes the generator of the loader it wraps; without one it would use the global

@@ -155,5 +155,5 @@ def fingerprint(method: str, dataset_md5: str | None, dataset_name: str, ipc: in
     """What identifies a run: a checkpoint is only resumed by the run that wrote it."""
     import dataclasses
 
-    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else dict(config)
     return {"method": method, "dataset": dataset_name, "md5": dataset_md5, "ipc": ipc, "config": settings, "seed": seed}

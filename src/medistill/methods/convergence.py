@@ -55,7 +55,7 @@ class StoppingRule:
         """Why the run stops after `iteration` (1-based), or None to go on. `points` are the evaluation points
         made so far and `losses` the losses of iterations 1..`iteration`. The loss rule is asked first, so a
         run resumed at its stopping iteration gives the same reason."""
-        if self.reads_losses_at(iteration):
+        if self.loss_window is not None and self.reads_losses_at(iteration):
             plateau = loss_plateau(losses[:iteration], self.loss_window, self.loss_tolerance)
             if plateau is not None:
                 return plateau

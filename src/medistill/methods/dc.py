@@ -26,7 +26,7 @@ depends on the device; see docs/RESULTS.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +179,7 @@ class GradientMatching:
             total = total + self.distance(g_real, g_syn)
         return total
 
-    def real_gradient(self, real: Tensor, labels: Tensor, params: list[Tensor]) -> list[Tensor]:
+    def real_gradient(self, real: Tensor, labels: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         """The gradient of the mean cross-entropy on a class's real images, accumulated over cache-sized chunks on the
         CPU when the network treats images independently (`microbatch`; the same gradient up to float rounding)."""
         size = self.real_chunk if samples_independent(self.network.module) else None

@@ -30,6 +30,7 @@ from medistill.methods.pixel_methods import (
     run_pixel_method,
 )
 from medistill.microbatch import chunk_size, forward_in_chunks
+from medistill.models import embedding
 from medistill.runtime import autocast, maybe_compile
 
 
@@ -59,7 +60,7 @@ class DistributionMatching:
         self.sampler = RealSampler(dataset, config.batch_real)
         self.network = FreshNetwork(dataset, config.model)
         self.network.module.requires_grad_(False)
-        self.embed = maybe_compile(self.network.module.embed, config.compile)
+        self.embed = maybe_compile(embedding(self.network.module), config.compile)
         self.real_chunk = chunk_size(self.network.module, self.real)  # the real features in cache-sized chunks on the CPU
         self.augment = DiffAugment(config.dsa_strategy)
         sizes = torch.tensor(self.sampler.take, device=self.device)

@@ -35,6 +35,7 @@ from medistill.dp.mechanism import (
 from medistill.dp.randomness import SecretRandom
 from medistill.methods.base import MethodSpec, RunContext, register_method
 from medistill.methods.pixel_methods import FreshNetwork, IterationRandom, PixelConfig, run_pixel_method
+from medistill.models import embedding
 from medistill.runtime import autocast
 
 MECHANISM = "subsampled Gaussian mechanism on clipped per-class embedding sums (DP distribution matching)"
@@ -83,7 +84,7 @@ class PrivateDistributionMatching:
         if not batches:
             return torch.zeros(0, width, device=self.device), labels
         with torch.no_grad(), autocast(self.device, self.config.bf16):
-            return self.network.module.embed(torch.cat(batches)).float(), labels
+            return embedding(self.network.module)(torch.cat(batches)).float(), labels
 
     def step(self, images: Tensor, optimizer: torch.optim.Optimizer, rng: IterationRandom) -> Tensor:
         """One image step on the summed per-class squared distance to the noisy real mean embeddings."""
@@ -93,7 +94,7 @@ class PrivateDistributionMatching:
         seeds = [rng.siamese_seed() for _ in range(self.num_classes)]
         syns = [self.augment(images[c * self.ipc : (c + 1) * self.ipc], siamese_seed=seed) for c, seed in enumerate(seeds)]
         with autocast(self.device, self.config.bf16):
-            syn_features = self.network.module.embed(torch.cat(syns)).float()
+            syn_features = embedding(self.network.module)(torch.cat(syns)).float()
         syn_mean = clip_rows(syn_features, self.config.clip_norm).view(self.num_classes, self.ipc, -1).mean(1)
         features, labels = self.real_embeddings(picks, seeds, syn_features.shape[1])
         real_mean = self.mechanism.release(self.mechanism.class_sums(features, labels, self.num_classes))

@@ -22,6 +22,7 @@ written atomically, so a killed build resumes by training only the missing exper
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -467,7 +468,7 @@ def build_buffer(
         for start in range(0, len(missing), at_once):
             group = missing[start : start + at_once]
             began = time.perf_counter()
-            trajectories, accs = train_experts(dataset, settings, group, on_epoch=lambda g=len(group): bar.advance(g))  # noqa: B008 - binds this group's size
+            trajectories, accs = train_experts(dataset, settings, group, on_epoch=functools.partial(bar.advance, len(group)))
             seconds = (time.perf_counter() - began) / len(group)
             for row, (index, acc) in enumerate(zip(group, accs)):
                 meta = {

@@ -14,6 +14,7 @@ batch. `gradient_distance` is the unbatched front door (one gradient per paramet
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from torch import Tensor
 
@@ -39,14 +40,15 @@ def layerwise_cosine(real: Sequence[Tensor], syn: Sequence[Tensor]) -> Tensor:
 
 def squared_error(real: Sequence[Tensor], syn: Sequence[Tensor]) -> Tensor:
     """Squared Euclidean distance between the concatenated gradients."""
-    return sum(((g_syn - g_real) ** 2).sum() for g_real, g_syn in zip(real, syn))
+    # a sum of tensors is a tensor (the start 0 only stands for an empty one)
+    return cast(Tensor, sum(((g_syn - g_real) ** 2).sum() for g_real, g_syn in zip(real, syn)))
 
 
 def flat_cosine(real: Sequence[Tensor], syn: Sequence[Tensor]) -> Tensor:
     """1 - cosine similarity of the concatenated gradients, per batch row, summed."""
-    dot = sum((g_real * g_syn).flatten(1).sum(1) for g_real, g_syn in zip(real, syn))
-    real_sq = sum(g_real.flatten(1).pow(2).sum(1) for g_real in real)
-    syn_sq = sum(g_syn.flatten(1).pow(2).sum(1) for g_syn in syn)
+    dot = cast(Tensor, sum((g_real * g_syn).flatten(1).sum(1) for g_real, g_syn in zip(real, syn)))
+    real_sq = cast(Tensor, sum(g_real.flatten(1).pow(2).sum(1) for g_real in real))
+    syn_sq = cast(Tensor, sum(g_syn.flatten(1).pow(2).sum(1) for g_syn in syn))
     return (1 - dot / (real_sq.sqrt() * syn_sq.sqrt() + EPS)).sum()
 
 

@@ -9,7 +9,7 @@ and ``embed_dim``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,11 @@ def model_summary(name: str) -> str:
     """First line of a registered model's description (its builder's docstring)."""
     builder = MODELS.get(name)
     return (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
+
+
+def embedding(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model.embed`, the penultimate features every model here has, typed (torch types module attributes loosely)."""
+    return cast(Callable[[torch.Tensor], torch.Tensor], model.embed)
 
 
 def create_model(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:

@@ -143,7 +143,7 @@ def _lookup(cells: Sequence[Cell]) -> dict[tuple[str, str, int | None], Cell]:
     return {(c.dataset, c.method, c.ipc): c for c in cells}
 
 
-def _cell_for(index: dict, dataset: str, method: str, ipc: int) -> Cell | None:
+def _cell_for(index: dict, dataset: str, method: str, ipc: int | None) -> Cell | None:
     """The cell shown at (dataset, method, IPC): IPC-free methods (full) show in every IPC column."""
     return index.get((dataset, method, ipc)) or index.get((dataset, method, None))
 
@@ -227,7 +227,7 @@ def latex_table(cells: Sequence[Cell], metric: str = "acc") -> str:
     """A booktabs table: methods as rows, the IPCs of each dataset as grouped columns."""
     index = _lookup(cells)
     datasets = dataset_order(cells)
-    groups = [(d, ipc_order(cells, d) or [None]) for d in datasets]
+    groups: list[tuple[str, list[int | None]]] = [(d, list(ipc_order(cells, d)) or [None]) for d in datasets]
     columns = sum(len(ipcs) for _, ipcs in groups)
     lines = [
         r"\begin{tabular}{l" + "c" * columns + "}",
@@ -277,7 +277,7 @@ class LinearFit:
     residual_std: float  # NaN when n <= 2 (no degrees of freedom left)
 
     @classmethod
-    def fit(cls, x: Sequence[float], y: Sequence[float]) -> LinearFit:
+    def fit(cls, x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> LinearFit:
         xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         n = len(xs)
         if n < 2 or np.ptp(xs) == 0:
@@ -373,9 +373,11 @@ def correlate(method: str, points: Sequence[Point], *, resamples: int = 2000, se
                 spearmans.append(rho)
         tail = (1 - level) / 2 * 100
         if pearsons:
-            result.pearson_ci = tuple(float(v) for v in np.percentile(pearsons, [tail, 100 - tail]))
+            low, high = np.percentile(pearsons, [tail, 100 - tail])
+            result.pearson_ci = (float(low), float(high))
         if spearmans:
-            result.spearman_ci = tuple(float(v) for v in np.percentile(spearmans, [tail, 100 - tail]))
+            low, high = np.percentile(spearmans, [tail, 100 - tail])
+            result.spearman_ci = (float(low), float(high))
         result.bootstrap_valid, result.bootstrap_total = len(pearsons), resamples
     return result
 

@@ -214,10 +214,16 @@ def choose_model(method: str, observations: Sequence[Observation], level: float 
     mae, candidate, errors = best
     scores = {d: max(e) for d, e in errors.items()}
     alternatives = [m for m in (c.fit(observations) for c in CANDIDATES) if m is not None]
-    folds = {d: candidate.fit([o for o in observations if o.dataset != d]) for d in scores}
+
+    def fitted(points: Sequence[Observation]) -> FittedModel:
+        model = candidate.fit(points)
+        assert model is not None  # every fold fitted in lodo_scores, and more points fit where fewer did
+        return model
+
+    folds = {d: fitted([o for o in observations if o.dataset != d]) for d in scores}
     return MethodModel(
         method,
-        candidate.fit(observations),
+        fitted(observations),
         alternatives,
         folds,
         scores,
@@ -326,6 +332,7 @@ def evaluate_predictor(method: str, observations: Sequence[Observation], level: 
         line = LinearFit.fit(xs, [o.target for o in train]) if len(set(xs)) >= 2 else None
         for o in test:
             if model is not None:
+                assert coverage is not None  # a model was fitted, so there are training points
                 notes = coverage.outside(o.facts, o.probe, o.ipc)
                 y, lo, hi = interval(model, o.probe, o.facts, bool(notes))
                 out.append(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,7 @@ def _expand_method(
     uses_ipc = get_method(method).uses_ipc if registered else True
     settings = _mapping(block.get("settings") or {}, f"methods.{method}.settings")
     method_eval = {**evaluation, **_eval_block(block.get("eval"), f"methods.{method}.eval")}
-    method_ipcs: list[int | None] = (
+    method_ipcs: Sequence[int | None] = (
         _int_list(block.get("ipcs", ipcs), f"methods.{method}.ipcs", minimum=1) if uses_ipc else [None]
     )
     method_seeds = _int_list(block.get("seeds", seeds), f"methods.{method}.seeds", minimum=0)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from medistill.data.dataset import Dataset
 from medistill.microbatch import chunk_size, forward_in_chunks
+from medistill.models import embedding
 from medistill.train.engine import scores_on, train_model
 from medistill.train.protocol import TrainProtocol
 
@@ -47,7 +48,7 @@ def embed(model: nn.Module, images: Tensor, batch_size: int = EMBED_BATCH) -> Te
     """Penultimate features (`model.embed`, flattened, not normalised) of `images`, in order."""
     model.eval()
     size = chunk_size(model, images, forward_only=True) or batch_size
-    return forward_in_chunks(lambda x: model.embed(x).flatten(1), images, size)
+    return forward_in_chunks(lambda x: embedding(model)(x).flatten(1), images, size)
 
 
 def feature_network(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ def _channelwise(layer: nn.Module, name: str, params: dict[str, Tensor], h: Tens
     return layer(h)  # parameter-free and per-channel: the stacked layout needs nothing special
 
 
-_GROUPED_LAYERS: dict[type, Callable[[nn.Module, str, dict[str, Tensor], Tensor, int], Tensor]] = {
+# the layer argument is of the key's type (Any: a mapping cannot say that to a type checker)
+_GROUPED_LAYERS: dict[type, Callable[[Any, str, dict[str, Tensor], Tensor, int], Tensor]] = {
     nn.Conv2d: _grouped_conv,
     Conv2d: _grouped_conv,
     nn.GroupNorm: _grouped_group_norm,
@@ -120,7 +122,7 @@ def _grouped_supports(template: nn.Module) -> bool:
 def _grouped_forward(template: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
     k, b = x.shape[:2]
     h = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])  # (B, K*C, H, W): model-major channels
-    for index, layer in enumerate(template.features):
+    for index, layer in enumerate(cast(ConvNet, template).features):  # a ConvNet: `_grouped_supports`
         h = _GROUPED_LAYERS[type(layer)](layer, f"features.{index}", params, h, k)
     features = h.reshape(b, k, -1).transpose(0, 1)  # (K, B, embed_dim), ConvNet's flatten order
     return torch.baddbmm(params["classifier.bias"].unsqueeze(1), features, params["classifier.weight"].transpose(1, 2))
