@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 CPU_ONLY := $(filter 1,$(CPU))
 INSTALLED := $(VENV)/.installed$(if $(CPU_ONLY),-cpu)
 
-.PHONY: demo test install install-cpu install-test clean
+.PHONY: demo lint test install install-cpu install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ install-test: $(VENV)/.installed-test
 
 demo: $(INSTALLED)
 	MEDISTILL_DATA="$(DATA)" $(BIN)/medistill demo
+
+# ruff (lint, then formatting) and mypy with the configuration in pyproject.toml; .ci/run runs this before the tests
+lint: install-test
+	$(BIN)/ruff check src
+	$(BIN)/ruff format --check src
+	$(BIN)/mypy
 
 test: install-test
 	MEDISTILL_DATA="$(DATA)" $(BIN)/python -m pytest -q
