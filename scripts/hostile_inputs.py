@@ -49,6 +49,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     max_file_bytes: int | None = None  # simulate a full disk: writes beyond this many bytes per file fail
     cleanup: Callable[[Path], None] = lambda folder: None
+    executable: bool = False  # the test suite runs it through the real executable (else in-process through cli.main)
 
 
 CASES: list[Case] = []
@@ -444,6 +445,26 @@ def _(folder: Path) -> list[str]:
     return ["distill", str(tiny_npz(folder / "tiny.npz")), "-m", "dm", "--ipc", "1", "--set", "iterations=1", "--set", "lr_img=1e-6",
             "--set", "batch_real=2", "--eval-models", "1", "--eval-epochs", "1", "--out", str(folder / "out"), "--device", "cpu",
             "--no-progress"]
+
+
+# --- writes confined to their place ---------------------------------------------------------------
+
+# (end of writes confined to their place)
+
+
+# --- bounded before allocation --------------------------------------------------------------------
+
+# (end of bounded before allocation)
+
+
+# --- text from files never reaches a terminal or a page raw ---------------------------------------
+
+# (end of text from files)
+
+
+# --- near-copies under the screen's transformation family -----------------------------------------
+
+# (end of near-copies under transforms)
 
 
 # --- running a case -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Hostile and careless inputs on the `medistill` command, one test per promise.
 
-The cases live in scripts/hostile_inputs.py (which prints the table in docs/RESULTS.md). Each
+The cases live in scripts/hostile_inputs.py (which prints the table in docs/notebook/hardening.md). Each
 promise's test runs representative cases through the real executable (`python -m medistill` in a
 subprocess) and checks the exit code, the single stderr line, that no file that existed before
 changed, and the case's own check (no code ran, nothing was written). Every other case runs in
@@ -32,7 +32,8 @@ THROUGH_THE_EXECUTABLE = {
     "one line for every bad input": ["YAML alias bomb (billion laughs) as a study config"],
     "downloads": ["a link out of an image folder"],
 }
-NEEDS_A_PROCESS = [c for c in hostile.CASES if c.max_file_bytes is not None or c.topic == "one runner per study"]
+NEEDS_A_PROCESS = [c for c in hostile.CASES if c.max_file_bytes is not None or c.topic == "one runner per study" or c.executable]
+EXECUTABLE = [c for c in hostile.CASES if c.executable]
 IN_PROCESS = [c for c in hostile.CASES if c not in NEEDS_A_PROCESS
               and c.name not in {name for names in THROUGH_THE_EXECUTABLE.values() for name in names}]
 
@@ -75,6 +76,12 @@ def test_bad_inputs_get_one_line_through_the_executable(tmp_path, medmnist_root)
 
 def test_downloads_never_follow_links_out_of_an_image_folder(tmp_path, medmnist_root) -> None:
     through_the_executable("downloads", tmp_path)
+
+
+@pytest.mark.parametrize("item", EXECUTABLE, ids=[c.name for c in EXECUTABLE])
+def test_case_through_the_executable(item, tmp_path, medmnist_root) -> None:
+    row = hostile.run_case(item, tmp_path / "case")
+    assert row["ok"], f"{'; '.join(row['problems'])} (stderr: {row['stderr']})"
 
 
 @pytest.mark.parametrize("item", IN_PROCESS, ids=[c.name for c in IN_PROCESS])
