@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 CPU_ONLY := $(filter 1,$(CPU))
 INSTALLED := $(VENV)/.installed$(if $(CPU_ONLY),-cpu)
 
-.PHONY: demo lint test install install-cpu install-test clean
+.PHONY: demo lint test test-fast install install-cpu install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ lint: install-test
 
 test: install-test
 	MEDISTILL_DATA="$(DATA)" $(BIN)/python -m pytest -q
+
+test-fast: install-test
+	MEDISTILL_DATA="$(DATA)" $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

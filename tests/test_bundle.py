@@ -38,6 +38,7 @@ def dc_set(breast):
     return distill("dc", breast, 2, {"iterations": 2, "model": "lenet", "init": "noise"})
 
 
+@pytest.mark.slow
 def test_export_refuses_a_random_real_subset(breast, tmp_path) -> None:
     artifact = distill("random", breast, 2).save(tmp_path / "random")
     with pytest.raises(ConfigError, match="real training images"):
@@ -58,6 +59,7 @@ def test_export_refuses_a_set_whose_audit_found_copies(breast, tmp_path) -> None
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.slow
 def test_round_trip_export_then_train_in_another_process(breast, dc_set, medmnist_root, tmp_path) -> None:
     artifact = dc_set.save(tmp_path / "dc")
     _, report = run_audit(artifact, None, AuditConfig(feature_model="lenet", feature_epochs=1, reference_images=0, mia=False))

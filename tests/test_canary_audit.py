@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from medistill.cli import EXIT_USER_ERROR, main
+from medistill.cli import EXIT_USER_ERROR
 from medistill.data.custom import write_npz_dataset
 from medistill.data.dataset import BINARY, MULTI_LABEL, DataSource, build_dataset
 from medistill.audit.canary import (CANARY_AUDIT_JSON, audit_guesses, pixel_scores, count_correct_guesses, draw_canaries,
@@ -32,13 +32,6 @@ def _assert_one_line_exit_2(code: int, err: str, needle: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("medistill: error: "), err
     assert needle in lines[0], lines[0]
-
-
-def _run_main(argv: list[str | Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["medistill", *map(str, argv)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return info.value.code, capsys.readouterr().err
 
 
 # --- the bound ---------------------------------------------------------------------------------------------------------
@@ -145,6 +138,7 @@ def test_included_canaries_are_normalised_as_the_dataset_images() -> None:
 
 # --- the command -------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_privacy_audit_of_dp_dm_from_the_executable(tmp_path: Path, medmnist_root: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_DATA": str(medmnist_root)}
     out = tmp_path / "audit"
@@ -163,29 +157,28 @@ def test_privacy_audit_of_dp_dm_from_the_executable(tmp_path: Path, medmnist_roo
     assert len(summary) == 1 and "breastmnist dp-dm ipc 1" in summary[0] and "consistent" in summary[0], result.stdout
 
 
-def test_a_multi_label_dataset_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_a_multi_label_dataset_is_one_line_exit_2(tmp_path: Path, run_main) -> None:
     rng = np.random.default_rng(0)
     arrays = {s: (rng.integers(0, 256, size=(4, 16, 16), dtype=np.uint8), rng.integers(0, 2, size=(4, 3)).astype(np.uint8))
               for s in ("train", "val", "test")}
     path = write_npz_dataset(tmp_path / "tags.npz", arrays, task=MULTI_LABEL, label_names=["a", "b", "c"])
-    code, err = _run_main(["privacy-audit", path, "-m", "dm", "--ipc", "1", "--out", tmp_path / "o", "--no-progress"], monkeypatch, capsys)
+    code, err = run_main(["privacy-audit", path, "-m", "dm", "--ipc", "1", "--out", tmp_path / "o", "--no-progress"])
     _assert_one_line_exit_2(code, err, "multi-label")
     assert not (tmp_path / "o").exists()
 
 
-def test_an_unknown_method_or_an_existing_report_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture) -> None:
-    code, err = _run_main(["privacy-audit", "breastmnist", "-m", "nosuch", "--out", tmp_path / "o"], monkeypatch, capsys)
+def test_an_unknown_method_or_an_existing_report_is_one_line_exit_2(tmp_path: Path, run_main) -> None:
+    code, err = run_main(["privacy-audit", "breastmnist", "-m", "nosuch", "--out", tmp_path / "o"])
     _assert_one_line_exit_2(code, err, "unknown method 'nosuch'")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / CANARY_AUDIT_JSON).write_text("{}")
-    code, err = _run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", tmp_path / "o"], monkeypatch, capsys)
+    code, err = run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", tmp_path / "o"])
     _assert_one_line_exit_2(code, err, "already exists")
     for marker, needle in (("dataset_card.json", "a shared bundle"), ("synthetic.safetensors", "a synthetic set's folder")):
         folder = tmp_path / marker.split(".")[0]
         folder.mkdir()
         (folder / marker).write_text("{}")
-        code, err = _run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", folder], monkeypatch, capsys)
+        code, err = run_main(["privacy-audit", "breastmnist", "-m", "dm", "--out", folder])
         _assert_one_line_exit_2(code, err, needle)
         assert [p.name for p in folder.iterdir()] == [marker]  # nothing written into it
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import medistill.demo
 from medistill.artifact import SyntheticSet
-from medistill.cli import EXIT_USER_ERROR, app, main
+from medistill.cli import app
 from medistill.runtime import native_bf16
 from medistill.data import FLAGS
 from medistill.pipeline import EvalSettings
@@ -33,23 +33,6 @@ def _invoke(*args: str | Path):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
-
-
-def _run_main(argv: list[str | Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """Run the real entry point (error handling included) in process; return the exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["medistill", *map(str, argv)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return info.value.code, capsys.readouterr().err
-
-
-def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == EXIT_USER_ERROR == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medistill: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _subprocess(*args: str | Path) -> subprocess.CompletedProcess:
@@ -90,6 +73,7 @@ def test_distill_random_writes_result_grid_and_artifact(random_run: Path) -> Non
     assert synthetic.metrics["test_acc_mean"] == record["test_acc_mean"]
 
 
+@pytest.mark.slow
 def test_distill_full_writes_result(tmp_path: Path, medmnist_root: Path) -> None:
     out = tmp_path / "full"
     _invoke("distill", "breastmnist", "--method", "full", "--out", out, "--eval-models", "1", "--eval-epochs", "1",
@@ -128,7 +112,7 @@ def test_methods_lists_the_baselines() -> None:
     ("unknown_eval_model", ("nosuchnet",)),
     ("out_is_a_file", ("not a folder",)),
 ])
-def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, tmp_path, monkeypatch, capsys) -> None:
+def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, tmp_path, run_main, assert_one_line_error) -> None:
     if case == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "out"
@@ -146,17 +130,19 @@ def test_bad_input_is_one_line_exit_2(case, needles, random_run, medmnist_root, 
         "out_is_a_file": ["distill", "breastmnist", "--method", "random", "--out", tmp_path / "taken", *common],
     }[case]
     (tmp_path / "taken").write_text("a file where the output folder should go")
-    code, err = _run_main(argv, monkeypatch, capsys)
-    _assert_one_line_error(code, err, *needles)
+    code, err = run_main(argv)
+    assert_one_line_error(code, err, *needles)
     assert not out.exists()  # nothing written for a refused run
 
 
-def test_subprocess_unknown_dataset(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_subprocess_unknown_dataset(tmp_path: Path, assert_one_line_error) -> None:
     result = _subprocess(EXE, "distill", "nosuchmnist", "--method", "random", "--out", tmp_path / "o", "--no-progress")
-    _assert_one_line_error(result.returncode, result.stderr, "unknown dataset 'nosuchmnist'", "breastmnist")
+    assert_one_line_error(result.returncode, result.stderr, "unknown dataset 'nosuchmnist'", "breastmnist")
 
 
-def test_subprocess_corrupt_data_file(tmp_path: Path, medmnist_root: Path) -> None:
+@pytest.mark.slow
+def test_subprocess_corrupt_data_file(tmp_path: Path, medmnist_root: Path, assert_one_line_error) -> None:
     root = tmp_path / "root"
     root.mkdir()
     bad = root / "breastmnist.npz"
@@ -166,10 +152,11 @@ def test_subprocess_corrupt_data_file(tmp_path: Path, medmnist_root: Path) -> No
     bad.write_bytes(bytes(data))
     result = _subprocess(EXE, "distill", "breastmnist", "--method", "random", "--out", tmp_path / "o",
                          "--data-root", root, "--no-progress")
-    _assert_one_line_error(result.returncode, result.stderr, "MD5", str(bad))
+    assert_one_line_error(result.returncode, result.stderr, "MD5", str(bad))
     assert bad.read_bytes() == bytes(data)  # reported, not replaced
 
 
+@pytest.mark.slow
 def test_python_dash_m_help() -> None:
     result = _subprocess(sys.executable, "-m", "medistill", "--help")
     assert result.returncode == 0, result.stderr
@@ -177,6 +164,7 @@ def test_python_dash_m_help() -> None:
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`medistill demo` with a tiny evaluation budget; run_demo's own return value is checked through a spy."""
     import medistill.cli.core
@@ -221,9 +209,8 @@ def test_demo_runs_end_to_end(medmnist_root: Path, tmp_path: Path, monkeypatch: 
     assert all(r["eval_protocol"]["bf16"] is not native for r in returned[-1])
 
 
-def test_a_bf16_setting_that_is_not_a_boolean_is_one_clear_line(medmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture) -> None:
-    code, err = _run_main(["distill", "breastmnist", "-m", "dc", "--ipc", "1", "--out", tmp_path / "x", "--data-root", medmnist_root,
-                           "--device", "cpu", "--set", "bf16=maybe", "--no-progress"], monkeypatch, capsys)
-    _assert_one_line_error(code, err, "setting 'bf16' must be true or false, got 'maybe' (str)")
+def test_a_bf16_setting_that_is_not_a_boolean_is_one_clear_line(medmnist_root: Path, tmp_path: Path, run_main, assert_one_line_error) -> None:
+    code, err = run_main(["distill", "breastmnist", "-m", "dc", "--ipc", "1", "--out", tmp_path / "x", "--data-root", medmnist_root,
+                          "--device", "cpu", "--set", "bf16=maybe", "--no-progress"])
+    assert_one_line_error(code, err, "setting 'bf16' must be true or false, got 'maybe' (str)")
     assert not (tmp_path / "x").exists()

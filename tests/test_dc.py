@@ -52,6 +52,7 @@ def test_ipc_3_uses_the_interpolated_schedule() -> None:
     assert (result.hyperparameters["outer_loop"], result.hyperparameters["inner_loop"]) == (3, 12)
 
 
+@pytest.mark.slow
 def test_matching_loss_goes_down() -> None:
     data = tiny_dataset(classes=2)
     result = distill("dc", data, 1, {"iterations": 24, "init": "noise", "batch_real": 8}, context=RunContext(seed=0))
@@ -59,6 +60,7 @@ def test_matching_loss_goes_down() -> None:
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
+@pytest.mark.slow
 def test_vmap_batching_gives_the_loop_result() -> None:
     """The same computation: equal to rounding in float64 (in float32 two second-order image steps amplify the
     rounding of the different reduction orders to ~1e-2 on some CPUs, which says nothing about the batching)."""
@@ -76,6 +78,7 @@ def test_vmap_batching_gives_the_loop_result() -> None:
     assert torch.allclose(loop.images, batched.images, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dc", "dsa"])
 def test_killed_and_resumed_run_ends_with_the_same_images(method: str, tmp_path, monkeypatch) -> None:
     data = tiny_dataset(classes=2)

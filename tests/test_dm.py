@@ -9,41 +9,13 @@ import pytest
 import torch
 
 from medistill.augment import DiffAugment
-from medistill.data.dataset import MULTI_LABEL, ORDINAL, DataSource, build_dataset
+from medistill.data.dataset import MULTI_LABEL
 from medistill.errors import ConfigError
 from medistill.methods import RunContext, distill, pixel_methods
 from medistill.methods.dm import DistributionMatching, DMConfig
 
 
-def tiny_dataset(task: str = ORDINAL, classes: int = 3, per_class: int = 8, size: int = 16):
-    """A small dataset whose classes differ in brightness, from random uint8 arrays."""
-    rng = np.random.default_rng(0)
-
-    def split(n: int):
-        labels = np.repeat(np.arange(classes), n)
-        images = (rng.integers(0, 120, size=(len(labels), size, size)) + labels[:, None, None] * 60).astype(np.uint8)
-        if task == MULTI_LABEL:
-            labels = np.stack([labels % 2, labels // 2], 1)
-        return images, labels
-
-    names = ["a", "b"] if task == MULTI_LABEL else [f"c{i}" for i in range(classes)]
-    arrays = {"train": split(per_class), "val": split(2), "test": split(4)}
-    return build_dataset(name="tiny", task=task, label_names=names, arrays=arrays, source=DataSource(kind="npz", name="tiny", path="-"))
-
-
-def read_tensorboard(directory):
-    """Scalars as {tag: [(step, value)]} and images as {tag: [(step, width, height)]} from a log folder."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    tags = events.Tags()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
-    images = {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in tags["images"]}
-    return scalars, images
-
-
-def test_runs_on_tiny_tensors() -> None:
+def test_runs_on_tiny_tensors(tiny_dataset) -> None:
     result = distill("dm", tiny_dataset(), 2, {"iterations": 3, "batch_real": 5}, context=RunContext(seed=0))
     assert result.images.shape == (6, 1, 16, 16)
     assert result.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -51,7 +23,7 @@ def test_runs_on_tiny_tensors() -> None:
     assert len(result.metrics["loss_curve"]) == 3
 
 
-def test_batched_loss_equals_the_per_class_reference() -> None:
+def test_batched_loss_equals_the_per_class_reference(tiny_dataset) -> None:
     data = tiny_dataset()
     config = DMConfig(iterations=1, batch_real=5)
     dm = DistributionMatching(data, 2, config)
@@ -70,13 +42,13 @@ def test_batched_loss_equals_the_per_class_reference() -> None:
     assert loss.item() == pytest.approx(expected / 3, rel=1e-4)
 
 
-def test_matching_loss_goes_down() -> None:
+def test_matching_loss_goes_down(tiny_dataset) -> None:
     result = distill("dm", tiny_dataset(), 2, {"iterations": 20, "init": "noise", "batch_real": 8}, context=RunContext(seed=0))
     losses = [loss for _, loss in result.metrics["loss_curve"]]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
-def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, kill_at) -> None:
+def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, kill_at, tiny_dataset) -> None:
     data = tiny_dataset()
     settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 6}
     whole = distill("dm", data, 2, settings, context=RunContext(seed=5))
@@ -90,17 +62,17 @@ def test_killed_and_resumed_run_ends_with_the_same_images(tmp_path, kill_at) -> 
     assert torch.equal(resumed.images, whole.images)
 
 
-def test_bf16_autocast_runs() -> None:
+def test_bf16_autocast_runs(tiny_dataset) -> None:
     result = distill("dm", tiny_dataset(), 1, {"iterations": 2, "bf16": True}, context=RunContext(seed=0))
     assert torch.isfinite(result.images).all()
 
 
-def test_multilabel_is_refused() -> None:
+def test_multilabel_is_refused(tiny_dataset) -> None:
     with pytest.raises(ConfigError, match="does not support"):
         distill("dm", tiny_dataset(task=MULTI_LABEL, classes=4), 1, {"iterations": 1})
 
 
-def test_unknown_augmentation_is_a_config_error() -> None:
+def test_unknown_augmentation_is_a_config_error(tiny_dataset) -> None:
     with pytest.raises(ConfigError, match="unknown augmentation"):
         distill("dm", tiny_dataset(), 1, {"dsa_strategy": "color_warp"})
 
@@ -111,7 +83,7 @@ def test_runs_on_breastmnist(breast) -> None:
     assert torch.isfinite(result.images).all()
 
 
-def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path) -> None:
+def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path, tiny_dataset, read_tensorboard) -> None:
     settings = {"iterations": 5, "checkpoint_every": 2, "batch_real": 4, "eval_every": 2, "eval_epochs": 1,
                 "tensorboard": str(tmp_path / "tb")}
     result = distill("dm", tiny_dataset(), 2, settings, context=RunContext(seed=0))
@@ -128,7 +100,7 @@ def test_tensorboard_logs_loss_eval_points_and_image_grids(tmp_path) -> None:
     assert "tensorboard" not in result.hyperparameters and result.hyperparameters["iterations"] == 5
 
 
-def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, kill_at) -> None:
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, kill_at, tiny_dataset, read_tensorboard) -> None:
     data = tiny_dataset()
     settings = {"iterations": 6, "checkpoint_every": 2, "batch_real": 4, "eval_every": 1, "eval_epochs": 1,
                 "tensorboard": str(tmp_path / "tb")}
@@ -145,7 +117,7 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, kill_at) ->
     assert [step for step, _, _ in images["synthetic"]] == [2, 4, 6]
 
 
-def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, kill_at) -> None:
+def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, kill_at, tiny_dataset, read_tensorboard) -> None:
     data = tiny_dataset()
     settings = {"iterations": 4, "checkpoint_every": 2, "batch_real": 4}
     state = kill_at(3)
@@ -157,7 +129,7 @@ def test_tensorboard_can_be_switched_on_when_resuming(tmp_path, kill_at) -> None
     assert [step for step, _ in read_tensorboard(tmp_path / "tb")[0]["loss"]] == [3, 4]
 
 
-def test_tensorboard_missing_says_what_to_install(tmp_path, monkeypatch) -> None:
+def test_tensorboard_missing_says_what_to_install(tmp_path, monkeypatch, tiny_dataset) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
     settings = {"iterations": 2, "batch_real": 4, "tensorboard": str(tmp_path / "tb")}
     with pytest.raises(ConfigError, match="pip install tensorboard"):

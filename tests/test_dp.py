@@ -79,6 +79,7 @@ def test_reported_epsilon_is_the_accountants(method) -> None:
     assert record["released_class_counts"] != [8.0, 8.0]  # released with noise, not the true counts
 
 
+@pytest.mark.slow
 def test_calibrated_noise_meets_the_target_tightly() -> None:
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -156,7 +157,7 @@ def test_budget_refusal_before_the_run_and_before_a_step() -> None:
     assert ledger.spent == 4 and ledger.epsilon_after(4) <= 8.0
 
 
-@pytest.mark.parametrize("method", ["dp-dm", "dp-dc"])
+@pytest.mark.parametrize("method", ["dp-dm", pytest.param("dp-dc", marks=pytest.mark.slow)])
 def test_killed_run_resumes_exactly_with_its_accounting(method, tmp_path, monkeypatch, kill_at) -> None:
     """With the secret kept beside the checkpoint (owner-only), a resumed run redraws what the killed one would have."""
     data = tiny_dataset()
@@ -209,6 +210,7 @@ def test_a_set_in_other_normalisation_is_evaluated_as_trained() -> None:
     assert torch.allclose(mapped, (2.0 - data.mean[0]) / torch.tensor(data.std[0]))
 
 
+@pytest.mark.slow
 def test_dpsgd_baseline_reports_its_guarantee(tmp_path) -> None:
     from medistill.dp.dpsgd import DPSGDSettings, run_dpsgd
 
@@ -244,6 +246,7 @@ def test_bad_budget_is_one_line_exit_2(args, needle, tmp_path, medmnist_root, mo
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_init_real_with_a_private_method_is_one_line_exit_2_from_the_executable(tmp_path, medmnist_root) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_DATA": str(medmnist_root)}
     result = subprocess.run([str(EXE), "distill", "breastmnist", "-m", "dp-dc", "--out", str(tmp_path / "o"), "--no-progress",
@@ -365,6 +368,7 @@ def test_batch_norm_is_refused_by_dpsgd() -> None:
         run_dpsgd(tiny_dataset(), DPSGDSettings(epsilon=3.0, epochs=1, batch_size=8, model="convnet_bn"), num_models=1)
 
 
+@pytest.mark.slow
 def test_dpsgd_draws_from_the_secret_not_the_seed() -> None:
     from medistill.dp.dpsgd import DPSGDSettings, train_dpsgd
 
@@ -434,6 +438,7 @@ def test_private_card_carries_nothing_else_computed_from_the_private_images(tmp_
     assert not any("key" in p.name or p.name == SECRET_NAME for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_private_set_leaves_through_the_executable_with_a_verified_claim(tmp_path, medmnist_root) -> None:
     """distill dp-dm on BreastMNIST, export it, and refuse the same record copied into a dm set, all from the CLI."""
     from medistill.artifact import SyntheticSet

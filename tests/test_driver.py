@@ -25,8 +25,6 @@ from medistill.methods.pixel_methods import IterationRandom, RealSampler, class_
 from medistill.methods.base import METHODS, recorded_settings
 from medistill.train import TrainProtocol, evaluate
 from medistill.train.metrics import Scores
-from result_digest import without_seconds
-from test_dm import tiny_dataset
 
 
 @dataclass
@@ -67,7 +65,7 @@ def mean_matching(monkeypatch):
     ))
 
 
-def test_a_new_method_learns_through_the_driver(mean_matching) -> None:
+def test_a_new_method_learns_through_the_driver(mean_matching, tiny_dataset) -> None:
     data = tiny_dataset()
     result = distill("mean-matching", data, 1, {"eval_every": 15, "eval_epochs": 1}, context=RunContext(seed=0))
     means = torch.stack([data.train.images[data.train.labels == c].mean(0) for c in range(3)])
@@ -78,7 +76,7 @@ def test_a_new_method_learns_through_the_driver(mean_matching) -> None:
     assert result.hyperparameters["lr_img"] == 0.1 and result.method == "mean-matching"
 
 
-def test_a_new_method_resumes_exactly(mean_matching, tmp_path, monkeypatch) -> None:
+def test_a_new_method_resumes_exactly(mean_matching, tmp_path, monkeypatch, tiny_dataset, without_seconds) -> None:
     data = tiny_dataset()
     settings = {"iterations": 6, "checkpoint_every": 2, "eval_every": 3, "eval_epochs": 1}
     whole = distill("mean-matching", data, 2, settings, context=RunContext(seed=4))
@@ -104,7 +102,7 @@ def test_a_new_method_resumes_exactly(mean_matching, tmp_path, monkeypatch) -> N
     assert without_seconds(resumed.metrics["eval_points"]) == without_seconds(whole.metrics["eval_points"])
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(mean_matching, tmp_path) -> None:
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(mean_matching, tmp_path, tiny_dataset) -> None:
     settings, data = {"iterations": 40, "checkpoint_every": 1, "lr_img": 1e30}, tiny_dataset()
     with pytest.raises(DivergenceError, match=r"diverged at iteration (\d+)") as caught:
         distill("mean-matching", data, 1, settings, context=RunContext(checkpoint_dir=tmp_path))
@@ -135,7 +133,7 @@ VAL = {2: 0.5, 4: 0.6, 6: 0.603, 8: 0.62, 10: 0.61, 12: 0.624, **{i: 0.9 for i i
 STOPPING = {"iterations": 30, "checkpoint_every": 5, "eval_every": 2, "eval_epochs": 1, "stop_patience": 2}
 
 
-def test_stops_after_patience_points_without_a_better_validation_score(mean_matching, monkeypatch) -> None:
+def test_stops_after_patience_points_without_a_better_validation_score(mean_matching, monkeypatch, tiny_dataset) -> None:
     # the test score keeps rising where validation stalls: it must not keep the run going
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate(VAL, test={10: 0.95, 12: 0.8}))
     messages: list[str] = []
@@ -156,7 +154,7 @@ def test_stops_after_patience_points_without_a_better_validation_score(mean_matc
     assert torch.equal(result.images, plain.images)
 
 
-def test_a_binary_task_stops_on_the_validation_auc(mean_matching, monkeypatch) -> None:
+def test_a_binary_task_stops_on_the_validation_auc(mean_matching, monkeypatch, tiny_dataset) -> None:
     def fake(images, labels, dataset, protocol, *, num_models, seed, lr, validation):
         iteration = seed - SEED
         return Scores(acc=[0.5], auc=[0.5], val_acc=[0.7], val_auc=[VAL[iteration]])  # a flat ACC would stop at 6
@@ -167,7 +165,7 @@ def test_a_binary_task_stops_on_the_validation_auc(mean_matching, monkeypatch) -
     assert result.metrics["val_score"] == "val_auc_mean" and result.metrics["best_val"]["val_auc_mean"] == 0.624
 
 
-def test_stop_patience_without_evaluation_points_is_refused(mean_matching) -> None:
+def test_stop_patience_without_evaluation_points_is_refused(mean_matching, tiny_dataset) -> None:
     with pytest.raises(ConfigError, match="stop_patience .* set eval_every too"):
         distill("mean-matching", tiny_dataset(), 1, {"stop_patience": 3}, context=RunContext())
     for bad in ({"stop_patience": 0, "eval_every": 2}, {"stop_loss_window": 0}, {"stop_min_delta": -0.1}, {"stop_loss_tolerance": float("nan")}):
@@ -175,7 +173,7 @@ def test_stop_patience_without_evaluation_points_is_refused(mean_matching) -> No
             distill("mean-matching", tiny_dataset(), 1, bad, context=RunContext())
 
 
-def test_a_stopped_run_resumed_after_a_kill_stops_at_the_same_iteration(mean_matching, monkeypatch, tmp_path, kill_at) -> None:
+def test_a_stopped_run_resumed_after_a_kill_stops_at_the_same_iteration(mean_matching, monkeypatch, tmp_path, kill_at, tiny_dataset, without_seconds) -> None:
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate(VAL))
     data = tiny_dataset()
     whole = distill("mean-matching", data, 2, STOPPING, context=RunContext(seed=SEED))
@@ -203,7 +201,7 @@ def test_a_stopped_run_resumed_after_a_kill_stops_at_the_same_iteration(mean_mat
     assert messages[-1] == f"mean-matching: stopped at iteration 12 of 30: {whole.metrics['stop_reason']}"
 
 
-def test_evaluation_points_carry_the_seconds_of_distillation(mean_matching) -> None:
+def test_evaluation_points_carry_the_seconds_of_distillation(mean_matching, tiny_dataset) -> None:
     result = distill("mean-matching", tiny_dataset(), 1, {"iterations": 6, "eval_every": 2, "eval_epochs": 1}, context=RunContext())
     points = result.metrics["eval_points"]
     times = [p["seconds"] for p in points]
@@ -216,7 +214,7 @@ def test_evaluation_points_carry_the_seconds_of_distillation(mean_matching) -> N
 LOSSES = [10, 9, 8, 7, 6, 5, 4.9, 4.85, 4.8, 4.9, 4.95, 5.0, *[1.0] * 18]  # windows of 3: 9, 6, 4.85, 4.95 (no lower)
 
 
-def test_a_loss_plateau_stops_the_run(mean_matching, monkeypatch) -> None:
+def test_a_loss_plateau_stops_the_run(mean_matching, monkeypatch, tiny_dataset) -> None:
     original = MeanMatching.step
 
     def scripted(self, iteration):
@@ -288,7 +286,7 @@ def test_the_cli_stops_a_run_early_and_records_it(medmnist_root, tmp_path, monke
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-def test_evaluation_scores_the_validation_split_with_the_same_networks(stacked: bool) -> None:
+def test_evaluation_scores_the_validation_split_with_the_same_networks(stacked: bool, tiny_dataset) -> None:
     data = tiny_dataset()
     images, labels = noise_init(data, 1, 0), class_labels(data, 1)
     protocol = TrainProtocol(epochs=2)

@@ -119,6 +119,7 @@ def test_single_class_test_labels_give_nan_auc() -> None:
     assert 0.0 <= acc <= 1.0 and math.isnan(auc)
 
 
+@pytest.mark.slow
 def test_same_seed_same_scores_other_seed_differs(breast, breast_ipc10) -> None:
     images, labels = breast_ipc10.images, breast_ipc10.labels
     first = evaluate(images, labels, breast, QUICK, num_models=2, seed=3)
@@ -149,6 +150,7 @@ def test_bad_settings_are_config_errors(breast, breast_ipc10) -> None:
         evaluate(images, labels, breast, TrainProtocol(epochs=1, model="nosuchnet"), num_models=1)
 
 
+@pytest.mark.slow
 def test_random_ipc10_learns_breastmnist(breast, breast_ipc10) -> None:
     scores = evaluate(breast_ipc10.images, breast_ipc10.labels, breast, TrainProtocol(epochs=10), num_models=2, seed=0)
     assert isinstance(scores, Scores)

@@ -97,6 +97,7 @@ def test_build_resumes_per_expert_and_is_reused(breast, tmp_path: Path) -> None:
     assert "training 1 expert(s) x 1 epochs on breastmnist (the buffer holds 1 of the 2 needed)" in messages[1]
 
 
+@pytest.mark.slow
 def test_experts_are_the_same_whichever_group_trains_them(breast, tmp_path: Path) -> None:
     settings = ExpertSettings(epochs=2, model_kwargs=TINY)
     messages: list[str] = []

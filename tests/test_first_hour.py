@@ -76,6 +76,7 @@ def _stop(process: subprocess.Popen) -> int:
     return process.wait(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[str(EXE)], [sys.executable, "-m", "medistill"]])
 def test_version(command: list[str]) -> None:
     result = _run(*command, "--version")
@@ -83,6 +84,7 @@ def test_version(command: list[str]) -> None:
     assert result.stdout.startswith(f"medistill {__version__}; torch ") and "build" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_log_gains_progress_lines_while_the_run_goes_on(tmp_path: Path, medmnist_root: Path) -> None:
     log = tmp_path / "run.log"
     process = _start([str(EXE), "distill", "breastmnist", "--method", "random", "--ipc", "10", "--out", str(tmp_path / "out"),
@@ -100,6 +102,7 @@ def test_a_log_gains_progress_lines_while_the_run_goes_on(tmp_path: Path, medmni
     assert last.startswith("medistill: interrupted. Nothing was kept") and "Start again with: medistill distill" in last
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_checkpoint_and_the_printed_command_resumes_it(tmp_path: Path, medmnist_root: Path) -> None:
     out = tmp_path / "dm"
     checkpoint = out / CHECKPOINTS_NAME / CHECKPOINT_NAME
@@ -119,6 +122,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_printed_command_resumes_it(tmp_path
     assert _stop(process) == EXIT_INTERRUPTED
 
 
+@pytest.mark.slow
 def test_grid_is_enlarged_and_rows_are_labelled(tmp_path: Path, medmnist_root: Path) -> None:
     out = tmp_path / "random"
     result = _run(EXE, "distill", "breastmnist", "--method", "random", "--ipc", "1", "--out", out, "--eval-models", "1",
@@ -154,6 +158,7 @@ def _relabelled_npz(breast, path: Path, label_names: list[str]) -> Path:
     return write_npz_dataset(path, arrays, task="binary-class", label_names=label_names)
 
 
+@pytest.mark.slow
 def test_train_refuses_eval_data_whose_classes_mean_something_else(bundle: Path, breast, tmp_path: Path) -> None:
     other = _relabelled_npz(breast, tmp_path / "breast_vs_pneumonia.npz", ["breastmnist", "pneumoniamnist"])
     common = ["--epochs", "1", "--device", "cpu", "--no-progress"]

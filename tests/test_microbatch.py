@@ -79,6 +79,7 @@ def test_chunked_gradient_and_forward_equal_the_whole_batch(breast) -> None:
         torch.testing.assert_close(forward_in_chunks(model, x, 16), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_networks_match_whole_batch_training(breast) -> None:
     protocol = TrainProtocol(epochs=1, batch_size=64)
     images, labels = breast.train.images[:150], breast.train.labels[:150]
@@ -92,6 +93,7 @@ def test_trained_networks_match_whole_batch_training(breast) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_expert_step_is_the_whole_batch_step(breast) -> None:
     settings = ExpertSettings(epochs=1, model_kwargs={"width": 64})
     flat_model, flats, _ = stacked_experts(breast, settings, [0, 1])
@@ -107,7 +109,7 @@ def test_expert_step_is_the_whole_batch_step(breast) -> None:
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dc", "dm"])
+@pytest.mark.parametrize("method", [pytest.param("dc", marks=pytest.mark.slow), "dm"])
 def test_distilled_sets_match_whole_batch_ones(breast, method: str) -> None:
     config = {"iterations": 2, "batch_real": 40, "eval_every": 0}
     chunked = distill(method, breast, 1, config, context=RunContext(seed=0))

@@ -18,7 +18,6 @@ from medistill.methods import experts as experts_module
 from medistill.methods import mtt as mtt_module
 from medistill.methods.mtt import MTTConfig, MTTDistiller, Unroll, bounded_unroll, plain_unroll
 from medistill.zca import ZCA
-from result_digest import without_seconds
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +52,7 @@ def one_expert_one_epoch(buffer_root: Path) -> dict:
             "model_kwargs": {"width": 8}, "buffer_root": str(buffer_root)}
 
 
+@pytest.mark.slow
 def test_a_buffer_to_build_is_announced_with_its_cost_first(breast, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(experts_module, "step_seconds", lambda dataset, settings, count: 4.0)
     messages: list[str] = []
@@ -71,20 +71,19 @@ def test_the_default_buffer_says_how_to_ask_for_a_smaller_one() -> None:
         "(now 30; the least max_start_epoch 10 + expert_epochs 2 allow)")
 
 
-def test_cli_refuses_a_buffer_over_the_time_limit_in_one_line(medmnist_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from test_cli import _assert_one_line_error, _run_main
-
+def test_cli_refuses_a_buffer_over_the_time_limit_in_one_line(medmnist_root: Path, tmp_path: Path, run_main, assert_one_line_error) -> None:
     argv = ["distill", "breastmnist", "-m", "mtt", "--ipc", "1", "--out", tmp_path / "run", "--data-root", medmnist_root,
             "--device", "cpu", "--no-progress", "--max-expert-minutes", "1e-6"]
     for pair in ("num_experts=1", "buffer_epochs=1", "max_start_epoch=1", "expert_epochs=1", "model_kwargs={width: 8}",
                  f"buffer_root={tmp_path / 'experts'}"):
         argv += ["--set", pair]
-    code, err = _run_main(argv, monkeypatch, capsys)
-    _assert_one_line_error(code, err, "training 1 expert(s) x 1 epochs on breastmnist", "(an estimate from one timed training step)",
-                           "over the limit of 1e-06 min (max_expert_minutes); nothing was trained", "--set num_experts=N")
+    code, err = run_main(argv)
+    assert_one_line_error(code, err, "training 1 expert(s) x 1 epochs on breastmnist", "(an estimate from one timed training step)",
+                          "over the limit of 1e-06 min (max_expert_minutes); nothing was trained", "--set num_experts=N")
     assert not list((tmp_path / "experts").rglob("expert_*.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", [None, "color_crop_cutout_flip_scale_rotate"])
 def test_bounded_unroll_gradients_equal_plain(breast, buffer_root: Path, augment) -> None:
     config = tiny(buffer_root, syn_steps=7, batch_syn=3, dsa_strategy=augment)
@@ -108,7 +107,8 @@ def test_loss_decreases_on_a_fixed_problem(breast, buffer_root: Path) -> None:
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(breast, buffer_root: Path, tmp_path: Path, monkeypatch, without_seconds) -> None:
     config = tiny(buffer_root, iterations=7, unroll="bounded", eval_every=3, eval_epochs=2)
     whole = distill("mtt", breast, 1, config, context=RunContext(seed=3))
 
@@ -167,6 +167,7 @@ def test_pipeline_evaluates_with_the_learned_lr(breast, buffer_root: Path, tmp_p
     assert record["eval_protocol"]["augment"] == "color_crop_cutout_flip_scale_rotate"
 
 
+@pytest.mark.slow
 def test_zca_runs_on_grayscale_with_a_warning_and_round_trips_on_rgb(breast, medmnist_root: Path, buffer_root: Path) -> None:
     messages: list[str] = []
     gray = distill("mtt", breast, 1, tiny(buffer_root, iterations=1, zca=True), context=RunContext(log=messages.append))
@@ -191,6 +192,7 @@ def test_bad_settings_are_refused(breast, buffer_root: Path) -> None:
         distill("mtt", breast, 1000, tiny(buffer_root))
 
 
+@pytest.mark.slow
 def test_badly_scaled_setups_are_reported(breast, buffer_root: Path) -> None:
     messages: list[str] = []
     config = tiny(buffer_root, iterations=20, syn_steps=8, syn_lr_init=0.05, lr_lr=1e-3, dsa_strategy=None)
@@ -199,9 +201,7 @@ def test_badly_scaled_setups_are_reported(breast, buffer_root: Path) -> None:
     assert any(m.startswith("warning: ") and ("student moves much further" in m or "clamped" in m) for m in messages)
 
 
-def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_root: Path, tmp_path: Path) -> None:
-    from test_dm import read_tensorboard
-
+def test_tensorboard_logs_loss_learned_lr_eval_points_and_images(breast, buffer_root: Path, tmp_path: Path, read_tensorboard) -> None:
     config = tiny(buffer_root, iterations=4, checkpoint_every=2, eval_every=2, eval_epochs=1, tensorboard=str(tmp_path / "tb"))
     result = distill("mtt", breast, 1, config, context=RunContext(seed=1))
     scalars, images = read_tensorboard(tmp_path / "tb")

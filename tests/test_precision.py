@@ -33,6 +33,7 @@ def weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_compiled_training_computes_what_eager_training_does() -> None:
     data = tiny_dataset()
     images, labels = data.train.images, data.train.labels
@@ -51,6 +52,7 @@ def test_eval_settings_carry_the_switches_into_every_protocol() -> None:
     assert not plain.bf16 and not plain.compile
 
 
+@pytest.mark.slow
 def test_mtt_student_and_experts_take_bf16(breast, tmp_path: Path) -> None:
     base = {"iterations": 1, "syn_steps": 2, "num_experts": 1, "buffer_epochs": 1, "max_start_epoch": 1, "expert_epochs": 1,
             "model_kwargs": {"width": 8}, "buffer_root": str(tmp_path)}
@@ -69,6 +71,7 @@ def test_fp32_expert_buffers_keep_their_identity() -> None:
     assert MTTConfig(expert_bf16=True).expert_settings(zca=False).bf16
 
 
+@pytest.mark.slow
 def test_cli_switches_reach_the_method_and_the_evaluation(medmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "dm"
     result = CliRunner().invoke(app, ["distill", "breastmnist", "-m", "dm", "--ipc", "1", "--iterations", "1", "--out", str(out),
@@ -108,6 +111,7 @@ def distill_cli(medmnist_root: Path, out: Path, *extra: str) -> tuple[str, dict]
     return result.output, record
 
 
+@pytest.mark.slow
 def test_cli_trains_bf16_by_default_only_on_a_cpu_with_native_bf16(medmnist_root: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     native_bf16_cpu(monkeypatch, True)

@@ -152,6 +152,7 @@ def test_one_dataset_is_refused(tmp_path):
         fit_predictor(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_predict_on_a_one_dataset_study_refuses_in_one_line(tmp_path):
     write_study(tmp_path / "s", {"only": (2, [(1, 0.6, 0.7), (10, 0.7, 0.8)])})
     done = subprocess.run([sys.executable, "-m", "medistill", "predict", "digits", "--ipc", "1", "--study", str(tmp_path / "s")],
@@ -160,6 +161,7 @@ def test_cli_predict_on_a_one_dataset_study_refuses_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_predict_warns_on_a_dataset_outside_the_fitted_range(tmp_path):
     """Four 2-class grayscale datasets; digits has 10 classes: the real command runs the probe and says so."""
     write_study(tmp_path / "s", {f"d{i}": (2, [(1, 0.55 + 0.05 * i, 0.7 + 0.04 * i), (10, 0.7 + 0.03 * i, 0.8 + 0.02 * i)]) for i in range(4)})
@@ -208,6 +210,7 @@ def expected_transfer_mae(world, probe: str, method: str) -> float:
     return summary.mae
 
 
+@pytest.mark.slow
 def test_the_report_names_the_probe_whose_predictions_err_least(tmp_path):
     world = probe_world()
     write_runs(tmp_path, world)
@@ -253,6 +256,7 @@ def test_probes_that_predict_equally_well_are_a_tie(tmp_path):
     assert comparison.verdict().startswith("Tie: herding and kcenter have the same lowest mean transfer MAE over dc, dm")
 
 
+@pytest.mark.slow
 def test_with_one_probe_the_report_says_no_comparison_is_possible(tmp_path):
     write_study(tmp_path, {f"d{i}": (2, [(1, 0.55 + 0.05 * i, 0.7 + 0.04 * i), (10, 0.7 + 0.03 * i, 0.8 + 0.02 * i)]) for i in range(4)})
     report = write_report(tmp_path).read_text()

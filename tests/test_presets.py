@@ -21,6 +21,7 @@ def _medistill(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_presets_are_listed_with_their_kind() -> None:
     presets = {p.name: p for p in list_presets()}
     assert {"dc", "dsa", "dm", "mtt-28-ipc1", "mtt-28-ipc10", "mtt-28-ipc50", "paper-per-dataset", "paper-simulation"} <= set(presets)
@@ -40,6 +41,7 @@ def test_a_name_finds_a_preset_and_a_file_stays_a_file(tmp_path: Path) -> None:
         resolve_config_path("nope")
 
 
+@pytest.mark.slow
 def test_an_unknown_study_preset_is_one_line() -> None:
     done = _medistill("study", "no-such-preset")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "paper-per-dataset" in done.stderr

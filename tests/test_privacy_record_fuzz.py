@@ -7,6 +7,7 @@ import dataclasses
 import math
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,7 @@ def test_the_valid_record_verifies() -> None:
         assert record is not None and math.isfinite(record["epsilon"])
 
 
+@pytest.mark.slow
 @EXAMPLES
 @given(field=st.sampled_from(sorted(valid_set().extra["privacy"])), value=JSON)
 def test_any_one_field_replaced(field, value) -> None:
@@ -55,6 +57,7 @@ def test_any_one_field_replaced(field, value) -> None:
     check(synthetic)
 
 
+@pytest.mark.slow
 @EXAMPLES
 @given(record=JSON)
 def test_any_record(record) -> None:
@@ -63,6 +66,7 @@ def test_any_record(record) -> None:
     check(synthetic)
 
 
+@pytest.mark.slow
 @EXAMPLES
 @given(field=st.sampled_from(sorted(valid_set().hyperparameters)), value=JSON)
 def test_any_one_setting_replaced(field, value) -> None:
@@ -71,6 +75,7 @@ def test_any_one_setting_replaced(field, value) -> None:
     check(synthetic)
 
 
+@pytest.mark.slow
 @EXAMPLES
 @given(sigma=st.floats(allow_nan=True, allow_infinity=True), rate=st.floats(allow_nan=True), steps=st.integers(-5, 10**6))
 def test_any_mechanism_numbers(sigma, rate, steps) -> None:

@@ -130,6 +130,7 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_ipc_larger_than_a_class_is_refused_in_one_line(medmnist_root: Path, small, tmp_path: Path) -> None:
     for method in SELECTORS:  # refused before any feature network is trained
         with pytest.raises(ConfigError, match="IPC 13 is larger than class 'a'"):

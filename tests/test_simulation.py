@@ -87,6 +87,7 @@ def test_bad_recipes_are_refused(kwargs, message):
         SimulationRecipe(**kwargs)
 
 
+@pytest.mark.slow
 def test_cli_simulate(tmp_path, medmnist_root, pneumonia_npz):
     out = tmp_path / "cli.npz"
     cmd = [sys.executable, "-m", "medistill", "simulate", "--datasets", f"breastmnist,{pneumonia_npz}", "--fraction", "0.05",

@@ -194,6 +194,7 @@ def test_report_links_every_number_to_its_run(finished_study):
     assert "\\begin{tabular}" in (out / "tables" / "acc.tex").read_text()
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_and_gives_the_same_table(finished_study, tiny_data, tmp_path):
     out, _ = finished_study
     config = tiny_config(tiny_data)
@@ -240,6 +241,7 @@ def same_run(folder: Path, reference: Path) -> None:
     assert not (folder / "work").exists(), "the run's scratch folder is removed once it is stored"
 
 
+@pytest.mark.slow
 def test_killed_study_continues_its_run_from_the_checkpoint(dm_study, tmp_path):
     """SIGKILL the study mid-distillation; the rerun continues the run and ends with the uninterrupted result."""
     config, reference = dm_study
@@ -266,6 +268,7 @@ def test_killed_study_continues_its_run_from_the_checkpoint(dm_study, tmp_path):
     same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_run_finished_but_not_stored_redoes_only_its_evaluation(dm_study, tmp_path, capfd):
     """A worker that wrote result.json into its scratch, with the driver killed before storing it."""
     config, reference = dm_study
@@ -285,6 +288,7 @@ def test_run_finished_but_not_stored_redoes_only_its_evaluation(dm_study, tmp_pa
     same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("datasets: [breastmnist]\nmethods: [random]\nipcs: [-1]\n")
@@ -294,6 +298,7 @@ def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
 
 # --- predictor ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predictor_fits_the_study_and_predicts_from_a_fresh_random_run(tiny_data, tmp_path):
     config = tiny_config(tiny_data, datasets=["breast_small.npz", "pneumonia_small.npz"], seeds=[0],
                          methods={"random": None, "dm": {"settings": {"iterations": 2, "batch_real": 8}}})

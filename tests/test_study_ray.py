@@ -13,6 +13,7 @@ from medistill.errors import ConfigError
 from medistill.study import ResultStore, load_study, run_study
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'); CI installs it and runs these tests")
+pytestmark = pytest.mark.slow  # every test needs the local Ray instance, which takes seconds to start and to stop
 
 
 @pytest.fixture(scope="module")

@@ -46,38 +46,47 @@ def through_the_executable(topic: str, tmp_path: Path) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_no_code_runs_from_a_planted_checkpoint(tmp_path, medmnist_root) -> None:
     through_the_executable("no code from files", tmp_path)
 
 
+@pytest.mark.slow
 def test_export_screens_the_set_itself_whatever_its_metadata_says(tmp_path, medmnist_root) -> None:
     through_the_executable("export gate", tmp_path)
 
 
+@pytest.mark.slow
 def test_audit_never_writes_into_a_bundle(tmp_path, medmnist_root) -> None:
     through_the_executable("audit never writes into a bundle", tmp_path)
 
 
+@pytest.mark.slow
 def test_memory_bombs_are_refused_before_allocating(tmp_path, medmnist_root) -> None:
     through_the_executable("memory bombs", tmp_path)
 
 
+@pytest.mark.slow
 def test_outputs_are_atomic_and_never_clobber(tmp_path, medmnist_root) -> None:
     through_the_executable("atomic, non-clobbering outputs", tmp_path)
 
 
+@pytest.mark.slow
 def test_one_runner_per_study_folder_and_failed_runs_exit_non_zero(tmp_path, medmnist_root) -> None:
     through_the_executable("one runner per study", tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_through_the_executable(tmp_path, medmnist_root) -> None:
     through_the_executable("one line for every bad input", tmp_path)
 
 
+@pytest.mark.slow
 def test_downloads_never_follow_links_out_of_an_image_folder(tmp_path, medmnist_root) -> None:
     through_the_executable("downloads", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("item", EXECUTABLE, ids=[c.name for c in EXECUTABLE])
 def test_case_through_the_executable(item, tmp_path, medmnist_root) -> None:
     row = hostile.run_case(item, tmp_path / "case")

@@ -91,6 +91,7 @@ def trickle():
     server.server_close()
 
 
+@pytest.mark.slow
 def test_downloads_have_a_deadline_and_a_size_cap(trickle, tmp_path) -> None:
     from medistill.data.download import download_file
     from medistill.data.medmnist import max_file_bytes
@@ -145,6 +146,7 @@ def test_settings_read_numbers_in_every_usual_spelling_and_refuse_wrong_types(tm
         make_config(get_method("mtt"), {"lr_lr": "fast"})
 
 
+@pytest.mark.slow
 def test_tests_of_an_optional_extra_skip_with_a_reason_when_it_is_absent(tmp_path) -> None:
     (tmp_path / "ray.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")  # as when it is not installed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
