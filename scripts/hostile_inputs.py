@@ -50,6 +50,7 @@ class Case:
     max_file_bytes: int | None = None  # simulate a full disk: writes beyond this many bytes per file fail
     cleanup: Callable[[Path], None] = lambda folder: None
     executable: bool = False  # the test suite runs it through the real executable (else in-process through cli.main)
+    timeout: float = 600.0  # seconds the command may run: a case that could hang (a FIFO) gets a shorter one
 
 
 CASES: list[Case] = []
@@ -454,10 +455,279 @@ def _(folder: Path) -> list[str]:
 
 # --- bounded before allocation --------------------------------------------------------------------
 
+def medistill_cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the real executable while preparing a case (its output is not judged)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "medistill", *args], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600, check=True)
+
+
+def mentions(*texts: str) -> Callable[[Path, subprocess.CompletedProcess], str | None]:
+    """A check that the error line says each of `texts` (what was refused, and the bound)."""
+    return lambda folder, done: next((f"the error does not say {text!r}" for text in texts if text not in done.stderr), None)
+
+
+def distill_folder(root: Path, folder: Path, *extra: str) -> list[str]:
+    return ["distill", str(root), "-m", "random", "--ipc", "1", "--eval-models", "1", "--eval-epochs", "1",
+            "--out", str(folder / "out"), "--device", "cpu", "--no-progress", *extra]
+
+
+@case("bounded before allocation", "a FIFO named x.png in an image folder (never opened)", timeout=120,
+      check=mentions("FIFO", "not a regular file"), executable=True)
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    os.mkfifo(root / "a" / "x.png")
+    return distill_folder(root, folder)
+
+
+@case("bounded before allocation", "a symbolic-link loop named x.png in an image folder", timeout=120,
+      check=mentions("symbolic-link loop"), executable=True)
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    (root / "a" / "x.png").symlink_to("y.png")
+    (root / "a" / "y.png").symlink_to("x.png")
+    return distill_folder(root, folder)
+
+
+@case("bounded before allocation", "`train/` is a link to a folder outside the image folder",
+      check=mentions("outside the image folder"), executable=True)
+def _(folder: Path) -> list[str]:
+    elsewhere = image_folder(folder / "elsewhere")
+    root = folder / "split"
+    for split in ("val", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                (root / split / name / f"{i}.png").write_bytes((elsewhere / name / f"{i}.png").read_bytes())
+    (root / "train").symlink_to(elsewhere)
+    return distill_folder(root, folder)
+
+
+@case("bounded before allocation", "a class folder that is a link to a folder outside the image folder",
+      check=mentions("outside the image folder"))
+def _(folder: Path) -> list[str]:
+    elsewhere = image_folder(folder / "elsewhere")
+    root = image_folder(folder)
+    (root / "c").symlink_to(elsewhere / "a")
+    return distill_folder(root, folder)
+
+
+@case("bounded before allocation", "a FIFO in the data root in place of breastmnist.npz", timeout=120,
+      check=mentions("FIFO"), executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "data").mkdir()
+    os.mkfifo(folder / "data" / "breastmnist.npz")
+    return ["distill", "breastmnist", "-m", "random", "--out", str(folder / "out"), "--data-root", str(folder / "data")]
+
+
+@case("bounded before allocation", "a FIFO named own.npz given as the dataset", timeout=120, check=mentions("FIFO"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    os.mkfifo(folder / "own.npz")
+    return ["distill", str(folder / "own.npz"), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("bounded before allocation", "npz whose non-.npy member inflates to 200 MB (limit set to 64 MB)",
+      env={"MEDISTILL_MAX_NPZ_BYTES": str(64 << 20)}, check=mentions("in its members", "MEDISTILL_MAX_NPZ_BYTES"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    path = tiny_npz(folder / "member.npz")
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("notes.bin", "w", force_zip64=True) as member:
+        for _ in range(200):
+            member.write(bytes(1 << 20))
+    return ["distill", str(path), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("bounded before allocation", "npz metadata JSON nested 5000 levels deep", check=mentions("nests deeper"))
+def _(folder: Path) -> list[str]:
+    path = tiny_npz(folder / "nested.npz", medistill_meta=np.array("[" * 5000 + "]" * 5000))
+    return ["distill", str(path), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("bounded before allocation", "npz array of a nested structured dtype", check=mentions("only arrays of numbers"))
+def _(folder: Path) -> list[str]:
+    nested = np.zeros(4, np.dtype([("a", [("b", [("c", "u1")])])]))
+    return ["distill", str(tiny_npz(folder / "dtype.npz", extra=nested)), "-m", "random", "--out", str(folder / "out")]
+
+
+@case("bounded before allocation", "`export` of a set of 2048x2048 images (its source would be resized to 2048)",
+      check=lambda folder, done: no_file("bundle")(folder, done) or mentions("2048", "8..1024")(folder, done), executable=True)
+def _(folder: Path) -> list[str]:
+    import torch
+
+    from medistill.methods import new_set
+
+    images = torch.randn(2, 1, 2048, 2048, generator=torch.Generator().manual_seed(0))
+    synthetic = new_set(breast(), images, torch.tensor([0, 1]), method="dc", ipc=1, seed=0)
+    return ["export", str(synthetic.save(folder / "set")), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+@case("bounded before allocation", "an image folder of 2048x2048 images without --image-size", check=mentions("2048", "--image-size"))
+def _(folder: Path) -> list[str]:
+    from PIL import Image
+
+    root = image_folder(folder)
+    for path in root.rglob("*.png"):
+        Image.new("L", (2048, 2048)).save(path)
+    return distill_folder(root, folder)
+
+
+@case("bounded before allocation", "`--ipc 100000000000`", check=mentions("1..1,000,000"), executable=True)
+def _(folder: Path) -> list[str]:
+    return ["distill", "breastmnist", "-m", "random", "--ipc", str(10**11), "--out", str(folder / "out")]
+
+
+@case("bounded before allocation", "`dm --ipc 900000` from noise (the set alone would need over 1 TB)",
+      check=mentions("too large", "largest IPC within it"), executable=True)
+def _(folder: Path) -> list[str]:
+    return ["distill", "breastmnist", "-m", "dm", "--ipc", "900000", "--set", "init=noise", "--out", str(folder / "out"),
+            "--device", "cpu", "--no-progress"]
+
+
+@case("bounded before allocation", "`--image-size 100000`", check=mentions("8..1024"), executable=True)
+def _(folder: Path) -> list[str]:
+    return ["distill", "breastmnist", "-m", "random", "--image-size", "100000", "--out", str(folder / "out")]
+
+
+for _seed in (2**32, 2**63, -1):
+    case("bounded before allocation", f"`--seed {_seed}`", check=mentions("0..4294967295"), executable=True)(
+        lambda folder, _seed=_seed: ["distill", "breastmnist", "-m", "random", "--ipc", "1", "--seed", str(_seed),
+                                     "--out", str(folder / "out")])
+case("bounded before allocation", "`privacy-audit --seed -1`", check=mentions("0..4294967295"))(
+    lambda folder: ["privacy-audit", "breastmnist", "-m", "dm", "--seed", "-1", "--out", str(folder / "out")])
+
+
+@case("bounded before allocation", "study config with `seeds: [4294967296]`", check=mentions("0..4294967295"))
+def _(folder: Path) -> list[str]:
+    (folder / "s.yaml").write_text("datasets: [breastmnist]\nmethods: [random]\nseeds: [4294967296]\n")
+    return ["study", str(folder / "s.yaml"), "--out", str(folder / "study"), "--no-report"]
+
+
+def edited_checkpoint(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]:
+    """A run whose checkpoint carries the run's own fingerprint but a state edited by `edit`, resumed."""
+    def prepare(folder: Path) -> list[str]:
+        from medistill.methods.checkpoint import read_state, write_state
+
+        args = ["distill", str(tiny_npz(folder / "tiny.npz")), "-m", "dm", "--ipc", "1", "--set", "iterations=4",
+                "--set", "checkpoint_every=2", "--set", "batch_real=2", "--eval-models", "1", "--eval-epochs", "1",
+                "--out", str(folder / "out"), "--device", "cpu", "--no-progress"]
+        medistill_cli(folder, *args)
+        for name in ("result.json", "synthetic.safetensors", "grid.png"):
+            (folder / "out" / name).unlink(missing_ok=True)
+        path = folder / "out" / "checkpoints" / "state.safetensors"
+        saved = read_state(path)
+        edit(saved["state"])
+        write_state(path, saved)
+        return [*args, "--resume"]
+    return prepare
+
+
+def _wrong_images(state: dict) -> None:
+    import torch
+
+    state["distiller"]["images"] = torch.zeros(3, 1, 16, 16)
+
+
+def _wrong_momentum(state: dict) -> None:
+    import torch
+
+    state["distiller"]["optimizers"]["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(5)
+
+
+CHECKPOINT_EDITS = {
+    "a wrong-shaped image tensor": _wrong_images,
+    "a negative iteration": lambda state: state.update(iteration=-3),
+    "a momentum buffer shaped unlike its images": _wrong_momentum,
+    "an iteration past the run's budget": lambda state: state.update(iteration=10**9),
+}
+for _name, _edit in CHECKPOINT_EDITS.items():
+    case("bounded before allocation", f"`distill --resume` from a checkpoint of the run with {_name}",
+         check=mentions("does not fit this run", "not used"), executable=_name in ("a wrong-shaped image tensor",
+                                                                               "a negative iteration"))(edited_checkpoint(_edit))
+
 # (end of bounded before allocation)
 
 
 # --- text from files never reaches a terminal or a page raw ---------------------------------------
+
+CONTROL_NAME = "a\nb\x1b[31m"  # a newline and a terminal escape sequence (red text)
+
+
+def shown_escaped(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+    """No control character but the newline reaches stdout or stderr, and the name is shown with visible escapes."""
+    for stream, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+        raw = sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F})
+        if raw:
+            return f"{stream} carries raw control characters {', '.join(raw)}"
+    return None if "a\\nb\\x1b[31m" in done.stdout + done.stderr else "the name is not shown escaped (a\\nb\\x1b[31m)"
+
+
+@case("text from files is escaped", "an unreadable image named `a\\nb\\x1b[31m.png` in an image folder", check=shown_escaped,
+      executable=True)
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    (root / "a" / f"{CONTROL_NAME}.png").write_bytes(b"not an image")
+    return distill_folder(root, folder)
+
+
+@case("text from files is escaped", "a set path `a\\nb\\x1b[31m` holding a damaged set given to `evaluate`",
+      check=shown_escaped, executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / CONTROL_NAME).mkdir()
+    (folder / CONTROL_NAME / "synthetic.safetensors").write_bytes(b"\0" * 64)
+    return ["evaluate", str(folder / CONTROL_NAME), "--device", "cpu", "--no-progress"]
+
+
+@case("text from files is escaped", "a FIFO named `a\\nb\\x1b[31m.png` in an image folder", timeout=120,
+      check=shown_escaped, executable=True)
+def _(folder: Path) -> list[str]:
+    root = image_folder(folder)
+    os.mkfifo(root / "b" / f"{CONTROL_NAME}.png")
+    return distill_folder(root, folder)
+
+
+def clean_report(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+    """report.md and index.html carry no raw control character, show the name escaped, and every Markdown table row
+    has its header's number of cells (a name cannot add a line or a cell)."""
+    import re
+
+    for name in ("report.md", "index.html", "tables/acc.md", "tables/acc.tex"):
+        text = (folder / "study" / name).read_text()
+        raw = sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F})
+        if raw:
+            return f"{name} carries raw control characters {', '.join(raw)}"
+        if "x1b" not in text:
+            return f"{name} does not show the dataset's name"
+    cells = 0
+    for line in (folder / "study" / "report.md").read_text().splitlines():
+        if not line.startswith("|"):
+            cells = 0
+            continue
+        count = len(re.split(r"(?<!\\)\|", line)) - 2
+        if cells and count != cells:
+            return f"a table row has {count} cells under a header of {cells}: {line[:80]}"
+        cells = cells or count
+    return None
+
+
+@case("text from files is escaped", "`report` of a study whose dataset folder is named `a\\nb\\x1b[31m|x`", exit_code=0,
+      check=clean_report, executable=True)
+def _(folder: Path) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = ["plain", f"{CONTROL_NAME}|x", "third"]  # three datasets: the predictor's held-out tables are written too
+    for name in names:
+        for label in ("a", "b"):
+            (folder / name / label).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / name / label / f"{i}.png")
+    config = {"datasets": [str(folder / name) for name in names], "ipcs": [1], "eval": {"num_models": 1, "epochs": 1},
+              "methods": {"random": {}, "dm": {"settings": {"iterations": 2, "batch_real": 2}}}}
+    (folder / "study.yaml").write_text(json.dumps(config))
+    medistill_cli(folder, "study", str(folder / "study.yaml"), "--out", str(folder / "study"), "--device", "cpu", "--no-report")
+    return ["report", str(folder / "study")]
 
 # (end of text from files)
 
@@ -490,7 +760,7 @@ def run_case(item: Case, folder: Path) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "medistill", *args], cwd=folder, env=env, capture_output=True, text=True,
-                              timeout=600, preexec_fn=limit_files)
+                              timeout=item.timeout, preexec_fn=limit_files)
     finally:
         item.cleanup(folder)
     seconds = time.perf_counter() - start

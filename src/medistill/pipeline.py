@@ -22,6 +22,7 @@ from medistill.atomic import atomic_write
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
+from medistill.markdown import printable
 from medistill.methods import RunContext, distill, get_method
 from medistill.methods.base import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
 from medistill.methods.checkpoint import CHECKPOINT_NAME
@@ -208,4 +209,4 @@ def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *,
 
 def _log_to_stderr(message: str) -> None:
     """Default sink of a method's messages (e.g. MTT building its expert buffer first)."""
-    print(f"medistill: {message}", file=sys.stderr, flush=True)
+    print(f"medistill: {printable(message)}", file=sys.stderr, flush=True)

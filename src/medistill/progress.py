@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from medistill.markdown import PrintableStream, printable, unguarded
 
 INTERVAL_ENV = "MEDISTILL_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
@@ -93,7 +96,7 @@ class PlainBar(Bar):
 
     @staticmethod
     def _write(line: str) -> None:
-        print(f"medistill: {line}", file=sys.stderr, flush=True)
+        print(f"medistill: {printable(line)}", file=sys.stderr, flush=True)
 
 
 def status_text(fields: dict[str, object]) -> str:
@@ -102,7 +105,7 @@ def status_text(fields: dict[str, object]) -> str:
 
 
 def _rich_status(fields: dict[str, object]) -> dict[str, Any]:
-    return {"status": status_text(fields)} if fields else {}
+    return {"status": escape(printable(status_text(fields)))} if fields else {}
 
 
 def _clock(seconds: float) -> str:
@@ -123,7 +126,11 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     if not enabled:
         yield Bar()
         return
-    console = Console(file=sys.stderr)
+    # A live bar writes cursor controls of its own, so it goes to the terminal under the command line's guard
+    # (markdown.PrintableStream); everything it shows passes through `printable` first, and what others print
+    # while it runs (rich redirects stdout and stderr through the bar) is guarded again.
+    guarded = isinstance(sys.stderr, PrintableStream)
+    console = Console(file=unguarded(sys.stderr))
     if not console.is_terminal:
         bar = PlainBar(total, description, plain_interval())
         yield bar
@@ -138,4 +145,6 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
         TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        yield RichBar(progress, progress.add_task(description, total=total, status=""))
+        if guarded:  # rich puts the streams back as they were when the bar ends
+            sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
+        yield RichBar(progress, progress.add_task(escape(printable(description)), total=total, status=""))

@@ -60,8 +60,19 @@ def torch_build() -> str:
     return f"torch {torch.__version__}: CUDA {torch.version.cuda} build, {gpu}"
 
 
+MAX_SEED = 2**32 - 1  # a run's seed is a 32-bit number, as every generator it seeds (NumPy's legacy one too) takes it
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """`seed` as an int, or a one-line ConfigError that states the range 0..2^32-1."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{what} {seed!r} is outside 0..{MAX_SEED} (2^32 - 1); choose a whole number in that range")
+    return int(seed)
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) from one integer."""
+    """Seed Python, NumPy and torch (all devices) from one integer in 0..2^32-1."""
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

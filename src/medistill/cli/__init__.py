@@ -2,11 +2,14 @@
 
 Every command module registers itself on `app`; `main()` turns library errors into one line
 on stderr and a non-zero exit, never a traceback, and Ctrl-C into a line saying what was kept
-and how to continue.
+and how to continue. Everything a command prints passes through `markdown.PrintableStream`: no
+control character from a file name or a file's contents reaches the terminal raw, and the lines
+that carry such text (the error line, log lines through `say`) show it as one line of escapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -16,6 +19,7 @@ import typer
 
 from medistill import __version__
 from medistill.errors import MedistillError
+from medistill.markdown import PrintableStream, printable
 from medistill.runtime import DEFAULT_THREADS, THREADS_ENV, set_threads, torch_build
 
 app = typer.Typer(
@@ -80,6 +84,16 @@ def on_interrupt(note: Callable[[], str]) -> None:
     _interrupt_note = note
 
 
+def say(message: object) -> None:
+    """Print one log line on stderr: control characters in it, a newline included, shown as escapes."""
+    typer.echo(printable(message), err=True)
+
+
+def tell(message: object) -> None:
+    """Print one line on stdout, control characters in it shown as escapes (as `say`)."""
+    typer.echo(printable(message))
+
+
 def rerun_command(*extra: str) -> str:
     """The command line of this process as the user can type it again, with `extra` options added when absent."""
     args = sys.argv[1:] + [option for option in extra if option not in sys.argv[1:]]
@@ -107,10 +121,12 @@ def main() -> None:
     """Entry point of the `medistill` console script."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (`cmd &`)
         signal.signal(signal.SIGINT, _raise_interrupted)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
     try:
         app()
     except MedistillError as exc:
-        print(f"medistill: error: {exc}", file=sys.stderr)
+        print(f"medistill: error: {printable(exc)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except (Interrupted, KeyboardInterrupt):
         note = (
@@ -118,5 +134,10 @@ def main() -> None:
             if _interrupt_note is not None
             else f"This command keeps no partial work; start again with: {rerun_command()}"
         )
-        print(f"medistill: interrupted. {note}", file=sys.stderr, flush=True)
+        print(f"medistill: interrupted. {printable(note)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be shown anyway
+            sys.stdout.flush()
+            sys.stderr.flush()
+        sys.stdout, sys.stderr = streams

@@ -17,7 +17,7 @@ from medistill.audit.canary import (
     run_canary_audit,
     write_canary_report,
 )
-from medistill.cli import app
+from medistill.cli import app, say
 from medistill.cli.options import (
     BF16,
     Compile,
@@ -37,9 +37,11 @@ from medistill.cli.options import (
     PublicClassCounts,
     Size,
     announce_precision,
+    ipc_option,
     method_settings,
     open_dataset,
     pinned_bf16,
+    seed_option,
     speed_settings,
 )
 from medistill.errors import ConfigError
@@ -48,7 +50,7 @@ from medistill.runtime import choose_bf16
 
 
 def _say(enabled: bool) -> Callable[[str], None]:
-    return (lambda message: typer.echo(f"medistill: {message}", err=True)) if enabled else (lambda message: None)
+    return (lambda message: say(f"medistill: {message}")) if enabled else (lambda message: None)
 
 
 @app.command("privacy-audit")
@@ -57,7 +59,7 @@ def privacy_audit(
         ..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder (single-label)."
     ),
     method: str = typer.Option(..., "--method", "-m", help="The method to audit (see `medistill methods`)."),
-    ipc: int = typer.Option(10, "--ipc", help="Images per class."),
+    ipc: int = ipc_option(),
     out: Path = typer.Option(..., "--out", help=f"Folder for {CANARY_AUDIT_JSON} (created; the released set is not written)."),
     canaries: int = typer.Option(
         CanaryAuditConfig.canaries, "--canaries", help="Canaries drawn; each joins the training split with probability 1/2."
@@ -75,9 +77,7 @@ def privacy_audit(
     confidence: float = typer.Option(CanaryAuditConfig.confidence, "--confidence", help="Confidence of the lower bound."),
     data_root: Path | None = DataRoot,
     device: str = Device,
-    seed: int = typer.Option(
-        0, "--seed", help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."
-    ),
+    seed: int = seed_option(help="Seed of the run and of the canary designs (public); the inclusion coins never come from it."),
     config: Path | None = MethodConfig,
     settings: list[str] = MethodSet,
     iterations: int | None = Iterations,

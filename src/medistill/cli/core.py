@@ -12,7 +12,7 @@ from rich.table import Table
 
 from medistill.artifact import SyntheticSet
 from medistill.atomic import atomic_write, refuse_existing
-from medistill.cli import app, on_interrupt, rerun_command
+from medistill.cli import app, on_interrupt, rerun_command, tell
 from medistill.cli.options import (
     BF16,
     Compile,
@@ -23,6 +23,7 @@ from medistill.cli.options import (
     Force,
     ImageSize,
     Init,
+    Ipc,
     Iterations,
     LrImg,
     MethodConfig,
@@ -47,7 +48,8 @@ from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, r
 from medistill.runtime import choose_bf16, resolve_device
 from medistill.scoretext import mean_std, record_score
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+# plain text: `main` guards stdout (markdown.PrintableStream), which would show colour codes as escapes
+console = Console(width=None if sys.stdout.isatty() else 160, color_system=None)
 
 
 @app.command()
@@ -86,7 +88,7 @@ def datasets(data_root: Path | None = DataRoot) -> None:
 def distill(
     dataset: str = typer.Argument(..., help="MedMNIST flag, an .npz with MedMNIST array names, or an image folder."),
     method: str = typer.Option(..., "--method", "-m", help="random, full, or a distillation method (see `medistill methods`)."),
-    ipc: int = typer.Option(10, "--ipc", help="Images per class."),
+    ipc: int = Ipc,
     out: Path = typer.Option(..., "--out", help="Output folder for the artifact, grid.png and result.json."),
     data_root: Path | None = DataRoot,
     device: str = Device,
@@ -283,7 +285,7 @@ def demo(
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
     use_bf16, why = choose_bf16(bf16, None, data.device, demo_networks())
     announce_precision(use_bf16, why)
-    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, bf16=use_bf16, say=typer.echo)
+    rows = run_demo(data, out=out, seed=seed, progress=progress, estimate=True, bf16=use_bf16, say=tell)
     table = Table(title=f"{DEMO_DATASET}, IPC {DEMO_IPC} (test split; mean ± std over evaluation networks)")
     for column in ("method", "images", "ACC", "AUC", "evaluation", "seconds"):
         table.add_column(column)

@@ -11,11 +11,12 @@ import typer
 from rich.console import Console
 
 from medistill.augment import DEFAULT_STRATEGY
-from medistill.cli import app, on_interrupt, rerun_command
+from medistill.cli import app, on_interrupt, rerun_command, say
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset, parse_pairs
 from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+# plain text: `main` guards stdout (markdown.PrintableStream), which would show colour codes as escapes
+console = Console(width=None if sys.stdout.isatty() else 160, color_system=None)
 
 
 @app.command()
@@ -83,7 +84,7 @@ def experts(
         max_minutes=max_minutes,
         smaller_buffer_hint="for a smaller buffer: --num-experts N or --epochs T",
         progress=progress,
-        log=lambda message: typer.echo(message, err=True),
+        log=say,
     )
     summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}
     if json_out is not None:

@@ -8,19 +8,59 @@ from typing import Any
 import typer
 
 from medistill.configfile import check_value, parse_value, read_yaml
-from medistill.data import Dataset, load_dataset
+from medistill.data import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Dataset, check_image_size, load_dataset
 from medistill.errors import ConfigError
+from medistill.markdown import printable
 from medistill.methods.base import MethodSpec
 from medistill.presets import resolve_config_path
-from medistill.runtime import resolve_device
+from medistill.runtime import MAX_SEED, check_seed, resolve_device
+
+# The bounds on numbers typed on the command line, checked as the line is read (one line, exit 2, before any
+# work): the library checks the same bounds where it accepts the values (runtime.check_seed,
+# data.check_image_size, methods.base.check_ipc, which also bounds an IPC by the memory its set needs).
+MAX_IPC = 1_000_000  # images per class: beyond any class of a MedMNIST dataset, whose largest holds about 50,000
+
+
+def _seed(value: int) -> int:
+    return check_seed(value, "--seed")
+
+
+def _image_size(value: int | None) -> int | None:
+    if value is not None:
+        check_image_size(value, "--image-size")
+    return value
+
+
+def _ipc(value: int) -> int:
+    if not 1 <= value <= MAX_IPC:
+        raise ConfigError(
+            f"--ipc {value} is outside 1..{MAX_IPC:,} images per class; "
+            "a set is also bounded by the memory its images need, checked once the dataset is known"
+        )
+    return value
+
+
+def seed_option(default: int = 0, help: str = "Seed of the run.") -> Any:
+    """A `--seed` option, refused outside 0..2^32-1 as it is read."""
+    return typer.Option(default, "--seed", help=f"{help} A whole number in 0..{MAX_SEED}.", callback=_seed)
+
+
+def ipc_option(default: int | None = 10, help: str = "Images per class.") -> Any:
+    """An `--ipc` option (`default` None: required), refused outside 1..MAX_IPC as it is read."""
+    return typer.Option(... if default is None else default, "--ipc", help=f"{help} 1..{MAX_IPC:,}.", callback=_ipc)
+
 
 DataRoot = typer.Option(None, "--data-root", help="Folder of MedMNIST files (default: $MEDISTILL_DATA, else ~/.medmnist).")
 Device = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
-Seed = typer.Option(
-    0, "--seed", help="Seed of the run; the same seed gives the same result on the same device with the same --threads."
-)
+Seed = seed_option(help="Seed of the run; the same seed gives the same result on the same device with the same --threads.")
+Ipc = ipc_option()
 Size = typer.Option(28, "--size", help="MedMNIST file size: 28, 64, 128 or 224.")
-ImageSize = typer.Option(None, "--image-size", help="Resize images to this size after loading (the study used 32).")
+ImageSize = typer.Option(
+    None,
+    "--image-size",
+    help=f"Resize images to this size after loading (the study used 32); {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px.",
+    callback=_image_size,
+)
 Force = typer.Option(False, "--force", help="Replace an existing output instead of refusing it.")
 BF16 = typer.Option(
     None,
@@ -118,4 +158,4 @@ def pinned_bf16(given: dict[str, Any]) -> bool | None:
 
 def announce_precision(bf16: bool, why: str) -> None:
     """Say which precision the command's networks train in, and why (stdout, as the thread count)."""
-    typer.echo(f"medistill: {'bf16' if bf16 else 'fp32'} networks ({why})")
+    typer.echo(printable(f"medistill: {'bf16' if bf16 else 'fp32'} networks ({why})"))

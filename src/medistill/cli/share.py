@@ -10,7 +10,7 @@ import typer
 from medistill.artifact import SyntheticSet
 from medistill.audit.report import AUDIT_JSON, AUDIT_MD, AuditConfig, audit_markdown, run_audit
 from medistill.bundle import export_bundle, train_on_bundle
-from medistill.cli import app
+from medistill.cli import app, say
 from medistill.cli.options import DataRoot, Device, Force, Progress, Seed
 from medistill.dp.accounting import is_guarantee
 from medistill.runtime import resolve_device
@@ -19,7 +19,7 @@ EXIT_AUDIT_FAILED = 1
 
 
 def _say(enabled: bool) -> Callable[[str], None]:
-    return (lambda message: typer.echo(message, err=True)) if enabled else (lambda message: None)
+    return say if enabled else (lambda message: None)
 
 
 @app.command()
@@ -153,7 +153,7 @@ def train(
         progress=progress,
         force=force,
         ignore_label_names=ignore_label_names,
-        log=lambda message: typer.echo(message, err=True),
+        log=say,
     )
     protocol = result["protocol"]
     typer.echo(

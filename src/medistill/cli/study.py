@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from medistill.atomic import refuse_existing
-from medistill.cli import app, on_interrupt, rerun_command
-from medistill.cli.options import DataRoot, Force, Seed
+from medistill.cli import app, on_interrupt, rerun_command, tell
+from medistill.cli.options import DataRoot, Force, Seed, ipc_option
 from medistill.data import load_dataset
 from medistill.errors import ConfigError
 from medistill.presets import resolve_config_path
@@ -64,7 +64,7 @@ def study(
         data_root=data_root,
         device=device,
         retry_failed=retry_failed,
-        log=typer.echo,
+        log=tell,
     )
     if report:
         path = write_report(out)
@@ -106,7 +106,7 @@ def predict(
     dataset: str = typer.Argument(
         ..., help="MedMNIST flag, bundled set (digits), npz/folder path, or a simulation set of the study."
     ),
-    ipc: int = typer.Option(..., "--ipc", help="Images per class."),
+    ipc: int = ipc_option(None),
     study_dir: Path = typer.Option(DEFAULT_STUDY_DIR, "--study", help="Study folder whose fitted predictor is used."),
     probe: str = typer.Option(
         DEFAULT_PROBE,
@@ -118,9 +118,7 @@ def predict(
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the study's)."),
 ) -> None:
     """Run the cheap probe on a dataset and predict each distillation method's test ACC, with an interval over datasets."""
-    result = predict_accuracy(
-        dataset, ipc, study_dir, probe=probe, level=level, data_root=data_root, device=device, log=typer.echo
-    )
+    result = predict_accuracy(dataset, ipc, study_dir, probe=probe, level=level, data_root=data_root, device=device, log=tell)
     typer.echo(f"study: {result.study}; fitted on {len(result.study_datasets)} datasets: {', '.join(result.study_datasets)}")
     f = result.facts
     typer.echo(

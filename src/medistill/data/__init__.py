@@ -8,7 +8,20 @@ import torch
 
 from medistill.data.bundled import BUNDLED, is_bundled, load_bundled
 from medistill.data.custom import load_image_folder, load_npz_dataset, write_npz_dataset
-from medistill.data.dataset import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS, Dataset, DataSource, Split
+from medistill.data.dataset import (
+    BINARY,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    MULTI_CLASS,
+    MULTI_LABEL,
+    ORDINAL,
+    TASKS,
+    Dataset,
+    DataSource,
+    Split,
+    check_image_size,
+    memory_bound,
+)
 from medistill.data.medmnist import FLAGS, SIZES, dataset_info, ensure_file, is_cached, load_medmnist, resolve_data_root
 from medistill.errors import DataError
 
@@ -16,6 +29,8 @@ __all__ = [
     "BINARY",
     "BUNDLED",
     "FLAGS",
+    "MAX_IMAGE_SIZE",
+    "MIN_IMAGE_SIZE",
     "MULTI_CLASS",
     "MULTI_LABEL",
     "ORDINAL",
@@ -24,6 +39,7 @@ __all__ = [
     "DataSource",
     "Dataset",
     "Split",
+    "check_image_size",
     "dataset_info",
     "ensure_file",
     "is_bundled",
@@ -33,6 +49,7 @@ __all__ = [
     "load_image_folder",
     "load_medmnist",
     "load_npz_dataset",
+    "memory_bound",
     "resolve_data_root",
     "write_npz_dataset",
 ]
@@ -54,6 +71,8 @@ def load_dataset(
     `size` picks the MedMNIST file (28/64/128/224); `image_size` and `channels` resize and
     convert after loading (e.g. 28->32 to replay the feasibility study, gray->RGB).
     """
+    if image_size is not None:
+        check_image_size(image_size)
     text = str(name)
     if text.lower() in FLAGS:
         return load_medmnist(

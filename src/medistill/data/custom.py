@@ -23,16 +23,20 @@ from medistill.data.dataset import (
     Dataset,
     DataSource,
     build_dataset,
+    check_dataset_memory,
     check_image_arrays,
+    check_image_size,
     check_label_array,
 )
 from medistill.data.download import md5sum
+from medistill.data.files import is_folder, open_regular, regular_file, resolved
 from medistill.data.medmnist import max_npz_bytes, read_npz, split_arrays
 from medistill.errors import DataError
 
 META_KEY = "medistill_meta"  # optional 0-d string array holding JSON: task, label_names, provenance
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FOLDER_SPLIT = {"train": 0.7, "val": 0.1, "test": 0.2}  # used when a folder has no train/val/test sub-folders
+MAX_META_DEPTH = 16  # task, label names and a provenance record need three or four levels
 
 
 def load_npz_dataset(
@@ -44,14 +48,19 @@ def load_npz_dataset(
 ) -> Dataset:
     """Load an npz with the MedMNIST array names; task and label names come from its metadata or the labels."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"dataset file {path} does not exist")
+    regular_file(path)
     arrays = read_npz(path, max_npz_bytes())
     splits = split_arrays(arrays, path)
     try:
         meta = json.loads(str(arrays[META_KEY])) if META_KEY in arrays else {}
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: the '{META_KEY}' array is not valid JSON ({exc})") from None
+    except RecursionError:
+        meta = None
+    if meta is None or _depth(meta) > MAX_META_DEPTH:
+        raise DataError(f"{path}: the '{META_KEY}' JSON nests deeper than {MAX_META_DEPTH} levels")
     if not isinstance(meta, dict):
         raise DataError(f"{path}: the '{META_KEY}' array must hold a JSON object (task, label_names, provenance)")
     check_image_arrays(path.stem, {split: images for split, (images, _) in splits.items()})
@@ -79,6 +88,14 @@ def load_npz_dataset(
         image_size=image_size,
         device=device,
     )
+
+
+def _depth(value: Any, limit: int = MAX_META_DEPTH + 1) -> int:
+    """How deeply `value` (parsed JSON) nests lists and objects, counted up to `limit`."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(item, limit - 1) for item in items), default=0)
 
 
 def write_npz_dataset(
@@ -139,10 +156,11 @@ def load_image_folder(
     `image_size` (default: the size of the first image).
     """
     root = Path(path)
-    if not root.is_dir():
+    if not is_folder(root):
         raise DataError(f"image folder {root} does not exist")
-    if all((root / s).is_dir() for s in ("train", "test")):
-        listed = {s: _list_class_files(root / s) for s in SPLITS if (root / s).is_dir()}
+    base = resolved(root)  # every path read below must resolve inside this folder
+    if all(is_folder(root / s, inside=base) for s in ("train", "test")):
+        listed = {s: _list_class_files(root / s, base) for s in SPLITS if is_folder(root / s, inside=base)}
         class_names = sorted(listed["train"])
         unseen = sorted({c for s in listed for c in listed[s]} - set(class_names))
         if unseen:
@@ -153,12 +171,15 @@ def load_image_folder(
         if not files["val"]:
             files["train"], files["val"] = _split_off(files["train"], 0.1, seed)
     else:
-        per_class = _list_class_files(root)
+        per_class = _list_class_files(root, base)
         class_names = sorted(per_class)
         files = _stratified_split(per_class, class_names, seed)
     all_files = [f for s in SPLITS for f, _ in files[s]]
     mode = "L" if all(_image_mode(f) in ("L", "1", "I;16", "I") for f in all_files) else "RGB"
     size = image_size or _first_size(all_files[0])
+    first = all_files[0].relative_to(root)
+    check_image_size(size, f"image folder {root}: its first image {first}", "give --image-size to resize")
+    check_dataset_memory(f"image folder {root}", len(all_files), size, 1 if mode == "L" else 3, channels)
     arrays = {
         s: (_read_images([f for f, _ in files[s]], mode, size), np.array([[y] for _, y in files[s]], dtype=np.int64))
         for s in SPLITS
@@ -177,32 +198,29 @@ def load_image_folder(
     )
 
 
-def _list_class_files(root: Path) -> dict[str, list[Path]]:
+def _list_class_files(folder: Path, base: Path) -> dict[str, list[Path]]:
+    """The image files of each class sub-folder of `folder`: regular files whose paths resolve inside `base`
+    (the image folder, resolved); other entries of `folder` are skipped, links out of `base` refused."""
     classes = {
-        d.name: sorted(_inside(f, root) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(_inside(d, root) for d in root.iterdir())
-        if d.is_dir()
+        d.name: sorted(regular_file(f, inside=base) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(folder.iterdir())
+        if is_folder(d, inside=base)
     }
     classes = {name: files for name, files in classes.items() if files}
     if len(classes) < 2:
-        raise DataError(f"image folder {root} needs at least two class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(
+            f"image folder {folder} needs at least two class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})"
+        )
     return classes
-
-
-def _inside(path: Path, root: Path) -> Path:
-    """`path`, unless it is a link that leads outside the image folder (refused: the folder is what was asked for)."""
-    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
-        raise DataError(f"{path} is a link to {path.resolve()}, outside the image folder {root}; links must stay inside it")
-    return path
 
 
 @contextlib.contextmanager
 def _open_image(path: Path) -> Iterator[Image.Image]:
-    """Open an image; unreadable, truncated or decompression-bomb files are one-line DataErrors."""
+    """Open an image (a regular file only); unreadable, truncated or decompression-bomb files are one-line DataErrors."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as handle:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(handle) as image:
                 yield image
     except (
         UnidentifiedImageError,
@@ -212,7 +230,8 @@ def _open_image(path: Path) -> Iterator[Image.Image]:
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+        detail = "not an image format PIL can identify" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(detail.split())[:160]}") from None
 
 
 def _stratified_split(per_class: dict[str, list[Path]], class_names: list[str], seed: int) -> dict[str, list[tuple[Path, int]]]:

@@ -1,12 +1,17 @@
 """The in-memory dataset every method, evaluator and audit works on.
 
 Images are held as one normalised float tensor per split, already on the target device;
-channel and size harmonisation happens here and nowhere else (`prepare_images`).
+channel and size harmonisation happens here and nowhere else (`prepare_images`). So does the bound
+on what a dataset may cost before anything is allocated: an image side of `MIN_IMAGE_SIZE` ..
+`MAX_IMAGE_SIZE` pixels (`check_image_size`), and a whole dataset's tensors within `memory_bound()`
+(`check_dataset_memory`: this machine's memory unless $MEDISTILL_MAX_MEMORY_BYTES says otherwise).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,15 @@ ORDINAL = "ordinal-regression"
 MULTI_LABEL = "multi-label, binary-class"
 TASKS = (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
 SPLITS = ("train", "val", "test")
+
+MIN_IMAGE_SIZE = 8  # the smallest side the networks take
+# 4.5 times MedMNIST's largest size (224): one 1024x1024 RGB image is 12 MiB as float32, so a side above this
+# is refused before any image is resized to it
+MAX_IMAGE_SIZE = 1024
+MEMORY_ENV = "MEDISTILL_MAX_MEMORY_BYTES"  # the most memory a dataset's or a set's tensors may need
+# Bytes one pixel value of a dataset costs while it is built: the uint8 source, its resized uint8 copy and the
+# float32 tensor that is normalised in place
+BYTES_PER_VALUE = 6
 
 
 @dataclass
@@ -141,17 +155,79 @@ def prepare_images(raw: np.ndarray, channels: int | None = None, image_size: int
         raw = raw[..., None]
     if raw.ndim != 4:
         raise DataError(f"expected images shaped (N,H,W) or (N,H,W,C), got {raw.shape}")
+    size = image_size if image_size is not None else int(raw.shape[1])
+    check_image_size(size, "image size" if image_size is not None else "the images' size", "give --image-size to resize them")
+    check_dataset_memory(f"{raw.shape[0]} images", raw.shape[0], size, raw.shape[3], channels)
     if image_size is not None and (image_size, image_size) != raw.shape[1:3]:
         raw = resize_uint8(raw, image_size)
-    images = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float().div_(255.0)
+    # contiguous in uint8, then one float32 copy scaled in place: the same values as scaling a permuted copy
+    images = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     images = convert_channels(images, channels)
     return images.contiguous()
 
 
+def check_image_size(size: object, what: str = "image size", hint: str = "") -> None:
+    """A ConfigError (one line, stating the bound) unless `size` is a whole number of pixels in
+    MIN_IMAGE_SIZE..MAX_IMAGE_SIZE."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        largest = MAX_IMAGE_SIZE * MAX_IMAGE_SIZE * 3 * 4 / 2**20
+        raise ConfigError(
+            f"{what} is {size} px, outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px (an image is bounded by the memory it "
+            f"needs: a {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} RGB image is {largest:.0f} MiB as float32)"
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def memory_bound() -> int:
+    """The most bytes one dataset's or set's tensors may need: $MEDISTILL_MAX_MEMORY_BYTES, else this machine's
+    memory (its cgroup limit when lower)."""
+    text = os.environ.get(MEMORY_ENV)
+    if text is not None:
+        try:
+            value = int(float(text))
+        except (ValueError, OverflowError):
+            raise ConfigError(f"${MEMORY_ENV} must be a number of bytes, got {text!r}") from None
+        if value < 1:
+            raise ConfigError(f"${MEMORY_ENV} must be a positive number of bytes, got {text!r}")
+        return value
+    return machine_memory()
+
+
+def machine_memory() -> int:
+    """Physical memory, or the cgroup's memory limit when a container sets a lower one."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = 1 << 40  # no way to ask: a bound that only stops the absurd
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return total
+
+
+def check_dataset_memory(what: str, images: int, size: int, channels: int, convert_to: int | None = None) -> None:
+    """A DataError (one line, stating the bound) when `images` images of size x size with `channels` channels
+    (converted to `convert_to`) would need more than `memory_bound()` bytes while the dataset is built."""
+    values = int(images) * int(size) * int(size) * max(int(channels), int(convert_to or channels))
+    needed, bound = values * BYTES_PER_VALUE, memory_bound()
+    if needed > bound:
+        raise DataError(
+            f"{what} at {size}x{size} px need about {needed / 2**30:.1f} GiB while loading (uint8 and float32 copies), "
+            f"more than the bound of {bound / 2**30:.1f} GiB ({_bound_source()}); choose a smaller --image-size"
+        )
+
+
+def _bound_source() -> str:
+    return f"${MEMORY_ENV}" if MEMORY_ENV in os.environ else f"this machine's memory; ${MEMORY_ENV} to change it"
+
+
 def resize_uint8(raw: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 (N,H,W,C) -> (N,S,S,C): PIL bilinear with the shorter side to S, then a centre crop to S x S."""
-    if image_size < 8:
-        raise ConfigError(f"image size {image_size} is too small; use 8 or more")
+    check_image_size(image_size)
     height, width = raw.shape[1:3]
     new_w, new_h = (
         (image_size, int(image_size * height / width)) if width <= height else (int(image_size * width / height), image_size)
@@ -181,8 +257,7 @@ def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor
 
 def resize(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.Tensor:
     """Bilinear antialiased resize of (N,C,H,W) images to a square size, in chunks to bound memory."""
-    if image_size < 8:
-        raise ConfigError(f"image size {image_size} is too small; use 8 or more")
+    check_image_size(image_size)
     parts = [
         F.interpolate(images[i : i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
         for i in range(0, images.shape[0], chunk)
@@ -219,6 +294,21 @@ def build_dataset(
     check_image_arrays(name, {s: arrays[s][0] for s in SPLITS})
     for s in SPLITS:
         check_label_array(name, s, arrays[s][1])
+    raw = [np.asarray(arrays[s][0]) for s in SPLITS]
+    if image_size is None:
+        check_image_size(int(raw[0].shape[1]), f"dataset '{name}': its images' size", "give --image-size to resize them")
+    else:
+        check_image_size(image_size)
+    check_dataset_memory(
+        f"dataset '{name}': its {sum(r.shape[0] for r in raw)} images",
+        sum(r.shape[0] for r in raw),
+        image_size or raw[0].shape[1],
+        raw[0].shape[3] if raw[0].ndim == 4 else 1,
+        channels,
+    )
+    for s in SPLITS:  # before the images are converted: a label count that cannot match is found without that work
+        if len(arrays[s][1]) != len(arrays[s][0]):
+            raise DataError(f"dataset '{name}' split '{s}' has {len(arrays[s][0])} images but {len(arrays[s][1])} labels")
     pixels = {s: prepare_images(arrays[s][0], channels, image_size) for s in SPLITS}
     mean, std = channel_stats(pixels["train"])
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
@@ -226,9 +316,8 @@ def build_dataset(
     splits = {}
     for s in SPLITS:
         labels = _labels_tensor(arrays[s][1], task)
-        if labels.shape[0] != pixels[s].shape[0]:
-            raise DataError(f"dataset '{name}' split '{s}' has {pixels[s].shape[0]} images but {labels.shape[0]} labels")
-        splits[s] = Split(((pixels[s] - mean_t) / std_t).to(device), labels.to(device))
+        # normalised in place (the same values as (pixels - mean) / std, without a second copy of the split)
+        splits[s] = Split(pixels.pop(s).sub_(mean_t).div_(std_t).to(device), labels.to(device))
     _check_labels(name, task, label_names, splits)
     return Dataset(name=name, task=task, label_names=label_names, mean=mean, std=std, source=source, **splits)
 

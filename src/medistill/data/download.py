@@ -25,7 +25,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from medistill.data.files import open_regular
 from medistill.errors import DataError
+from medistill.markdown import unguarded
 
 _CHUNK = 1 << 16
 DEFAULT_DEADLINE = 6 * 3600.0  # seconds for a whole download when the caller gives none
@@ -34,7 +36,7 @@ DEFAULT_DEADLINE = 6 * 3600.0  # seconds for a whole download when the caller gi
 def md5sum(path: Path, chunk_size: int = 1 << 20) -> str:
     """Return the hex MD5 digest of the file at `path`, read in chunks."""
     digest = hashlib.md5()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
@@ -107,7 +109,7 @@ def _stream(url: str, part: Path, *, progress: bool, timeout: float, deadline: f
         total = int(length) if length and length.isdigit() else None
         if total is not None and max_bytes is not None and total > max_bytes:
             raise _CutOff(f"the server announces {total} bytes, more than the file can be ({max_bytes} bytes)")
-        console = Console(stderr=True)
+        console = Console(file=unguarded(sys.stderr))  # a live bar: under the command line's guard (the file name is ours)
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -116,7 +118,7 @@ def _stream(url: str, part: Path, *, progress: bool, timeout: float, deadline: f
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=not (progress and sys.stderr.isatty()),
+            disable=not (progress and unguarded(sys.stderr).isatty()),
         )
         received = 0
         with bar, open(part, "wb") as fh:

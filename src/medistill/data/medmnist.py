@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from numpy.lib import format as npy_format
 
 from medistill.data.dataset import SPLITS, Dataset, DataSource, build_dataset
 from medistill.data.download import download_file, md5sum
+from medistill.data.files import open_regular
 from medistill.errors import DataError
 
 SIZES = (28, 64, 128, 224)
@@ -102,61 +104,134 @@ def max_file_bytes(flag: str, size: int = 28) -> int:
 
 
 def max_npz_bytes() -> int:
-    """The most bytes an own npz may declare for its arrays ($MEDISTILL_MAX_NPZ_BYTES, default 4 GiB)."""
+    """The most bytes an own npz may hold once inflated ($MEDISTILL_MAX_NPZ_BYTES, default 4 GiB)."""
     text = os.environ.get(MAX_BYTES_ENV)
     if text is None:
         return DEFAULT_MAX_NPZ_BYTES
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise DataError(f"${MAX_BYTES_ENV} must be a number of bytes, got {text!r}") from None
 
 
 _NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+MAX_NPZ_MEMBERS = 1024  # an npz of MedMNIST arrays has seven; more is not a dataset
+
+
+def _npy_header(handle: IO[bytes] | _Inflated, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from a .npy header (the header only: no array data is read).
+
+    Only plain dtypes are read: numbers, booleans and strings. Structured, nested and object dtypes are refused
+    (a MedMNIST array never has them; an object array would need pickle)."""
+    version = npy_format.read_magic(handle)
+    read_header = _NPY_HEADER_READERS.get(version)
+    if read_header is None:
+        raise ValueError(f"{member} has .npy format version {version}, which is not read here")
+    shape, fortran_order, dtype = read_header(handle)
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biufcSU":
+        raise ValueError(f"{member} has the dtype {dtype.descr!r}; only arrays of numbers or strings are read")
+    return shape, fortran_order, dtype
 
 
 def declared_bytes(path: Path) -> int:
-    """The bytes the arrays of an npz would take once loaded, read from their headers without loading them."""
-    total = 0
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with archive.open(member) as handle:
-                version = npy_format.read_magic(handle)
-                read_header = _NPY_HEADER_READERS.get(version)
-                if read_header is None:
-                    raise ValueError(f"{member} has .npy format version {version}, which is not read here")
-                shape, _, dtype = read_header(handle)  # the header only: no array data is read
-            total += int(np.prod(shape, dtype=object)) * dtype.itemsize
-    return total
+    """The bytes an npz inflates to as its headers declare them: every member counts, a .npy member by the larger
+    of its stored size and the array its header declares, any other member by its stored size."""
+    with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
+        return sum(_declared(archive, info) for info in _members(archive, path))
+
+
+def _members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
+    members = archive.infolist()
+    if len(members) > MAX_NPZ_MEMBERS:
+        raise DataError(f"{path} holds {len(members)} members; an npz of arrays is read with at most {MAX_NPZ_MEMBERS}")
+    return members
+
+
+def _declared(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    if not info.filename.endswith(".npy"):
+        return info.file_size
+    with archive.open(info) as handle:
+        shape, _, dtype = _npy_header(handle, info.filename)
+    return max(info.file_size, int(np.prod(shape, dtype=object)) * dtype.itemsize)
+
+
+class _Inflated(io.RawIOBase):
+    """A zip member read through a shared byte count: past `limit` bytes inflated in all, reading stops."""
+
+    def __init__(self, member: IO[bytes], counted: list[int], limit: int | None, path: Path) -> None:
+        super().__init__()
+        self.member, self.counted, self.limit, self.path = member, counted, limit, path
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.member.read(size if size is not None else -1)
+        self.counted[0] += len(data)
+        if self.limit is not None and self.counted[0] > self.limit:
+            raise DataError(
+                f"{self.path} inflates to more than the limit of {self.limit / 2**30:.2f} GiB; "
+                f"if the file is genuine, raise ${MAX_BYTES_ENV}"
+            )
+        return data
 
 
 def read_npz(path: Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """Read every array of an npz file, turning unreadable files into a clear DataError.
+    """Read every .npy array of an npz file (a regular file only), turning unreadable files into a clear DataError.
 
-    With `max_bytes`, a file whose arrays declare more than that is refused before anything is allocated.
+    With `max_bytes`, every member counts against it, before anything is allocated by the sizes its headers
+    declare (`declared_bytes`) and while it is read by the bytes it actually inflates to. Members that are not
+    .npy arrays are counted but never inflated.
     """
-    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would guess a pickle and suggest allow_pickle
-        raise DataError(
-            f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive"
-        )
-    try:
-        if max_bytes is not None:
-            declared = declared_bytes(path)
-            if declared > max_bytes:
-                raise DataError(
-                    f"{path} declares {declared / 2**30:.2f} GiB of arrays, more than the limit of "
-                    f"{max_bytes / 2**30:.2f} GiB; if the file is genuine, raise ${MAX_BYTES_ENV}"
-                )
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
-        raise DataError(
-            f"{path} is not a readable npz file ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
-        ) from None
-    except MemoryError:
-        raise DataError(f"{path}: not enough memory to load its arrays") from None
+    handle = open_regular(path)
+    with handle:
+        if not zipfile.is_zipfile(handle):  # np.load would guess a pickle and suggest allow_pickle
+            raise DataError(
+                f"{path} is not a readable npz file: an npz is a zip archive of .npy arrays, and this file is not a zip archive"
+            )
+        handle.seek(0)
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                members = _members(archive, path)
+                if max_bytes is not None:
+                    declared = sum(_declared(archive, info) for info in members)
+                    if declared > max_bytes:
+                        raise DataError(
+                            f"{path} declares {declared / 2**30:.2f} GiB in its members, more than the limit of "
+                            f"{max_bytes / 2**30:.2f} GiB; if the file is genuine, raise ${MAX_BYTES_ENV}"
+                        )
+                counted = [0]
+                arrays = {}
+                for info in members:
+                    if info.filename.endswith(".npy"):
+                        with archive.open(info) as member:
+                            arrays[info.filename[: -len(".npy")]] = _read_array(_Inflated(member, counted, max_bytes, path), info)
+                return arrays
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError, RecursionError) as exc:
+            raise DataError(
+                f"{path} is not a readable npz file ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
+            ) from None
+        except MemoryError:
+            raise DataError(f"{path}: not enough memory to load its arrays") from None
+
+
+def _read_array(handle: IO[bytes] | _Inflated, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member (header checked as `_npy_header` does), read in chunks."""
+    shape, fortran_order, dtype = _npy_header(handle, info.filename)
+    count = int(np.prod(shape, dtype=object))
+    wanted = count * dtype.itemsize
+    array = np.empty(count, dtype=dtype)
+    target = array.view(np.uint8).reshape(-1)
+    done = 0
+    while done < wanted:
+        chunk = handle.read(min(1 << 24, wanted - done))
+        if not chunk:
+            raise EOFError(f"{info.filename} ends after {done} of its {wanted} bytes")
+        target[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        done += len(chunk)
+    if fortran_order:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
 
 
 def split_arrays(arrays: dict[str, np.ndarray], path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from medistill.data.custom import load_image_folder, load_npz_dataset
-from medistill.data.dataset import Dataset
+from medistill.data.dataset import Dataset, check_image_size
 from medistill.data.medmnist import FLAGS, SIZES, load_medmnist, url_and_md5
 from medistill.errors import ConfigError, DataError
 
@@ -37,6 +37,7 @@ def load_recorded_source(
             "the set does not record the dataset it was made from (source.source: kind medmnist, npz or folder, and a name)"
         )
     kind, name = source["kind"], source["name"]
+    check_image_size(image_size, "the set's image size", "a set is checked against its source at its own size")
     if kind == "medmnist":
         size = source.get("size") or 28
         if name not in FLAGS or size not in SIZES:

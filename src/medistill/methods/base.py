@@ -15,9 +15,10 @@ from typing import Any
 
 from medistill.artifact import SyntheticSet
 from medistill.configfile import check_settings
-from medistill.data.dataset import Dataset
+from medistill.data.dataset import Dataset, memory_bound
 from medistill.errors import ConfigError
 from medistill.registry import Registry
+from medistill.runtime import check_seed
 from medistill.train.protocol import TrainProtocol
 
 DSA_EVAL_EPOCHS = 1000
@@ -33,6 +34,9 @@ class RunContext:
     checkpoint_dir: Path | None = None
     resume: bool = False
     log: Callable[[str], None] = field(default=lambda message: None)
+
+    def __post_init__(self) -> None:
+        self.seed = check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,30 @@ def resolve_config(spec: MethodSpec, ipc: int, config: dict[str, Any] | Any | No
     return make_config(spec, {**(spec.ipc_defaults(ipc) if spec.ipc_defaults else {}), **given})
 
 
+# What learning a set costs per image, beyond the dataset: its pixels as float32 four times over (the images, their
+# gradient, the optimiser's momentum, one more copy), and, for one class's images at a time, the activations a
+# network pass keeps for its backward pass (about four 128-channel float32 maps per pixel, as the ConvNet's).
+SET_COPIES = 4
+ACTIVATION_BYTES_PER_PIXEL = 128 * 4 * 4
+
+
 def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: bool = True) -> None:
-    """Refuse an IPC below 1, or above the images a class has when the method draws real images."""
-    if ipc < 1:
-        raise ConfigError(f"IPC must be at least 1, got {ipc}")
+    """Refuse an IPC below 1, above the images a class has when the method draws real images, or (a set the
+    method learns, or any multi-label set) one whose images would need more than the memory bound."""
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ConfigError(f"IPC must be a whole number >= 1, got {ipc!r}")
+    real_subset = method in list_methods() and not get_method(method).synthetic
+    if dataset.is_multilabel or not real_subset:
+        pixels = dataset.image_size**2
+        per_ipc = dataset.num_classes * pixels * dataset.channels * 4 * SET_COPIES + pixels * ACTIVATION_BYTES_PER_PIXEL
+        needed, bound = ipc * per_ipc, memory_bound()
+        if needed > bound:
+            raise ConfigError(
+                f"IPC {ipc} is too large for {dataset.name}: learning {ipc * dataset.num_classes} images of "
+                f"{dataset.image_size}x{dataset.image_size}x{dataset.channels} needs about {needed / 2**30:.1f} GiB "
+                f"(the images with gradients and optimiser state, and a network's activations on one class's images), "
+                f"more than the bound of {bound / 2**30:.1f} GiB; the largest IPC within it is {bound // per_ipc}"
+            )
     if dataset.is_multilabel or not needs_real_images:
         return
     for name, count in zip(dataset.label_names, dataset.class_counts()):

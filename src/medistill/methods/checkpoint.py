@@ -4,12 +4,18 @@ A checkpoint is one safetensors file written atomically (unique temporary file, 
 loop state's tensors, and everything else (numbers, strings, lists, optimizer settings) as JSON in
 its header together with a fingerprint of the run (method, dataset, IPC, settings, seed). Reading
 it parses tensors and JSON only, so a planted or damaged file cannot run code. Resuming a
-different run from it is refused, as is silently starting over a run that has one.
+different run from it is refused, as is silently starting over a run that has one. A checkpoint
+with the run's fingerprint must also fit the run (`Expected`): every tensor shaped and typed as the
+run's own, optimiser state shaped as the parameters it belongs to, an iteration within the run's
+budget, finite losses and times. One that does not is a one-line error and is not used.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from medistill.atomic import atomic_path
+from medistill.data.files import regular_file
 from medistill.errors import ConfigError, DataError
 from medistill.methods.base import RunContext
 
@@ -25,6 +32,16 @@ CHECKPOINT_NAME = "state.safetensors"
 UNSAFE_NAMES = ("state.pt",)  # pickle checkpoints of earlier versions: never loaded
 HEADER_KEY = "medistill-checkpoint"
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a checkpoint of this run must fit: the distiller's state as it is now (its tensors' shapes and
+    dtypes, its numbers), the optimisers whose state it restores, and the run's iteration budget."""
+
+    distiller: dict[str, Any]
+    optimizers: Mapping[str, torch.optim.Optimizer]
+    iterations: int
 
 
 class Checkpoint:
@@ -39,8 +56,9 @@ class Checkpoint:
     def path(self) -> Path | None:
         return self.directory / CHECKPOINT_NAME if self.directory is not None else None
 
-    def restore(self) -> dict[str, Any] | None:
-        """The saved state when resuming, None for a fresh start; refuses to overwrite a run without --resume."""
+    def restore(self, expected: Expected | None = None) -> dict[str, Any] | None:
+        """The saved state when resuming, None for a fresh start; refuses to overwrite a run without --resume,
+        and (given `expected`) a state that does not fit this run."""
         path = self.path
         if path is None:
             return None
@@ -60,6 +78,12 @@ class Checkpoint:
                 f"the checkpoint {path} belongs to a different run ({_differences(saved.get('fingerprint'), self.fingerprint)} "
                 "differ); resume with the run's own settings, or choose another output folder"
             )
+        if expected is not None:
+            problem = state_problem(saved["state"], expected)
+            if problem is not None:
+                raise DataError(
+                    f"the checkpoint {path} does not fit this run ({problem}); it was not used: delete it to start the run over"
+                )
         return saved["state"]
 
     def save(self, state: dict[str, Any]) -> None:
@@ -81,6 +105,7 @@ def write_state(path: str | Path, value: dict[str, Any]) -> Path:
 def read_state(path: str | Path) -> dict[str, Any]:
     """Read what `write_state` wrote; any other file is a one-line DataError (nothing in it is executed)."""
     path = Path(path)
+    regular_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = (handle.metadata() or {}).get(HEADER_KEY)
@@ -95,6 +120,134 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise DataError(
             f"{path} is not a readable medistill checkpoint ({type(exc).__name__}); delete it to start the run over"
         ) from None
+
+
+def state_problem(state: dict[str, Any], expected: Expected) -> str | None:
+    """What makes a checkpoint's state unfit to resume `expected`'s run, or None when it fits."""
+    iteration = state.get("iteration")
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 <= iteration <= expected.iterations:
+        return f"iteration {iteration!r} is not a whole number in 0..{expected.iterations}"
+    losses = state.get("losses")
+    if not isinstance(losses, list) or len(losses) > iteration or not all(_finite(v) for v in losses):
+        return f"the losses must be at most {iteration} finite numbers"
+    seconds = state.get("seconds")
+    if not isinstance(seconds, (int, float)) or not _finite(seconds) or seconds < 0:
+        return f"seconds {seconds!r} is not a finite number >= 0"
+    history = state.get("eval_history")
+    if not isinstance(history, list) or not all(_eval_point(p, iteration) for p in history):
+        return "the evaluation history must be a list of points of iterations already run"
+    distiller = state.get("distiller")
+    if not isinstance(distiller, dict):
+        return "it holds no distiller state"
+    saved_optimizers = distiller.get("optimizers")
+    if expected.optimizers:
+        if not isinstance(saved_optimizers, dict) or set(saved_optimizers) != set(expected.optimizers):
+            return f"its optimisers are not {', '.join(sorted(expected.optimizers))}"
+        for name, optimizer in expected.optimizers.items():
+            problem = _optimizer_problem(saved_optimizers[name], optimizer)
+            if problem is not None:
+                return f"optimiser {name}: {problem}"
+    if expected.optimizers:  # checked above, against the parameters they belong to
+        return _like(
+            {k: v for k, v in distiller.items() if k != "optimizers"},
+            {k: v for k, v in expected.distiller.items() if k != "optimizers"},
+            "distiller",
+        )
+    return _like(distiller, expected.distiller, "distiller")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _eval_point(point: Any, iteration: int) -> bool:
+    return (
+        isinstance(point, dict)
+        and _whole(point.get("iteration"))
+        and 0 < point["iteration"] <= iteration
+        and all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in point.values())
+    )
+
+
+def _like(saved: Any, expected: Any, where: str) -> str | None:
+    """Where `saved` differs from `expected` in structure, tensor shape or dtype, or kind of number (None: it fits)."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return f"{where} must be a tensor"
+        if saved.shape != expected.shape or saved.dtype != expected.dtype:
+            return (
+                f"{where} is a {saved.dtype} tensor of shape {tuple(saved.shape)}, "
+                f"not {expected.dtype} of shape {tuple(expected.shape)}"
+            )
+        if saved.is_floating_point() and not torch.isfinite(saved).all():
+            return f"{where} holds NaN or infinite values"
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            return f"{where} must hold exactly {', '.join(map(str, expected)) or 'nothing'}"
+        for key, value in expected.items():
+            problem = _like(saved[key], value, f"{where}.{key}")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+            return f"{where} must hold {len(expected)} items"
+        for index, (mine, theirs) in enumerate(zip(saved, expected)):
+            problem = _like(mine, theirs, f"{where}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    if _whole(expected):
+        return None if _whole(saved) and saved >= 0 else f"{where} must be a whole number >= 0"
+    if isinstance(expected, float):
+        return None if _finite(saved) else f"{where} must be a finite number"
+    return None if type(saved) is type(expected) else f"{where} must be a {type(expected).__name__}"
+
+
+def _optimizer_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    """Whether a saved optimiser state fits `optimizer`: its parameter groups and settings, and per-parameter
+    state shaped as the parameter (a 0-d step count aside)."""
+    own = optimizer.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        return "not an optimiser state"
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(own["param_groups"]):
+        return f"{len(own['param_groups'])} parameter group(s) expected"
+    for group, mine in zip(groups, own["param_groups"]):
+        if not isinstance(group, dict) or group.get("params") != mine["params"]:
+            return "its parameter groups differ from this run's"
+        for key, value in mine.items():
+            if key != "params" and _finite(value) and key in group and not _finite(group[key]):
+                return f"setting {key} must be a finite number"
+    parameters = {
+        index: p
+        for mine, group in zip(own["param_groups"], optimizer.param_groups)
+        for index, p in zip(mine["params"], group["params"])
+    }
+    state = saved["state"]
+    if not isinstance(state, dict) or not set(state) <= set(parameters):
+        return "its state names parameters this run does not have"
+    for index, values in state.items():
+        if not isinstance(values, dict):
+            return f"the state of parameter {index} is not a mapping"
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                if not (value is None or _finite(value)):
+                    return f"{key} of parameter {index} must be a finite number"
+                continue
+            if value.ndim > 0 and value.shape != parameters[index].shape:
+                return (
+                    f"{key} of parameter {index} has shape {tuple(value.shape)}, "
+                    f"not the parameter's {tuple(parameters[index].shape)}"
+                )
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"{key} of parameter {index} holds NaN or infinite values"
+    return None
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:

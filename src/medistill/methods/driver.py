@@ -29,7 +29,7 @@ from medistill.artifact import SyntheticSet
 from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, MedistillError
 from medistill.methods.base import RunContext, get_method, new_set, recorded_settings
-from medistill.methods.checkpoint import Checkpoint, fingerprint
+from medistill.methods.checkpoint import Checkpoint, Expected, fingerprint
 from medistill.methods.convergence import StoppingRule, best_point, validation_score
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, evaluate
@@ -170,7 +170,7 @@ def run_distiller(
         0,
         0.0,
     )  # seconds of the iterations (not of evaluation points or checkpoints), resumed runs included
-    state = checkpoint.restore()
+    state = checkpoint.restore(Expected(distiller.state_dict(), distiller.optimizers, total))
     if state is not None:
         distiller.load_state_dict(state["distiller"])
         start, losses, tracker.history = state["iteration"], list(state["losses"]), list(state["eval_history"])

@@ -21,12 +21,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from scipy import stats
 
 from medistill.errors import ConfigError
 from medistill.markdown import cell as md_cell
+from medistill.markdown import printable
 from medistill.methods import get_method
 from medistill.scoretext import mean_std
 from medistill.study.store import FAILED, OK
@@ -154,8 +156,14 @@ def _md_link(cell: Cell | None, metric: str, link_prefix: str | None) -> str:
     if link_prefix is None or not keys:
         return text
     if len(keys) == 1:
-        return f"[{text}]({link_prefix}{keys[0]}.json)"
-    return text + " <sup>" + " ".join(f"[{i + 1}]({link_prefix}{k}.json)" for i, k in enumerate(keys)) + "</sup>"
+        return f"[{text}]({link_prefix}{run_link(keys[0])})"
+    return text + " <sup>" + " ".join(f"[{i + 1}]({link_prefix}{run_link(k)})" for i, k in enumerate(keys)) + "</sup>"
+
+
+def run_link(key: str) -> str:
+    """The relative link to a run's JSON (`KEY.json`), its key percent-encoded: a key read from a study folder
+    cannot end the link or add markup to the page."""
+    return quote(f"{key}.json", safe="")
 
 
 def dataset_table(cells: Sequence[Cell], dataset: str) -> tuple[list[int | None], list[tuple[str, list[Cell | None]]]]:
@@ -179,7 +187,7 @@ def markdown_tables(cells: Sequence[Cell], metric: str = "acc", link_prefix: str
     parts = []
     for dataset in dataset_order(cells):
         ipcs, rows = dataset_table(cells, dataset)
-        header = ["method"] + [ipc_label(i) for i in ipcs]
+        header = ["method"] + [md_cell(ipc_label(i)) for i in ipcs]
         lines = [
             f"**{md_cell(dataset)}**: test {METRICS[metric]} (mean ± std over evaluation networks and seeds)",
             "",
@@ -248,8 +256,24 @@ def latex_table(cells: Sequence[Cell], metric: str = "acc") -> str:
     return caption + "\n" + "\n".join(lines) + "\n"
 
 
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "{": r"\{",
+    "}": r"\}",
+    "_": r"\_",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "^": r"\textasciicircum{}",
+    "~": r"\textasciitilde{}",
+}
+
+
 def _tex(text: str) -> str:
-    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+    """Text for a LaTeX cell: control characters shown as escapes (`markdown.printable`), then every character
+    LaTeX treats specially escaped."""
+    return "".join(_TEX_SPECIAL.get(char, char) for char in printable(text))
 
 
 def correlation_points(cells: Sequence[Cell], metric: str = "acc", reference: str = RANDOM) -> dict[str, list[Point]]:
@@ -402,7 +426,7 @@ def correlation_markdown(results: dict[str, Correlation]) -> str:
         fit = f"{c.fit.intercept:.3f} + {c.fit.slope:.3f} × random ACC" if c.fit else "–"
         over = "–" if math.isnan(c.dataset_r) else f"{c.dataset_r:.3f}, p {c.dataset_p:.3f}"
         lines.append(
-            f"| {c.method} | {c.n_datasets} | {c.n_points} | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | "
+            f"| {md_cell(c.method)} | {c.n_datasets} | {c.n_points} | {_num(c.pearson_r)} {_ci(c.pearson_ci)} | "
             f"{_num(c.spearman_rho)} {_ci(c.spearman_ci)} | {over} | {fit} |"
         )
     lines.append("")

@@ -20,13 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from medistill.markdown import cell
+from medistill.markdown import cell, printable
 from medistill.study.analysis import (
     METRICS,
     RANDOM,
@@ -46,6 +47,7 @@ from medistill.study.analysis import (
     markdown_tables,
     method_label,
     method_order,
+    run_link,
 )
 from medistill.study.predict import (
     DEFAULT_LEVEL,
@@ -140,7 +142,7 @@ def lodo_markdown(rows: Sequence[HeldOut]) -> str:
             "No predictor could be fitted (it needs a distillation method next to random-subset runs on two or more datasets).\n"
         )
     lines = [f"| method | predictor | {SUMMARY_HEADER}", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {e.method} | {_summary_cells(e)}" for e in summarize_held_out(rows)]
+    lines += [f"| {cell(e.method)} | {_summary_cells(e)}" for e in summarize_held_out(rows)]
     lines += [
         "",
         f"Transfer: model chosen by leave-one-dataset-out error inside each fold, {DEFAULT_LEVEL:.0%} jackknife+ interval "
@@ -162,9 +164,9 @@ def held_out_markdown(rows: Sequence[HeldOut]) -> str:
         bounds = "no interval" if math.isnan(r.lower) else f"[{r.lower:.3f}, {r.upper:.3f}]"
         inside = "–" if r.covered is None else ("yes" if r.covered else "**no**")
         lines.append(
-            f"| {r.method} | {r.dataset} | {'yes' if r.medical else 'no'} | {r.ipc} | {r.probe:.3f} | "
-            f"{PREDICTOR_NAMES[r.predictor]} ({r.model}) | {r.predicted:.3f} {bounds} | {r.measured:.3f} | {r.error:.3f} | "
-            f"{inside} | {'; '.join(r.extrapolated) or '–'} |"
+            f"| {cell(r.method)} | {cell(r.dataset)} | {'yes' if r.medical else 'no'} | {cell(r.ipc)} | {r.probe:.3f} | "
+            f"{PREDICTOR_NAMES[r.predictor]} ({cell(r.model)}) | {r.predicted:.3f} {bounds} | {r.measured:.3f} | "
+            f"{r.error:.3f} | {inside} | {cell('; '.join(r.extrapolated)) or '–'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -364,15 +366,15 @@ def scatter_plot(corr: dict[str, Correlation], path: Path) -> Path:
                     xs, [p[1] for p in preds], [p[2] for p in preds], color="k", alpha=0.08, label="95% prediction interval"
                 )
         for i, d in enumerate(datasets):
-            ax.scatter([], [], color=colours(i % 10), marker="o", label=d)
+            ax.scatter([], [], color=colours(i % 10), marker="o", label=_plot_text(d))
         for i, ipc in enumerate(ipcs):
             ax.scatter([], [], color="0.4", marker=markers[i % len(markers)], label=f"IPC {ipc}")
         ax.set(
             xlim=(lo, hi),
             ylim=(lo, hi),
             xlabel="random subset test ACC",
-            ylabel=f"{method} test ACC",
-            title=f"{method}: r = {_f(c.pearson_r)}, rho = {_f(c.spearman_rho)} (n = {c.n_points})",
+            ylabel=f"{_plot_text(method)} test ACC",
+            title=f"{_plot_text(method)}: r = {_f(c.pearson_r)}, rho = {_f(c.spearman_rho)} (n = {c.n_points})",
         )
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
@@ -388,7 +390,9 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
             if not mine:
                 continue
             if mine[0].ipc is None:
-                ax.axhline(mine[0].mean("acc"), color="k", ls="--", lw=1, label=f"{method} ({mine[0].mean('acc'):.3f})")
+                ax.axhline(
+                    mine[0].mean("acc"), color="k", ls="--", lw=1, label=f"{_plot_text(method)} ({mine[0].mean('acc'):.3f})"
+                )
                 continue
             ax.errorbar(
                 [c.ipc for c in mine],
@@ -396,7 +400,7 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
                 yerr=[c.std("acc") for c in mine],
                 marker="o",
                 capsize=3,
-                label=method,
+                label=_plot_text(method),
                 ls=":" if method == RANDOM else "-",
             )
         ax.set_xscale("log")
@@ -404,7 +408,7 @@ def ipc_plot(cells: Sequence[Cell], path: Path) -> Path:
         if ticks:
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.minorticks_off()
-        ax.set(title=dataset, xlabel="images per class", ylabel="test ACC")
+        ax.set(title=_plot_text(dataset), xlabel="images per class", ylabel="test ACC")
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -426,7 +430,7 @@ def report_markdown(
         lines += [
             f"- [{cell(r['dataset_label'])} {cell(r['spec']['method'])} ipc={cell(r['spec']['ipc'])} "
             f"seed={cell(r['spec']['seed'])}]"
-            f"(runs/{r['key']}.json): {cell(r['error']['type'])}: {cell(r['error']['message'])}"
+            f"(runs/{run_link(r['key'])}): {cell(r['error']['type'])}: {cell(r['error']['message'])}"
             for r in failed
         ]
         lines.append("")
@@ -453,7 +457,7 @@ def report_markdown(
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if grids:
         lines += ["## Image grids (one run each)", ""] + [
-            f"**{cell(caption)}**\n\n![{cell(caption)}]({src})\n" for caption, src in grids
+            f"**{cell(caption)}**\n\n![{cell(caption)}]({quote(src)})\n" for caption, src in grids
         ]
     return "\n".join(lines) + "\n"
 
@@ -468,15 +472,16 @@ def report_html(
     plots: list[str],
     grids: list[tuple[str, str]],
 ) -> str:
-    e = html.escape
+    e = _html_text
     body = [f"<h1>Study: {e(study.get('name', 'study'))}</h1>", f"<p>{e(_overview(study, records))}</p>"]
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
         body.append(
             "<h2>Failed runs</h2><ul>"
             + "".join(
-                f"<li><a href='runs/{r['key']}.json'>{e(r['dataset_label'])} {e(r['spec']['method'])} ipc={r['spec']['ipc']} "
-                f"seed={r['spec']['seed']}</a>: {e(r['error']['type'])}: {e(r['error']['message'])}</li>"
+                f"<li><a href='runs/{e(run_link(r['key']))}'>{e(r['dataset_label'])} {e(r['spec']['method'])} "
+                f"ipc={e(r['spec']['ipc'])} seed={e(r['spec']['seed'])}</a>: {e(r['error']['type'])}: "
+                f"{e(r['error']['message'])}</li>"
                 for r in failed
             )
             + "</ul>"
@@ -503,7 +508,7 @@ def report_html(
         body.append(
             "<h2>Image grids (one run each)</h2><div class='grids'>"
             + "".join(
-                f"<figure><img src='{e(src)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>"
+                f"<figure><img src='{e(quote(src))}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>"
                 for caption, src in grids
             )
             + "</div>"
@@ -533,14 +538,24 @@ def _overview(study: dict[str, Any], records: list[dict]) -> str:
     )
 
 
+def _html_text(value: Any) -> str:
+    """Text for an HTML page: control characters shown as escapes (`markdown.printable`), then HTML-escaped."""
+    return html.escape(printable(value))
+
+
 def _html_cell(cell: Cell | None, metric: str) -> str:
     text = html.escape(format_score(cell, metric))
     keys = (cell.keys or cell.failed_keys) if cell is not None else []
     if not keys:
         return text
     if len(keys) == 1:
-        return f"<a href='runs/{keys[0]}.json'>{text}</a>"
-    return text + " <sup>" + " ".join(f"<a href='runs/{k}.json'>{i + 1}</a>" for i, k in enumerate(keys)) + "</sup>"
+        return f"<a href='runs/{html.escape(run_link(keys[0]))}'>{text}</a>"
+    return (
+        text
+        + " <sup>"
+        + " ".join(f"<a href='runs/{html.escape(run_link(k))}'>{i + 1}</a>" for i, k in enumerate(keys))
+        + "</sup>"
+    )
 
 
 def _md_table_html(markdown: str) -> str:
@@ -567,7 +582,12 @@ def _md_table_html(markdown: str) -> str:
 
 
 def _plain_html(markdown: str) -> str:
-    return html.escape(MARKDOWN_ESCAPE.sub(r"\1", markdown))
+    return _html_text(MARKDOWN_ESCAPE.sub(r"\1", markdown))
+
+
+def _plot_text(value: Any) -> str:
+    """A name for a plot's title or legend: control characters shown as escapes, `$` kept from starting math."""
+    return printable(value).replace("$", r"\$")
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from medistill.configfile import read_yaml
-from medistill.data import BUNDLED, FLAGS
+from medistill.data import BUNDLED, FLAGS, check_image_size
 from medistill.errors import ConfigError
 from medistill.methods import get_method, list_methods, make_config
 from medistill.pipeline import EvalSettings
+from medistill.runtime import MAX_SEED
 from medistill.study.simulation import SimulationRecipe
 
 SPEC_VERSION = 1
@@ -213,8 +214,10 @@ def parse_study(config: Any, *, base: Path, name: str = "study", config_path: Pa
         "image_size": _optional_int(data.get("image_size"), "data.image_size"),
         "channels": _optional_int(data.get("channels"), "data.channels"),
     }
+    if data_settings["image_size"] is not None:
+        check_image_size(data_settings["image_size"], "data.image_size")
     ipcs = _int_list(config.get("ipcs", [10]), "ipcs", minimum=1)
-    seeds = _int_list(config.get("seeds", [0]), "seeds", minimum=0)
+    seeds = _int_list(config.get("seeds", [0]), "seeds", minimum=0, maximum=MAX_SEED)
     evaluation = _eval_block(config.get("eval"), "eval")
     executor = _mapping(config.get("executor") or {}, "executor")
     _check_keys(executor, {"resources", "threads"}, "executor")
@@ -256,7 +259,7 @@ def _expand_method(
     method_ipcs: Sequence[int | None] = (
         _int_list(block.get("ipcs", ipcs), f"methods.{method}.ipcs", minimum=1) if uses_ipc else [None]
     )
-    method_seeds = _int_list(block.get("seeds", seeds), f"methods.{method}.seeds", minimum=0)
+    method_seeds = _int_list(block.get("seeds", seeds), f"methods.{method}.seeds", minimum=0, maximum=MAX_SEED)
     task_resources = {**resources, **_resources(block.get("resources"), f"methods.{method}.resources")}
     by_ipc = {
         int(k): _override(v, f"methods.{method}.by_ipc.{k}") for k, v in _mapping(block.get("by_ipc") or {}, "by_ipc").items()
@@ -364,10 +367,12 @@ def _resources(value: Any, where: str) -> dict[str, float]:
     return out
 
 
-def _int_list(value: Any, where: str, *, minimum: int) -> list[int]:
+def _int_list(value: Any, where: str, *, minimum: int, maximum: int | None = None) -> list[int]:
     items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in items):
-        raise ConfigError(f"`{where}` must be a list of integers >= {minimum}, got {value!r}")
+    top = float("inf") if maximum is None else maximum
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= top for v in items):
+        within = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ConfigError(f"`{where}` must be a list of integers {within}, got {value!r}")
     if len(set(items)) != len(items):
         raise ConfigError(f"`{where}` lists a value twice: {value!r}")
     return list(items)
