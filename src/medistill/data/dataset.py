@@ -156,7 +156,10 @@ def prepare_images(raw: np.ndarray, channels: int | None = None, image_size: int
     if raw.ndim != 4:
         raise DataError(f"expected images shaped (N,H,W) or (N,H,W,C), got {raw.shape}")
     size = image_size if image_size is not None else int(raw.shape[1])
-    check_image_size(size, "image size" if image_size is not None else "the images' size", "give --image-size to resize them")
+    if image_size is not None:
+        check_image_size(size)
+    else:  # a file's own size: bounded by the memory it needs; a tiny one is the user's choice
+        check_image_size(size, "the images' size", "give --image-size to resize them", smallest=1)
     check_dataset_memory(f"{raw.shape[0]} images", raw.shape[0], size, raw.shape[3], channels)
     if image_size is not None and (image_size, image_size) != raw.shape[1:3]:
         raw = resize_uint8(raw, image_size)
@@ -166,13 +169,13 @@ def prepare_images(raw: np.ndarray, channels: int | None = None, image_size: int
     return images.contiguous()
 
 
-def check_image_size(size: object, what: str = "image size", hint: str = "") -> None:
+def check_image_size(size: object, what: str = "image size", hint: str = "", *, smallest: int = MIN_IMAGE_SIZE) -> None:
     """A ConfigError (one line, stating the bound) unless `size` is a whole number of pixels in
-    MIN_IMAGE_SIZE..MAX_IMAGE_SIZE."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+    `smallest`..MAX_IMAGE_SIZE (MIN_IMAGE_SIZE for a size asked for; 1 for a file's own size)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not smallest <= size <= MAX_IMAGE_SIZE:
         largest = MAX_IMAGE_SIZE * MAX_IMAGE_SIZE * 3 * 4 / 2**20
         raise ConfigError(
-            f"{what} is {size} px, outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px (an image is bounded by the memory it "
+            f"{what} is {size} px, outside {smallest}..{MAX_IMAGE_SIZE} px (an image is bounded by the memory it "
             f"needs: a {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} RGB image is {largest:.0f} MiB as float32)"
             + (f"; {hint}" if hint else "")
         )
@@ -296,7 +299,9 @@ def build_dataset(
         check_label_array(name, s, arrays[s][1])
     raw = [np.asarray(arrays[s][0]) for s in SPLITS]
     if image_size is None:
-        check_image_size(int(raw[0].shape[1]), f"dataset '{name}': its images' size", "give --image-size to resize them")
+        check_image_size(
+            int(raw[0].shape[1]), f"dataset '{name}': its images' size", "give --image-size to resize them", smallest=1
+        )
     else:
         check_image_size(image_size)
     check_dataset_memory(

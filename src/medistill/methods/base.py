@@ -123,7 +123,7 @@ def check_ipc(dataset: Dataset, ipc: int, method: str, *, needs_real_images: boo
     """Refuse an IPC below 1, above the images a class has when the method draws real images, or (a set the
     method learns, or any multi-label set) one whose images would need more than the memory bound."""
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ConfigError(f"IPC must be a whole number >= 1, got {ipc!r}")
+        raise ConfigError(f"IPC must be a whole number, at least 1, got {ipc!r}")
     real_subset = method in list_methods() and not get_method(method).synthetic
     if dataset.is_multilabel or not real_subset:
         pixels = dataset.image_size**2
