@@ -450,6 +450,237 @@ def _(folder: Path) -> list[str]:
 
 # --- writes confined to their place ---------------------------------------------------------------
 
+PLACES = "writes confined to their place"
+MISSING_DATA = "missing.npz"  # a dataset that is not there: a refusal naming the output place came before any data
+
+
+def place_refused(*needles: str, intact: Callable[[Path, subprocess.CompletedProcess], str | None] | None = None):
+    """The one line names the output place (each needle), not the data that was never loaded; `intact` checks more."""
+    def check(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+        line = (done.stderr.strip().splitlines() or [""])[-1]
+        if MISSING_DATA in line:
+            return "the data was loaded before the output place was checked"
+        missing = [needle for needle in needles if needle not in line]
+        if missing:
+            return f"the line does not say {missing}"
+        return intact(folder, done) if intact is not None else None
+    return check
+
+
+def only_the_set(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+    names = sorted(p.name for p in (folder / "set").iterdir())
+    return None if names == ["synthetic.safetensors"] else f"the set's folder holds {names}"
+
+
+def nothing_hidden(folder: Path, done: subprocess.CompletedProcess) -> str | None:
+    left = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    return f"temporary folders left: {left}" if left else None
+
+
+def make_unwritable(path: Path) -> None:
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere but into an immutable folder
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+
+
+def writable_again(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder / "readonly")], capture_output=True)
+    (folder / "readonly").chmod(0o755)
+
+
+def hold_job_lock(folder: Path) -> None:
+    code = ("import sys, time; from pathlib import Path; from medistill.outputs import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    holder.stdout.readline()
+    (folder / "holder.pid").write_text(str(holder.pid))
+
+
+def private_set(folder: Path, drop: str) -> Path:
+    """A dp-dm set whose verified privacy record lost one field the dataset card states."""
+    from medistill.methods import distill
+
+    synthetic = distill("dp-dm", breast(), 1, {"iterations": 1, "epsilon": 8.0, "batch_real": 8})
+    synthetic.extra["privacy"].pop(drop)
+    return synthetic.save(folder / "set")
+
+
+@case(PLACES, "`audit SET --report LINK` (a link to a bundle)", check=place_refused("a shared bundle", intact=bundle_intact),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    bundle(folder)
+    (folder / "link").symlink_to(folder / "bundle")
+    path = noise_set().save(folder / "set")
+    return ["audit", str(path), "--report", str(folder / "link"), "--no-mia", "--feature-epochs", "0", "--device", "cpu",
+            "--no-progress"]
+
+
+@case(PLACES, "`audit SET --report OTHER_SET` (another set's folder)",
+      check=lambda folder, done: None if sorted(p.name for p in (folder / "other").iterdir()) == ["synthetic.safetensors"]
+      else "the other set's folder gained files", executable=True)
+def _(folder: Path) -> list[str]:
+    noise_set().save(folder / "other")
+    path = noise_set().save(folder / "set")
+    return ["audit", str(path), "--report", str(folder / "other"), "--no-mia", "--feature-epochs", "0", "--device", "cpu",
+            "--no-progress"]
+
+
+@case(PLACES, "`audit SET --report R` whose audit.json is a link to a file outside R", check=place_refused("link"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    path = noise_set().save(folder / "set")
+    (folder / "report").mkdir()
+    (folder / "mine.json").write_text('{"my": "own"}\n')
+    (folder / "report" / "audit.json").symlink_to(folder / "mine.json")
+    return ["audit", str(path), "--report", str(folder / "report"), "--force", "--no-mia", "--feature-epochs", "0",
+            "--device", "cpu", "--no-progress"]
+
+
+@case(PLACES, "`train BUNDLE --out SET/model.pt` (into a set's folder)", check=place_refused("set's folder", intact=only_the_set),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    noise_set().save(folder / "set")
+    return ["train", str(path), "--out", str(folder / "set" / "model.pt"), "--epochs", "1", "--device", "cpu", "--no-progress"]
+
+
+@case(PLACES, "`train BUNDLE --out x/../bundle/model.pt` (a `..` path into the bundle)",
+      check=place_refused("a shared bundle", intact=bundle_intact), executable=True)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    (folder / "x").mkdir()
+    return ["train", str(path), "--out", str(folder / "x" / ".." / "bundle" / "model.pt"), "--epochs", "1", "--device", "cpu",
+            "--no-progress"]
+
+
+@case(PLACES, "`distill --out LINK` (a link to a bundle)", check=place_refused("a shared bundle", intact=bundle_intact),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    bundle(folder)
+    (folder / "link").symlink_to(folder / "bundle")
+    return ["distill", str(folder / MISSING_DATA), "-m", "random", "--out", str(folder / "link"), "--device", "cpu"]
+
+
+@case(PLACES, "`distill --out SET` (a set's folder, no --force)", check=place_refused("already exists", intact=only_the_set),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    noise_set().save(folder / "set")
+    return ["distill", str(folder / MISSING_DATA), "-m", "random", "--out", str(folder / "set"), "--device", "cpu"]
+
+
+@case(PLACES, "`distill --out RUN` where RUN holds the user's own grid.png (no --force)", check=place_refused("grid.png"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "run").mkdir()
+    (folder / "run" / "grid.png").write_bytes(b"my own picture")
+    return ["distill", str(folder / MISSING_DATA), "-m", "random", "--out", str(folder / "run"), "--device", "cpu"]
+
+
+@case(PLACES, "`distill --out RUN --resume` where RUN/checkpoints is a link out of RUN",
+      check=place_refused("link", intact=lambda folder, done: "written through the link" if any((folder / "outside").iterdir())
+                          else None), executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "outside").mkdir()
+    (folder / "run").mkdir()
+    (folder / "run" / "checkpoints").symlink_to(folder / "outside")
+    return ["distill", str(folder / MISSING_DATA), "-m", "dm", "--out", str(folder / "run"), "--resume", "--device", "cpu"]
+
+
+@case(PLACES, "`distill --out FILE/run` (under a file)", check=place_refused("file, not a folder"), executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "notes.txt").write_text("mine\n")
+    return ["distill", str(folder / MISSING_DATA), "-m", "random", "--out", str(folder / "notes.txt" / "run"), "--device", "cpu"]
+
+
+@case(PLACES, "`distill --out` into a read-only folder", check=place_refused("cannot write to"), cleanup=writable_again,
+      executable=True)
+def _(folder: Path) -> list[str]:
+    make_unwritable(folder / "readonly")
+    return ["distill", str(folder / MISSING_DATA), "-m", "random", "--out", str(folder / "readonly" / "run"), "--device", "cpu"]
+
+
+@case(PLACES, "a second `distill` into a folder in use", cleanup=release_lock,
+      check=lambda folder, done: None if f"pid {(folder / 'holder.pid').read_text()}" in done.stderr else "the holder is not named",
+      executable=True)
+def _(folder: Path) -> list[str]:
+    hold_job_lock(folder)
+    return ["distill", str(tiny_npz(folder / "tiny.npz")), "-m", "random", "--ipc", "1", "--out", str(folder / "run"),
+            "--eval-models", "1", "--eval-epochs", "1", "--device", "cpu", "--no-progress"]
+
+
+@case(PLACES, "a study folder whose .lock is a link to the user's file", check=place_refused("symbolic link"), executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "thesis.tex").write_text("three years of work\n")
+    (folder / "study").mkdir()
+    (folder / "study" / ".lock").symlink_to(folder / "thesis.tex")
+    return ["study", str(study_config(folder)), "--out", str(folder / "study"), "--no-report"]
+
+
+@case(PLACES, "a study config whose simulation is named `../../x`", check=place_refused(
+      "simulation name", intact=lambda folder, done: "a simulation was written outside" if list(folder.rglob("x-*.npz")) else None),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "s.yaml").write_text('datasets: [x]\nmethods: [random]\nipcs: [1]\n'
+                                  'simulations:\n  "../../x": {datasets: [breastmnist, pneumoniamnist], fraction: 0.01}\n')
+    return ["study", str(folder / "s.yaml"), "--out", str(folder / "a" / "study"), "--no-report"]
+
+
+@case(PLACES, "`simulate --out BUNDLE/sim.npz`", check=place_refused("a shared bundle", intact=bundle_intact), executable=True)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["simulate", "--datasets", f"{folder / MISSING_DATA},{folder / 'missing2.npz'}", "--out", str(path / "sim.npz")]
+
+
+@case(PLACES, "`evaluate SET --out FILE/scores.json` (under a file)", check=place_refused("file, not a folder"), executable=True)
+def _(folder: Path) -> list[str]:
+    (folder / "notes.txt").write_text("mine\n")
+    return ["evaluate", str(folder / MISSING_DATA), "--out", str(folder / "notes.txt" / "scores.json"), "--device", "cpu"]
+
+
+@case(PLACES, "`privacy-audit --out SET` (a set's folder)", check=place_refused("set's folder", intact=only_the_set),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    noise_set().save(folder / "set")
+    return ["privacy-audit", str(folder / MISSING_DATA), "-m", "dm", "--out", str(folder / "set"), "--device", "cpu"]
+
+
+@case(PLACES, "`dp-sgd --out BUNDLE`", check=place_refused("a shared bundle", intact=bundle_intact), executable=True)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["dp-sgd", str(folder / MISSING_DATA), "--epsilon", "1", "--out", str(path), "--device", "cpu"]
+
+
+@case(PLACES, "`experts --out BUNDLE/experts`", check=place_refused("a shared bundle", intact=bundle_intact), executable=True)
+def _(folder: Path) -> list[str]:
+    path = bundle(folder)
+    return ["experts", str(folder / MISSING_DATA), "--out", str(path / "experts"), "--device", "cpu"]
+
+
+@case(PLACES, "`export` a set whose metric `test_acc_mean` is a string",
+      check=lambda folder, done: no_file("bundle")(folder, done) or nothing_hidden(folder, done), executable=True)
+def _(folder: Path) -> list[str]:
+    path = edited_artifact(folder, metrics={"test_acc_mean": "high", "test_acc_std": 0.1, "test_auc_mean": 0.5,
+                                            "test_auc_std": 0.1})
+    return ["export", str(path), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+@case(PLACES, "`export` a private set whose privacy record lost its `mechanism`",
+      check=lambda folder, done: no_file("bundle")(folder, done) or nothing_hidden(folder, done), executable=True)
+def _(folder: Path) -> list[str]:
+    return ["export", str(private_set(folder, "mechanism")), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+@case(PLACES, "`export` over an earlier bundle, of a set whose `eval_protocol` is a string",
+      check=lambda folder, done: bundle_intact(folder, done) or nothing_hidden(folder, done), executable=True)
+def _(folder: Path) -> list[str]:
+    bundle(folder)
+    path = edited_artifact(folder, metrics={"eval_protocol": "convnet"})
+    return ["export", str(path), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
 # (end of writes confined to their place)
 
 

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"__init__", "errors", "registry", "atomic", "configfile", "markdown", "progress", "runtime",
                     "transfer", "microbatch", "scoretext", "presets"}),
     ("inputs", {"data", "models", "augment", "zca", "pictures"}),
-    ("training and sets", {"train", "artifact"}),
+    ("training and sets", {"train", "artifact", "outputs"}),
     ("privacy mechanism", {"dp"}),
     ("methods", {"methods"}),
     ("jobs and audits", {"pipeline", "audit"}),

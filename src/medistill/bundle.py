@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from medistill import __version__
 from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet
-from medistill.atomic import atomic_path, atomic_write, refuse_existing
+from medistill.atomic import atomic_path, atomic_write
 from medistill.audit.neighbours import CopyThresholds
 from medistill.audit.report import file_sha256 as sha256
 from medistill.audit.report import screen_near_copies
@@ -46,6 +46,7 @@ from medistill.markdown import cell
 from medistill.methods import get_method
 from medistill.methods.privacy_check import verified_privacy
 from medistill.models import create_model
+from medistill.outputs import BUNDLE, output_file, output_folder, staged_folder
 from medistill.progress import progress_bar
 from medistill.train import TrainProtocol, scores_on, train_model
 
@@ -160,7 +161,12 @@ def export_bundle(
     device: torch.device | str = "cpu",
     audit_report: str | Path | None = None,
 ) -> Path:
-    """Write a shareable bundle of a synthetic set to `out_dir` once every export rule passes."""
+    """Write a shareable bundle of a synthetic set to `out_dir` once every export rule passes.
+
+    `out_dir` is checked before anything is read (`check_bundle_folder`), every metadata field the card uses
+    before any byte is written (`check_card_metadata`); the bundle is assembled in a temporary folder beside
+    `out_dir` and renamed into place, so a failure leaves no half-written bundle and an earlier one intact."""
+    out = check_bundle_folder(out_dir)
     if isinstance(artifact, SyntheticSet):
         synthetic = artifact
         if audit_report is not None:
@@ -171,9 +177,7 @@ def export_bundle(
         path = path / ARTIFACT_NAME if path.is_dir() else path
         synthetic = SyntheticSet.load(path)
         audit = bound_audit(audit_report, sha256(path)) if audit_report is not None else None
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_JSON).is_file())):
-        raise ConfigError(f"{out} exists and is not an empty folder or an earlier bundle; choose another --out")
+    refuse_malformed_metadata(synthetic)
     evidence = ExportEvidence(synthetic, data_root=data_root, device=device)
     check_export(evidence)
     private = is_guarantee(evidence.privacy)
@@ -184,14 +188,73 @@ def export_bundle(
         )
     shared = shareable(synthetic, evidence.privacy)
     screen = {"passed": True, "statistics": "withheld: computed from the private training images"} if private else evidence.screen
-    out.mkdir(parents=True, exist_ok=True)
-    shared.save(out / ARTIFACT_NAME)
-    shared.to_npz(out / NPZ_NAME)
-    shared.to_png_grid(out / GRID_NAME)
-    card = dataset_card(shared, {name: sha256(out / name) for name in DATA_FILES}, screen=screen, audit=audit)
-    atomic_write(out / CARD_MD, card_markdown(card))
-    atomic_write(out / CARD_JSON, json.dumps(card, indent=2, allow_nan=True) + "\n")  # last: its presence marks a complete bundle
-    return out
+    check_card_metadata(shared, screen=screen, audit=audit)
+    with staged_folder(out) as staging:
+        shared.save(staging / ARTIFACT_NAME)
+        shared.to_npz(staging / NPZ_NAME)
+        shared.to_png_grid(staging / GRID_NAME)
+        card = dataset_card(shared, {name: sha256(staging / name) for name in DATA_FILES}, screen=screen, audit=audit)
+        atomic_write(staging / CARD_MD, card_markdown(card))
+        atomic_write(staging / CARD_JSON, json.dumps(card, indent=2, allow_nan=True) + "\n")
+    return Path(out_dir)
+
+
+BUNDLE_FILES = (*DATA_FILES, CARD_MD, CARD_JSON)
+
+
+def check_bundle_folder(out_dir: str | Path) -> Path:
+    """The real path of a bundle's destination (`outputs.output_folder`): a new or empty folder, or an earlier bundle
+    holding nothing but a bundle's files (replaced whole); never a set's folder or a folder inside a bundle."""
+    return output_folder(
+        out_dir,
+        files=BUNDLE_FILES,
+        replace=(Path(out_dir) / CARD_JSON).is_file(),
+        empty=True,
+        makes=BUNDLE,
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def refuse_malformed_metadata(synthetic: SyntheticSet) -> None:
+    """A one-line DataError for a wrong-typed metadata field the card reads (before the screen runs, before any write)."""
+    origin = synthetic.source.get("source")
+    if origin is not None and not isinstance(origin, dict):
+        raise DataError(f"the set's 'source.source' must be a mapping, got {json.dumps(origin, default=str)[:60]}")
+    metrics = synthetic.metrics
+    if "test_acc_mean" in metrics:
+        for key in ("test_acc_mean", "test_acc_std", "test_auc_mean", "test_auc_std"):
+            if not _number(metrics.get(key)):
+                raise DataError(
+                    f"the set's metric '{key}' must be a number, got {json.dumps(metrics.get(key), default=str)[:60]}"
+                )
+    if not isinstance(metrics.get("eval_protocol", {}), dict):
+        raise DataError("the set's metric 'eval_protocol' must be a mapping")
+
+
+def check_card_metadata(shared: SyntheticSet, *, screen: dict[str, Any] | None, audit: dict[str, Any] | None) -> None:
+    """Build and render the dataset card once before any byte of the bundle is written: a field of the wrong type in
+    the set's metadata, its privacy record or an attached audit summary is a one-line DataError, not a traceback."""
+    refuse_malformed_metadata(shared)
+    privacy = shared.extra.get("privacy")
+    if isinstance(privacy, dict) and is_guarantee(privacy):
+        missing = [key for key in ("mechanism", "sampling") if not isinstance(privacy.get(key), str)]
+        if missing:
+            raise DataError(
+                f"the set's privacy record has no valid '{missing[0]}' (a string); it is not a record medistill wrote"
+            )
+    placeholder = dict.fromkeys(DATA_FILES, "0" * 64)
+    try:
+        card = dataset_card(shared, placeholder, screen=screen, audit=audit)
+        card_markdown(card)
+        json.dumps(card, allow_nan=True)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise DataError(
+            f"the dataset card cannot be made from this set's metadata ({type(exc).__name__}: {reason}); nothing was written"
+        ) from None
 
 
 def shareable(synthetic: SyntheticSet, privacy: dict[str, Any] | None = None) -> SyntheticSet:
@@ -444,9 +507,7 @@ def train_on_bundle(
     the test split of `eval_data` (a MedMNIST flag, an npz with MedMNIST array names or an image folder) if given.
 
     `eval_data` whose class names differ from the bundle's is refused unless `ignore_label_names`."""
-    out = refuse_existing(out, force, "model file")
-    if (out.parent / CARD_JSON).exists():
-        raise ConfigError(f"{out.parent} is a bundle; `train --out` never writes into a bundle: choose another path")
+    out = output_file(out, force=force, what="model file")  # never into a bundle or a set's folder
     synthetic, card = load_bundle(bundle_dir)
     rec = card["recommended_training"]
     protocol = TrainProtocol(

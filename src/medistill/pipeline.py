@@ -5,6 +5,7 @@ The CLI, the demo and the study runner call this; it holds no command-line conce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -17,16 +18,17 @@ from typing import Any
 import torch
 
 from medistill import __version__
-from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet, renormalize
+from medistill.artifact import ARTIFACT_NAME, SyntheticSet, renormalize
 from medistill.atomic import atomic_write
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.data.dataset import Dataset
-from medistill.errors import ConfigError, MedistillError
+from medistill.errors import ConfigError, DataError, MedistillError
 from medistill.markdown import printable
 from medistill.methods import RunContext, distill, get_method
 from medistill.methods.base import DSA_EVAL_EPOCHS, PLAIN_EVAL_EPOCHS
 from medistill.methods.checkpoint import CHECKPOINT_NAME
 from medistill.models import list_models
+from medistill.outputs import SET_FOLDER, exclusive_lock, output_folder
 from medistill.train import Scores, TrainProtocol, evaluate
 from medistill.zca import ZCA, whitened_dataset
 
@@ -116,15 +118,35 @@ def run_job(
 ) -> JobResult:
     """Distil (or draw a baseline), evaluate, and write `synthetic.safetensors`, `grid.png`, `result.json` to `out_dir`.
 
-    A folder holding a finished run is refused unless `resume` (redo its evaluation) or `force`
-    (replace it); a bundle folder is never a job folder.
+    The folder is checked before any work (`check_job_folder`) and locked while the job runs: a second
+    job on it at once is refused. If writing the outputs fails after the work, the set written first is
+    kept and the error says where.
     """
     evaluation = evaluation or EvalSettings()
     spec = get_method(method)
     protocol = evaluation.protocol_for(spec.name)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        check_job_folder(out, resume=resume, force=force)
+    out = check_job_folder(Path(out_dir), resume=resume, force=force) if out_dir is not None else None
+    lock = exclusive_lock(out, user="another job writing this folder") if out is not None else contextlib.nullcontext()
+    with lock:
+        if out is not None:
+            check_job_folder(out, resume=resume, force=force)  # again, now that no other job can write it
+        return _run_job(dataset, spec.name, ipc, config, evaluation, protocol, seed, out, progress, resume, log)
+
+
+def _run_job(
+    dataset: Dataset,
+    method: str,
+    ipc: int,
+    config: dict[str, Any] | None,
+    evaluation: EvalSettings,
+    protocol: TrainProtocol,
+    seed: int,
+    out: Path | None,
+    progress: bool,
+    resume: bool,
+    log: Callable[[str], None] | None,
+) -> JobResult:
+    spec = get_method(method)
     checkpoint_dir = out / CHECKPOINTS_NAME if out is not None else None
     start = time.perf_counter()
     context = RunContext(seed=seed, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, log=log or _log_to_stderr)
@@ -170,18 +192,21 @@ def run_job(
     return JobResult(synthetic=synthetic, scores=scores, record=record)
 
 
-def check_job_folder(out: Path, *, resume: bool = False, force: bool = False) -> None:
-    """Refuse a job folder that is a file, a bundle, or (without resume/force) holds a finished run's outputs."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder")
-    if (out / BUNDLE_MARKER).exists():
-        raise ConfigError(f"{out} is a shared bundle ({BUNDLE_MARKER}); a bundle is never a job folder: choose another --out")
-    finished = [name for name in (RESULT_NAME, ARTIFACT_NAME) if (out / name).exists()]
-    if finished and not (resume or force):
-        raise ConfigError(
-            f"{out} already holds a run ({', '.join(finished)}); choose another --out, "
-            "or pass --resume to redo its evaluation or --force to replace it"
-        )
+JOB_FILES = (ARTIFACT_NAME, GRID_NAME, RESULT_NAME)  # what a job writes into its folder, besides CHECKPOINTS_NAME
+
+
+def check_job_folder(out: str | Path, *, resume: bool = False, force: bool = False) -> Path:
+    """The real path of a job folder (`outputs.output_folder`), or a one-line error: a bundle, a folder inside a
+    bundle or a set's folder, a file on the way, an unwritable folder, a link where a job writes, or (without
+    `resume`/`force`) a folder that already holds any file or folder the job writes."""
+    return output_folder(
+        out,
+        files=JOB_FILES,
+        folders=(CHECKPOINTS_NAME,),
+        replace=resume or force,
+        hint=", or pass --resume to continue its run or --force to replace it",
+        makes=SET_FOLDER,
+    )
 
 
 def majority_rate(dataset: Dataset) -> float | None:
@@ -197,14 +222,24 @@ def has_checkpoint(out_dir: str | Path) -> bool:
 
 
 def write_outputs(out: Path, synthetic: SyntheticSet, record: dict[str, Any], *, save_artifact: bool = True) -> None:
-    """Write the artifact (unless it is the whole real training set), the PNG grid and result.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    if save_artifact:
-        synthetic.save(out / ARTIFACT_NAME)
-        record["artifact"] = ARTIFACT_NAME
-    synthetic.to_png_grid(out / GRID_NAME)
-    record["grid"] = GRID_NAME
-    atomic_write(out / RESULT_NAME, json.dumps(record, indent=2, default=str) + "\n")
+    """Write the artifact (unless it is the whole real training set) first, then the PNG grid and result.json.
+
+    A failure after the artifact is written (a full disk, a folder made read-only) keeps it and says where."""
+    kept = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if save_artifact:
+            kept = synthetic.save(out / ARTIFACT_NAME)
+            record["artifact"] = ARTIFACT_NAME
+        synthetic.to_png_grid(out / GRID_NAME)
+        record["grid"] = GRID_NAME
+        atomic_write(out / RESULT_NAME, json.dumps(record, indent=2, default=str) + "\n")
+    except (MedistillError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, MedistillError) else f"cannot write {out}: {exc.strerror or exc}"
+        if kept is not None:
+            raise DataError(f"{reason}; the set is kept in {kept} (`medistill evaluate {kept}` scores it again)") from None
+        what = "the set could not be kept either" if save_artifact else "nothing was kept"
+        raise DataError(f"{reason}; {what}") from None
 
 
 def _log_to_stderr(message: str) -> None:

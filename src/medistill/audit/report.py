@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from medistill import __version__
-from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER, SyntheticSet, renormalize
+from medistill.artifact import ARTIFACT_NAME, SyntheticSet, renormalize
 from medistill.atomic import atomic_write
 from medistill.audit.membership import membership_audit
 from medistill.audit.neighbours import (
@@ -35,6 +35,7 @@ from medistill.dp.accounting import privacy_markdown
 from medistill.errors import ConfigError
 from medistill.markdown import cell
 from medistill.methods.privacy_check import verified_privacy
+from medistill.outputs import output_folder
 from medistill.train import TrainProtocol
 from medistill.train.features import embed, feature_network
 
@@ -223,13 +224,12 @@ def run_audit(
     path = path / ARTIFACT_NAME if path.is_dir() else path
     synthetic = SyntheticSet.load(path)
     out = Path(report_dir) if report_dir is not None else default_report_dir(path)
-    if out.resolve() == path.parent.resolve() or (out / BUNDLE_MARKER).exists() or (out.parent / BUNDLE_MARKER).exists():
+    if out.resolve() == path.parent.resolve():
         raise ConfigError(
-            f"the audit report folder {out} is (or is inside) the set's folder or a bundle; "
-            "audit never writes there: give --report a folder of its own"
+            f"the audit report folder {out} is the set's folder; audit never writes there: give --report a folder of its own"
         )
-    if (out / AUDIT_JSON).exists() and not force:
-        raise ConfigError(f"{out} already holds an audit report; choose another --report or pass --force to replace it")
+    # never a bundle, a set's folder or a folder inside one; a report there already only with --force
+    out = output_folder(out, option="--report", files=(AUDIT_JSON, AUDIT_MD, WORST_PNG), replace=force)
     dataset = synthetic.load_source(root=data_root, device=device)
     report = audit(synthetic, dataset, config, worst_cases_png=out / WORST_PNG, log=log)
     report["artifact"]["sha256"] = file_sha256(path)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from medistill.artifact import ARTIFACT_NAME, BUNDLE_MARKER
-from medistill.atomic import refuse_existing
 from medistill.audit.canary import (
     CANARY_AUDIT_JSON,
     CanaryAuditConfig,
@@ -44,8 +42,8 @@ from medistill.cli.options import (
     seed_option,
     speed_settings,
 )
-from medistill.errors import ConfigError
 from medistill.methods import get_method
+from medistill.outputs import output_folder
 from medistill.runtime import choose_bf16
 
 
@@ -104,12 +102,7 @@ def privacy_audit(
         canaries=canaries, real_per_class=real_per_class, canary_resolution=canary_resolution, confidence=confidence
     )
     audit_config.check()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    for marker, what in ((BUNDLE_MARKER, "a shared bundle"), (ARTIFACT_NAME, "a synthetic set's folder")):
-        if (out / marker).exists():
-            raise ConfigError(f"--out {out} is {what}; the audit report goes into a folder of its own")
-    refuse_existing(out / CANARY_AUDIT_JSON, force, "audit report")
+    out = output_folder(out, files=(CANARY_AUDIT_JSON,), replace=force)  # before any data is loaded
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     require_single_label(data)  # before the precision line: the refusal is the only line
     given = method_settings(

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medistill.artifact import SyntheticSet
-from medistill.atomic import atomic_write, refuse_existing
+from medistill.atomic import atomic_write
 from medistill.cli import app, on_interrupt, rerun_command, tell
 from medistill.cli.options import (
     BF16,
@@ -44,7 +44,8 @@ from medistill.demo import DEMO_DATASET, DEMO_IPC, demo_networks, run_demo
 from medistill.errors import ConfigError
 from medistill.methods import get_method
 from medistill.models import list_models, model_summary
-from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, has_checkpoint, run_job, score_set
+from medistill.outputs import output_file, output_folder
+from medistill.pipeline import CHECKPOINTS_NAME, EvalSettings, check_job_folder, has_checkpoint, run_job, score_set
 from medistill.runtime import choose_bf16, resolve_device
 from medistill.scoretext import mean_std, record_score
 
@@ -123,6 +124,7 @@ def distill(
 ) -> None:
     """Distil a dataset (or draw a baseline) and score it; writes the artifact, grid.png and result.json."""
     on_interrupt(lambda: _distill_interrupted(out))
+    check_job_folder(out, resume=resume, force=force)  # before any data is loaded: a refusal costs nothing
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     given = method_settings(
         config,
@@ -188,8 +190,8 @@ def evaluate(
     progress: bool = Progress,
 ) -> None:
     """Score a saved set on its source dataset's test split, with one or more architectures."""
-    if out is not None:
-        refuse_existing(out, force)
+    if out is not None:  # a scores file may go beside the set it scores
+        out = output_file(out, force=force, into_set=True)
     synthetic = SyntheticSet.load(artifact)
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if m.lower() not in list_models()]
@@ -282,6 +284,7 @@ def demo(
             f"Continue with: {rerun_command()} (finished runs are reused)"
         )
     )
+    output_folder(out)  # each run's own folder inside it is checked again as a job folder
     data = open_dataset(DEMO_DATASET, data_root, device, progress=progress)
     use_bf16, why = choose_bf16(bf16, None, data.device, demo_networks())
     announce_precision(use_bf16, why)

@@ -10,10 +10,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from medistill.atomic import atomic_write
 from medistill.augment import DEFAULT_STRATEGY
 from medistill.cli import app, on_interrupt, rerun_command, say
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset, parse_pairs
-from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer
+from medistill.methods.experts import ExpertSettings, buffer_dir, build_buffer, experts_root
+from medistill.outputs import output_file, output_folder
 
 # plain text: `main` guards stdout (markdown.PrintableStream), which would show colour codes as escapes
 console = Console(width=None if sys.stdout.isatty() else 160, color_system=None)
@@ -58,6 +60,9 @@ def experts(
     progress: bool = Progress,
 ) -> None:
     """Train MTT expert trajectories into a reusable, resumable buffer; the work and its estimated time are stated first."""
+    output_folder(experts_root(out))  # before any data is loaded; the buffer inside it is this command's own
+    if json_out is not None:
+        json_out = output_file(json_out, option="--json", force=True)
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     settings = ExpertSettings(
         epochs=epochs,
@@ -88,8 +93,7 @@ def experts(
     )
     summary = {**buffer.summary(), "wall_seconds": time.perf_counter() - start, "device": str(data.device)}
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(json_out, json.dumps(summary, indent=2) + "\n")
     acc = summary["expert_test_acc_mean"]
     console.print(
         f"{data.name}: {summary['num_experts']} experts x {summary['epochs']} epochs, "

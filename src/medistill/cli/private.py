@@ -8,7 +8,8 @@ import typer
 
 from medistill.cli import app
 from medistill.cli.options import DataRoot, Device, ImageSize, Progress, Seed, Size, open_dataset
-from medistill.dp.dpsgd import DPSGDSettings, run_dpsgd
+from medistill.dp.dpsgd import RESULT_NAME, DPSGDSettings, run_dpsgd
+from medistill.outputs import output_folder
 
 DEFAULTS = DPSGDSettings()
 
@@ -37,6 +38,7 @@ def dp_sgd(
     settings = DPSGDSettings(
         epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size, lr=lr, clip_norm=clip_norm, model=model
     )
+    output_folder(out, files=(RESULT_NAME,))  # before any data is loaded
     data = open_dataset(dataset, data_root, device, size, image_size, progress=progress)
     r = run_dpsgd(data, settings, num_models=eval_models, seed=seed, out_dir=out)
     p = r["privacy"]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from medistill.atomic import refuse_existing
 from medistill.cli import app, on_interrupt, rerun_command, tell
 from medistill.cli.options import DataRoot, Force, Seed, ipc_option
 from medistill.data import load_dataset
 from medistill.errors import ConfigError
+from medistill.outputs import output_file, output_folder
 from medistill.presets import resolve_config_path
 from medistill.study.executors import list_executors
 from medistill.study.predict import DEFAULT_LEVEL, DEFAULT_PROBE
@@ -19,6 +19,7 @@ from medistill.study.report import console_summary, write_report
 from medistill.study.runner import run_study
 from medistill.study.simulation import SimulationRecipe, build_simulation
 from medistill.study.spec import load_study, resolve_path_ref
+from medistill.study.store import check_study_folder
 
 DEFAULT_STUDY_DIR = Path("runs/study")
 EXIT_RUNS_FAILED = 1
@@ -47,6 +48,7 @@ def study(
     spec = load_study(resolve_config_path(config))
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
+    check_study_folder(out)  # before anything is built or run (run_study checks again, holding the lock)
     options = {"address": ray_address} if executor == "ray" else {}
     on_interrupt(
         lambda: (
@@ -91,7 +93,7 @@ def simulate(
     force: bool = Force,
 ) -> None:
     """Build the study's "distillation simulation" set: each source dataset becomes one class (3 channels, one size)."""
-    refuse_existing(out, force)
+    out = output_file(out, force=force)  # before any data is loaded: never into a bundle or a set's folder
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     recipe = SimulationRecipe(
         datasets=tuple(resolve_path_ref(n, Path.cwd()) for n in names), fraction=fraction, size=size, seed=seed
@@ -140,5 +142,12 @@ def predict(
 @app.command()
 def report(study_dir: Path = typer.Argument(..., help="Study folder.")) -> None:
     """(Re)write a study folder's report.md, index.html, tables, analysis.json and plots."""
+    output_folder(
+        study_dir,
+        option="study folder",
+        files=("report.md", "index.html", "analysis.json"),
+        folders=("tables", "plots"),
+        replace=True,
+    )
     path = write_report(study_dir)
     typer.echo(f"report: {path} and {path.parent / 'index.html'}")

@@ -24,12 +24,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medistill import __version__
+from medistill.atomic import atomic_write
 from medistill.data.dataset import Dataset
 from medistill.dp.accounting import ACCOUNTANTS, accountant_version, epsilon_of
 from medistill.dp.mechanism import public_view, require_per_example
 from medistill.dp.randomness import SecretRandom
 from medistill.errors import ConfigError
 from medistill.models import create_model
+from medistill.outputs import output_folder
 from medistill.train import model_seeds, scores_on
 from medistill.train.metrics import Scores
 
@@ -174,6 +176,8 @@ def run_dpsgd(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and (out / RESULT_NAME).exists():
         raise ConfigError(f"{out} already holds a finished run ({RESULT_NAME}); choose another --out")
+    if out is not None:
+        out = output_folder(out, files=(RESULT_NAME,))
     start = time.perf_counter()
     public = public_view(dataset)
     scores, records = Scores(), []
@@ -199,10 +203,7 @@ def run_dpsgd(
         "version": __version__,
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (RESULT_NAME + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        tmp.replace(out / RESULT_NAME)
+        atomic_write(out / RESULT_NAME, json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

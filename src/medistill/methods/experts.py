@@ -46,6 +46,7 @@ from medistill.data.dataset import Dataset
 from medistill.errors import ConfigError, DataError
 from medistill.microbatch import chunk_size, chunks, weighted_chunks
 from medistill.models import create_model
+from medistill.outputs import safe_name
 from medistill.progress import progress_bar
 from medistill.runtime import autocast
 from medistill.transfer import HostCopy, to_device
@@ -146,7 +147,8 @@ def experts_root(root: str | Path | None = None) -> Path:
 def buffer_dir(dataset: Dataset, settings: ExpertSettings, root: str | Path | None = None) -> Path:
     """The buffer folder of a dataset (file, channels, size) and expert settings."""
     md5 = (dataset.source.md5 or "local")[:8]
-    return experts_root(root) / f"{dataset.name}-{md5}-{dataset.channels}x{dataset.image_size}" / settings.key()
+    name = safe_name(f"{dataset.name}-{md5}-{dataset.channels}x{dataset.image_size}", "expert buffer's folder name")
+    return experts_root(root) / name / safe_name(settings.key(), "expert settings' folder name")
 
 
 def expert_seed(seed: int, index: int) -> int:

@@ -27,7 +27,7 @@ from medistill.runtime import resolve_device, seed_everything
 from medistill.study.executors import create_executor
 from medistill.study.simulation import build_simulation
 from medistill.study.spec import SIMULATION_PREFIX, RunSpec, StudySpec, simulation_file, simulation_ref
-from medistill.study.store import FAILED, OK, ResultStore, exclusive_lock, new_outcome, record_failure
+from medistill.study.store import FAILED, OK, ResultStore, check_study_folder, exclusive_lock, new_outcome, record_failure
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,11 @@ def execute(spec: RunSpec, env: RunEnv) -> dict[str, Any]:
     try:
         work = ResultStore(env.study_dir).work_dir(spec.key)
         record = run_record(spec, env, out_dir=work, resume=True)
-        files = {p.name: p.read_bytes() for p in sorted(work.iterdir()) if p.is_file() and p.name != RESULT_NAME}
+        files = {  # the job's files; not result.json (the record holds it) nor hidden ones (its lock file)
+            p.name: p.read_bytes()
+            for p in sorted(work.iterdir())
+            if p.is_file() and not p.is_symlink() and p.name != RESULT_NAME and not p.name.startswith(".")
+        }
         outcome.update(status=OK, result=record, files=files)
     except Exception as exc:  # a failed run is recorded and the study goes on
         record_failure(outcome, exc)
@@ -143,8 +147,10 @@ def run_study(
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> StudySummary:
-    """Run every unfinished run of a study into `out` (the driver: the only writer, holding the folder's lock)."""
-    out = Path(out)
+    """Run every unfinished run of a study into `out` (the driver: the only writer, holding the folder's lock).
+
+    `out` is checked before anything is built or run (`store.check_study_folder`)."""
+    out = check_study_folder(out)
     with exclusive_lock(out):
         return _run_locked(study, out, executor, executor_options, data_root, device, retry_failed, log)
 

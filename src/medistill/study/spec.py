@@ -40,6 +40,7 @@ from medistill.configfile import read_yaml
 from medistill.data import BUNDLED, FLAGS, check_image_size
 from medistill.errors import ConfigError
 from medistill.methods import get_method, list_methods, make_config
+from medistill.outputs import inside, safe_name
 from medistill.pipeline import EvalSettings
 from medistill.runtime import MAX_SEED
 from medistill.study.simulation import SimulationRecipe
@@ -176,9 +177,10 @@ def simulation_ref(name: str, recipe: SimulationRecipe) -> str:
 
 
 def simulation_file(ref: str, study_dir: str | Path) -> Path:
-    """Where a simulation reference's npz lives inside a study folder."""
+    """Where a simulation reference's npz lives inside a study folder (its name never leads out of it: `safe_name`)."""
     name, _, digest = ref[len(SIMULATION_PREFIX) :].partition("@")
-    return Path(study_dir) / "simulations" / f"{name}-{digest}.npz"
+    safe_name(name, "simulation name")
+    return inside(Path(study_dir) / "simulations", f"{name}-{digest}.npz", "simulation file name")
 
 
 def resolve_path_ref(entry: str, base: Path) -> str:
@@ -308,6 +310,7 @@ def _datasets(entries: Any, simulations: dict[str, SimulationRecipe], base: Path
 
 
 def _recipe(name: str, block: Any, base: Path) -> SimulationRecipe:
+    safe_name(name, "simulation name")  # it names a file in the study folder
     if is_named_dataset(name):
         raise ConfigError(f"simulation '{name}' has the name of a MedMNIST or bundled dataset; choose another name")
     block = _mapping(block, f"simulations.{name}")

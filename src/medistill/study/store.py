@@ -12,14 +12,14 @@ Every file is written to a unique temporary name and renamed, and a run's JSON i
 files: a run whose JSON exists is complete, whatever killed the driver. `DIR/work/<key>/` is the
 one folder a worker writes (`run_job` with `resume=True`, so a killed run continues from its last
 checkpoint); the driver removes it once it has stored the run, and it never holds results.
-One runner at a time: `exclusive_lock` holds `DIR/.lock` while a study runs.
+One runner at a time: `exclusive_lock` holds `DIR/.lock` while a study runs. Run keys and file names
+become path components only as plain names (`outputs.safe_name`): none leads out of the study folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import time
@@ -29,13 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from medistill.atomic import atomic_write
-from medistill.errors import ConfigError, DataError
+from medistill.errors import DataError
+from medistill.outputs import LOCK_NAME, inside, output_folder, safe_name
+from medistill.outputs import exclusive_lock as folder_lock
 
 OK = "ok"
 FAILED = "failed"
 STUDY_FILE = "study.json"
 WORK_DIR = "work"
-LOCK_FILE = ".lock"  # who runs the study now (see `exclusive_lock`)
+RUNS_DIR = "runs"
+SIMULATIONS_DIR = "simulations"
+LOCK_FILE = LOCK_NAME  # who runs the study now (see `exclusive_lock`)
+
+
+def safe_key(key: object) -> str:
+    """A run key as a plain name (`outputs.safe_name`): it becomes a file and folder name in the study folder."""
+    return safe_name(key, "run key")
 
 
 def new_outcome(key: str, spec: dict[str, Any], dataset_label: str) -> dict[str, Any]:
@@ -53,33 +62,24 @@ def record_failure(outcome: dict[str, Any], exc: BaseException) -> dict[str, Any
 @contextlib.contextmanager
 def exclusive_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on a study folder while a runner writes it; a second runner gets a ConfigError
-    naming the holder. The lock is the kernel's (flock): it ends with the process, even after kill -9."""
-    import fcntl
+    naming the holder. The lock is the kernel's (flock): it ends with the process, even after kill -9. The lock
+    file is never followed through a link (`outputs.exclusive_lock`)."""
+    with folder_lock(folder, user="another study runner"):
+        yield
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the `with handle:` below
-    except OSError as exc:
-        raise DataError(f"cannot use {folder} as a study folder: {exc.strerror or exc}") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = " ".join(handle.read().split()) or "another process"
-            raise ConfigError(
-                f"{folder} is in use by another study runner ({holder}); wait for it to finish or choose another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+def check_study_folder(folder: str | Path) -> Path:
+    """The real path of a study folder (`outputs.output_folder`): a new or empty folder, or a study folder (one
+    holding study.json) that a rerun continues; never a bundle, a set's folder or a folder inside one."""
+    is_study = (Path(folder) / STUDY_FILE).is_file()
+    return output_folder(
+        folder,
+        files=(STUDY_FILE,),
+        folders=(RUNS_DIR, WORK_DIR, SIMULATIONS_DIR),
+        replace=is_study,
+        empty=not is_study,
+        hint="",
+    )
 
 
 class ResultStore:
@@ -87,17 +87,17 @@ class ResultStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.runs_dir = self.root / "runs"
+        self.runs_dir = self.root / RUNS_DIR
 
     def record_path(self, key: str) -> Path:
-        return self.runs_dir / f"{key}.json"
+        return inside(self.runs_dir, f"{safe_key(key)}.json", "run record's name")
 
     def artifact_dir(self, key: str) -> Path:
-        return self.runs_dir / key
+        return inside(self.runs_dir, safe_key(key), "run key")
 
     def work_dir(self, key: str) -> Path:
         """The run's scratch folder while it is in flight (the `out_dir` its worker writes and resumes)."""
-        return self.root / WORK_DIR / key
+        return inside(self.root / WORK_DIR, safe_key(key), "run key")
 
     def discard_work(self, key: str) -> None:
         """Remove a run's scratch folder (once its outcome is stored)."""
@@ -132,7 +132,7 @@ class ResultStore:
         key = outcome["key"]
         files: dict[str, bytes] = outcome.get("files") or {}
         for name, data in files.items():
-            atomic_write(self.artifact_dir(key) / name, data)
+            atomic_write(inside(self.artifact_dir(key), name, "run file's name"), data)
         record = {k: v for k, v in outcome.items() if k != "files"}
         record["files"] = sorted(files)
         path = self.record_path(key)
