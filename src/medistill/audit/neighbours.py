@@ -11,9 +11,10 @@ L2 / sqrt(C*H*W), about 5 grey levels per pixel on average, the size of re-quant
 Feature cosine similarity is reported but does not flag: same-class images are close in a
 classifier's feature space whether or not one copies the other.
 
-The export screen adds a third rule (`ncc`, default `NCC_THRESHOLD`): the highest |normalised
-cross-correlation| over a stated transformation family (flips, shifts, zooms, scaled and tiled
-copies, inversion, channels), searched in every split by `medistill.audit.screen`.
+The export screen adds two rules (`ncc`, `ncc_smoothed`): the highest |normalised cross-correlation|
+over a stated transformation family (flips, shifts, zooms, scaled and tiled copies, inversion,
+channels), and the same over whole-frame flips, shifts and zooms with both sides blurred (which sees
+through mixed-in noise), searched in every split by `medistill.audit.screen`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 DEFAULT_BATCH_ELEMENTS = 1 << 22  # floats per pairwise block (16 MB in float32)
-# The screen's |NCC| threshold, chosen from benchmarks/near_copy_screen.py (docs/RESULTS.md, "Near-copy screen").
-NCC_THRESHOLD = 0.97
+# The screen's |NCC| thresholds (raw pixels; whole frame with both sides blurred), chosen from
+# benchmarks/near_copy_screen.py (docs/RESULTS.md, "Near-copy screen").
+NCC_THRESHOLD = 0.975
+NCC_SMOOTHED_THRESHOLD = 0.99
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,15 @@ class CopyThresholds:
     ssim: float = 0.95
     l2_rms: float = 0.02
     ncc: float = NCC_THRESHOLD  # highest |NCC| over the screen's transformation family (audit/screen.py)
+    ncc_smoothed: float = NCC_SMOOTHED_THRESHOLD  # the same over whole-frame flips, shifts and zooms, both sides blurred
 
     def __post_init__(self) -> None:
         if not -1.0 < self.ssim <= 1.0:
             raise ConfigError(f"the SSIM threshold must be in (-1, 1], got {self.ssim}")
         if not (math.isfinite(self.l2_rms) and self.l2_rms >= 0):
             raise ConfigError(f"the L2 (RMS) threshold must be a finite number >= 0, got {self.l2_rms}")
-        if not 0.0 < self.ncc <= 1.0:
-            raise ConfigError(f"the |NCC| threshold must be in (0, 1], got {self.ncc}")
+        if not (0.0 < self.ncc <= 1.0 and 0.0 < self.ncc_smoothed <= 1.0):
+            raise ConfigError(f"the |NCC| thresholds must be in (0, 1], got {self.ncc} and {self.ncc_smoothed}")
 
     def flags(self, ssim: torch.Tensor, l2_rms: torch.Tensor) -> torch.Tensor:
         """Boolean near-copy flag per image."""
@@ -293,6 +297,7 @@ def _blocks(n: int, m: int, per_pair: int, budget: int):
 
 
 __all__ = [
+    "NCC_SMOOTHED_THRESHOLD",
     "NCC_THRESHOLD",
     "CopyThresholds",
     "Neighbours",

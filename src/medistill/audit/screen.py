@@ -1,41 +1,47 @@
 """The near-copy screen under a stated transformation family: is a real image, of any split, hidden in a synthetic one?
 
-A synthetic image counts as a near-copy of a real image when, after undoing one transformation of the
+A synthetic image counts as a near-copy of a real image when, after undoing a transformation of the
 family below, the two are almost perfectly correlated: the highest absolute normalised
-cross-correlation (|NCC|, Pearson's r of the pixel values) over the family reaches the threshold
-(`CopyThresholds.ncc`). |NCC| ignores any affine change of intensity a*x + b with a != 0, inversion
-(1 - x) included, and drops only slowly when noise is mixed in (a 0.9 / 0.1 mix of a real image and
-uniform noise keeps r near 0.99).
+cross-correlation (|NCC|, Pearson's r of the pixel values) over the family reaches `CopyThresholds.ncc`,
+or, over whole-frame comparisons (flips, rotations, shifts, zooms) with both sides blurred by a
+Gaussian of 1 px (at N = 28), reaches `CopyThresholds.ncc_smoothed`. |NCC| ignores any affine change
+of intensity a*x + b with a != 0, inversion (1 - x) included; the blur sees through noise mixed into
+a copy (a 0.9 / 0.1 mix with uniform noise keeps r above 0.99 blurred, down to 0.94 raw on the
+low-contrast Pneumonia images). The thresholds are chosen from `benchmarks/near_copy_screen.py`.
 
 The family, at the working side N (the source's native side, at most `ScreenFamily.max_side`):
 
-- the 8 flips and right-angle rotations (the dihedral group of the square);
+- the 8 flips and right-angle rotations (the dihedral group of the square), composed with any of:
 - shifts of up to s = round(0.1 N) pixels in each direction (3 px at N = 28), borders filled anyhow;
-- any affine intensity change a*x + b (a != 0), inversion included, and mixing with noise;
+- any affine intensity change a*x + b (a != 0), inversion included; noise mixed in up to 10%;
 - crop-and-resize (zoom): a crop of 0.7-1 of the real image's side, anywhere in it, resized to the image;
 - a real image scaled by 0.5-1 (of the source's native side) and placed anywhere inside the synthetic
-  image, so also tiles of several real images, and real-size windows of a larger synthetic image;
+  image: tiles of several real images, real-size windows of a larger synthetic image;
 - any one channel of the synthetic image, or the mean of its channels, against any channel of a real
   image or its grey (mean) image.
 
-How: every image is standardised (zero mean, unit variance per channel variant). A real image at a
-scale is a template (its central crop where the shift may carry its border outside the synthetic
-image), slid over the synthetic image with `unfold` and a batched matrix product; the local mean and
-variance of each window come from the same unfolded windows (box statistics), so each position gives
-the exact Pearson r. For a zoom the synthetic image, downscaled to the crop's size, is the template
-slid over the real image. Scales are searched at every whole pixel size.
+How: every image is standardised (zero mean, unit variance per channel variant); the synthetic images
+are screened as stored, not clamped to [0, 1]. A real image at a scale is a template (its central crop
+where a shift may carry its border outside the synthetic image), slid over the synthetic image with
+`unfold` and a batched matrix product; the local mean and variance of each window come from the same
+unfolded windows (box statistics), so each position gives the exact Pearson r. For a zoom the
+synthetic image, downscaled to the crop's size, is the template slid over the real image. Scales and
+crops are searched at every whole pixel size.
 
 Doing that for every real image is too slow, so a prefilter ranks the real images first: |NCC| of
-images downsampled by `prefilter_factor` (7x7 at N = 28), over the 8 dihedral variants, over the
-windows of the synthetic image rescaled by 2^(b/4) (b = 0..4, the embedded scales), and against
-zoomed crops of the real images (crops of 0.7, 0.8 and 0.9 at 3x3 positions). For every synthetic
-image and every scale band the `candidates` (K) best real images go to the exact search above.
+images box-averaged by `prefilter_factor` (7x7 at N = 28), whitened with the real images' covariance
+(so what all images share counts less than what tells them apart), over the 8 dihedral variants; the
+whole frame at every shift (its central 5x5, clear of the filled border), against every zoomed crop
+of the real images (every crop side, every other pixel), and the windows of the synthetic image
+rescaled by 2^(b/4) (b = 0..4: the embedded scales 1 down to 0.5) at half-cell phases. For every
+synthetic image and every scale band the `candidates` (K) best real images per real-size cell of the
+synthetic image (a 2x2 tiling at x0.5 has 4 cells) go to the exact search above.
 `benchmarks/near_copy_screen.py` measures that the prefilter keeps the true source of every attack.
 
 Outside the family (not promised): rotations by other angles, elastic or perspective deformations,
-heavy blurs, scales below 0.5 or zooms beyond 1/0.7, a real image behind strong noise, parts of a real
-image smaller than the scaled template, and a real image whose local contrast is below `min_contrast`
-of the synthetic image's.
+blurs, scales below 0.5 or zooms beyond 1/0.7, a real image behind more than about 10% noise, a part of
+a real image smaller than the scaled template, a real image upscaled inside a larger image, and a real
+image whose local contrast is below `min_contrast` of the synthetic image's.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ class ScreenFamily:
     def describe(self, native: int) -> dict[str, Any]:
         """The family as applied to a source of this working side, JSON-serialisable."""
         return {
-            "measure": "max |NCC| (Pearson r) over the family",
+            "measure": "max |NCC| (Pearson r) over the family; also over whole-frame comparisons with both sides blurred",
+            "blur_sigma_px": self.smoothing * native / 28,
             "working_side": native,
             "dihedral": list(DIHEDRAL),
             "shift_px": shift_pixels(native, self.shift),
@@ -95,7 +102,12 @@ class ScreenFamily:
             "intensity": "a*x + b, a != 0 (inversion included)",
             "channels": "each synthetic channel and their mean against each real channel and the grey image",
             "splits": "train, val and test",
-            "prefilter": {"candidates_per_band": self.candidates, "downsampling": self.prefilter_factor, "bands": BANDS},
+            "prefilter": {
+                "candidates_per_band_and_cell": self.candidates,
+                "downsampling": self.prefilter_factor,
+                "bands": BANDS,
+                "whitening": self.whiten,
+            },
         }
 
 
@@ -149,6 +161,24 @@ class Match:
         }
 
 
+@dataclass
+class Found:
+    """What the screen found for one synthetic image: the best match on raw pixels over the whole family, and the best
+    whole-frame match (flips, shifts, zooms) with both sides blurred, which sees through mixed-in noise (None when the
+    family's smoothing is 0). Each has its own threshold (`CopyThresholds.ncc`, `ncc_smoothed`)."""
+
+    raw: Match
+    smoothed: Match | None = None
+
+    def hits(self, raw_threshold: float, smoothed_threshold: float) -> Match | None:
+        """The match that reaches its threshold (raw first), else None."""
+        if self.raw.score >= raw_threshold:
+            return self.raw
+        if self.smoothed is not None and self.smoothed.score >= smoothed_threshold:
+            return self.smoothed
+        return None
+
+
 @dataclass(frozen=True)
 class _Band:
     """One group of searches: the view searched (whole image at N, or the synthetic image at its side),
@@ -191,10 +221,11 @@ class Search:
         height = int(synthetic.shape[-1])
         reference = min(native_side or height, height)
         ratio = min(1.0, self.family.max_side / reference)
-        self.native = max(8, round(reference * ratio))  # N
-        self.side = max(8, round(height * ratio))  # the synthetic image's working side
+        self.native = max(1, round(reference * ratio))  # N
+        self.side = max(1, round(height * ratio))  # the synthetic image's working side
         self.shift = shift_pixels(self.native, self.family.shift)
-        self.low = max(3, round(self.native / self.family.prefilter_factor))
+        self.factor = max(1, min(self.family.prefilter_factor, self.native // 3))  # tiny images: a finer prefilter
+        self.low = max(1, round(self.native / self.factor))
         self.sigma = self.family.smoothing * self.native / 28
         self.channels = int(synthetic.shape[1])
 
@@ -232,7 +263,8 @@ class Search:
         else:
             bands.append(_Band("whole", "whole", (n,), True, 1.0))
         for b, band_sides in sorted(by_band.items()):
-            bands.append(_Band(f"scale {2 ** (-b / 4):.2f}", "image", widened(band_sides), False, 2 ** (b / 4)))
+            band_sides = [t for t in widened(band_sides) if s != n or t < n]  # the same frame is the whole band's
+            bands.append(_Band(f"scale {2 ** (-b / 4):.2f}", "image", tuple(band_sides), False, 2 ** (b / 4)))
         return bands
 
     def _view(self, band: _Band, images: slice) -> torch.Tensor:
@@ -252,11 +284,12 @@ class Search:
 
     # --- the search --------------------------------------------------------------------------------
 
-    def run(self, candidates: torch.Tensor | None = None) -> list[Match]:
-        """The best match of every synthetic image. `candidates` (n, k) real image indices replace the prefilter
+    def run(self, candidates: torch.Tensor | None = None) -> list[Found]:
+        """The best matches of every synthetic image. `candidates` (n, k) real image indices replace the prefilter
         (every band searches them); by default the prefilter picks `band_candidates` per band (all when that is >= M)."""
         n = len(self.views)
-        best: list[Match | None] = [None] * n
+        raw: list[Match | None] = [None] * n
+        smoothed: list[Match | None] = [None] * n
         for band_index, band in enumerate(self.bands):
             if candidates is not None:
                 chosen = _expand_rows(candidates, self.real_views)
@@ -264,11 +297,12 @@ class Search:
                 chosen = torch.arange(len(self.rows)).expand(n, -1)
             else:
                 chosen = self.prefilter()[band_index]
-            for match_index, match in enumerate(self._exact(band, chosen)):
-                current = best[match_index]
-                if current is None or match.score > current.score:
-                    best[match_index] = match
-        return [m for m in best if m is not None]
+            for kept, found in zip((raw, smoothed), self._exact(band, chosen)):
+                for i, match in enumerate(found):
+                    current = kept[i]
+                    if current is None or match.score > current.score:
+                        kept[i] = match
+        return [Found(r, s) for r, s in zip(raw, smoothed) if r is not None]
 
     def band_candidates(self, band: _Band) -> int:
         """K times the number of real images of the band's smallest scale that fit side by side in the view: a tiling of
@@ -284,14 +318,14 @@ class Search:
 
     def _low(self, images: torch.Tensor) -> torch.Tensor:
         """(..., S, S) images whose side is a multiple of the prefilter factor -> box-averaged (..., S/f, S/f)."""
-        f = self.family.prefilter_factor
+        f = self.factor
         shape = images.shape
         pooled = F.avg_pool2d(images.reshape(-1, 1, shape[-2], shape[-1]), f) if f > 1 else images.reshape(-1, 1, *shape[-2:])
         return pooled.reshape(*shape[:-2], *pooled.shape[-2:])
 
     def _central(self, low: torch.Tensor) -> torch.Tensor:
         """(..., l, l) -> (..., c*c): the downsampled image without the ring a shift of up to `shift` pixels can fill."""
-        ring = min(math.ceil(self.shift / self.family.prefilter_factor), (self.low - 1) // 2)
+        ring = min(math.ceil(self.shift / self.factor), (self.low - 1) // 2)
         return low[..., ring : self.low - ring, ring : self.low - ring].flatten(-2)
 
     def _whitening(self, features: torch.Tensor) -> torch.Tensor:
@@ -304,7 +338,7 @@ class Search:
     def _prefilter(self) -> list[torch.Tensor]:
         n = len(self.views)
         ks = [min(self.band_candidates(band), self.real_count) for band in self.bands]
-        sample = self._low(_resize(self.rows[:: max(1, len(self.rows) // 4096)], self.low * self.family.prefilter_factor))
+        sample = self._low(_resize(self.rows[:: max(1, len(self.rows) // 4096)], self.low * self.factor))
         whites: dict[str, torch.Tensor | None] = {"plain": None, "central": None}
         if self.family.whiten > 0:
             whites = {
@@ -323,7 +357,7 @@ class Search:
         for start in range(0, self.real_count, chunk):
             stop = min(self.real_count, start + chunk)
             rows = self.rows[start * self.real_views : stop * self.real_views]
-            low = self._low(_resize(rows, self.low * self.family.prefilter_factor))  # (m * Vr, l, l)
+            low = self._low(_resize(rows, self.low * self.factor))  # (m * Vr, l, l)
             features = {"plain": _white(_normalise(low.flatten(-2)), whites["plain"]).unsqueeze(1)}  # (m * Vr, 1, d)
             if "central" in kinds:
                 features["central"] = _white(_normalise(self._central(low)), whites["central"]).unsqueeze(1)
@@ -339,7 +373,7 @@ class Search:
 
     def _prefilter_queries(self, band: _Band) -> list[tuple[torch.Tensor, str]]:
         """The band's synthetic views as prefilter rows: (n, R, d) with the kind of real features they are compared with."""
-        f = self.family.prefilter_factor
+        f = self.factor
         views = self._view(band, slice(None))  # (n, Q, V, V)
         n, q, side = views.shape[0], views.shape[1], views.shape[-1]
         d = self.low * self.low
@@ -364,21 +398,17 @@ class Search:
                 windows.append(F.unfold(low, self.low).transpose(1, 2).reshape(n, -1, d))
         return [(_normalise(torch.cat(windows, 1)), "plain")]
 
-    def _zoom_sizes(self) -> list[int]:
-        """Crop sides the prefilter compares a whole synthetic image with: every other pixel from zoom_min_crop * N."""
-        return self._zoom_sides()[::2]
-
     def _zoom_features(self, rows: torch.Tensor) -> torch.Tensor:
         """(m, Z, d): crops of the real rows at the prefilter's zoom sides and every other position, downsampled,
         normalised. The real image is magnified so that a crop becomes l*f pixels, then box-averaged at 2x2 phases."""
-        f, side = self.family.prefilter_factor, self.low * self.family.prefilter_factor
+        f, side = self.factor, self.low * self.factor
         out = []
-        for size in self._zoom_sizes():
+        for size in self._zoom_sides():
             magnified = _resize(rows, round(side * self.native / size))
             for dy in range(0, f, ZOOM_PHASE):
                 for dx in range(0, f, ZOOM_PHASE):
                     part = magnified[..., dy:, dx:]
-                    usable = (part.shape[-1] // f) * f
+                    usable = (min(part.shape[-2:]) // f) * f
                     if usable < side:
                         continue
                     low = self._low(part[..., :usable, :usable]).unsqueeze(1)  # (m, 1, u, u)
@@ -398,11 +428,12 @@ class Search:
             out[i : i + step] = scores.amax(dim=(1, 3))
         return out
 
-    def _exact(self, band: _Band, rows: torch.Tensor) -> list[Match]:
-        """The best exact match of every synthetic image among the given real rows (n, k), in this band: raw pixels, and
-        in the whole-frame band also both sides smoothed (noise mixed into a copy mostly lies above the blur's cut-off)."""
+    def _exact(self, band: _Band, rows: torch.Tensor) -> tuple[list[Match], list[Match]]:
+        """The best exact match of every synthetic image among the given real rows (n, k), in this band: on raw pixels,
+        and in the whole-frame band also with both sides blurred (empty elsewhere): noise mixed into a copy mostly lies
+        above the blur's cut-off."""
         n, k = rows.shape
-        best = _Best(torch.full((n,), -1.0), [()] * n)
+        trackers = {sigma: _Best(torch.full((n,), -1.0), [()] * n) for sigma in (0.0, self.sigma)}
         first_view = self._view(band, slice(0, 1))
         q, view_side = first_view.shape[1], first_view.shape[-1]
         unfolded = q * max(t * t * (view_side - t + 1) ** 2 for t in band.sides)  # the synthetic windows, per image
@@ -418,6 +449,7 @@ class Search:
                 blurred = _smooth(views, sigma)
                 for j in range(0, k, k_step):
                     candidates = self.rows[rows[images, j : j + k_step]]  # (b, kc, N, N)
+                    best = trackers[sigma]
                     best.first, best.k0, best.sigma = i, j, sigma
                     for side in band.sides:
                         self._slide_real(blurred, candidates, side, sigma, best)
@@ -425,7 +457,11 @@ class Search:
                         blurred_candidates = _smooth(candidates, sigma)
                         for side in zooms:
                             self._slide_synthetic(views, blurred_candidates, side, sigma, best)
-        return [self._match(m, float(best.score[m]), best.info[m], band, rows) for m in range(n)]
+        raw, blurred_best = trackers[0.0], trackers[self.sigma]
+        matches = [self._match(m, float(raw.score[m]), raw.info[m], band, rows) for m in range(n)]
+        if len(sigmas) == 1:
+            return matches, []
+        return matches, [self._match(m, float(blurred_best.score[m]), blurred_best.info[m], band, rows) for m in range(n)]
 
     def _slide_real(self, views: torch.Tensor, candidates: torch.Tensor, side: int, sigma: float, best: _Best) -> None:
         """Real templates at `side` (their central crop within the shift margin) slid over the synthetic views."""
@@ -644,9 +680,9 @@ def screen_set(
     batch_elements: int = DEFAULT_BATCH_ELEMENTS,
 ) -> dict[str, Any]:
     """The near-copy screen of a set against every real image of every split of its source; `passed` when no synthetic
-    image is within SSIM >= `ssim`, RMS distance <= `l2_rms` (as they are) or |NCC| >= `ncc` over the family (screened
-    as stored, without clamping to [0, 1]). JSON-serialisable; `matches` names the real image (split, index) of each
-    near-copy and how it was transformed."""
+    image is within SSIM >= `ssim`, RMS distance <= `l2_rms` (as they are), |NCC| >= `ncc` over the family (screened as
+    stored, without clamping to [0, 1]) or, blurred, |NCC| >= `ncc_smoothed` over whole-frame flips, shifts and zooms.
+    JSON-serialisable; `matches` names the real image (split, index) of each near-copy and how it was transformed."""
     thresholds = thresholds or CopyThresholds()
     family = family or ScreenFamily()
     normalised = renormalize(synthetic, dataset).to(dataset.device)
@@ -655,33 +691,30 @@ def screen_set(
     real, where = real_pixels(dataset)
     neighbours = find_neighbours(dataset.denormalize(normalised), real, batch_elements=batch_elements)
     search = Search(normalised * std + mean, real, native_side=dataset.source.size, family=family)
-    matches = search.run()
-    ncc = torch.tensor([m.score for m in matches], dtype=torch.float64)
+    found = search.run()
+    raw = torch.tensor([f.raw.score for f in found], dtype=torch.float64)
+    smoothed = torch.tensor([f.smoothed.score if f.smoothed else 0.0 for f in found], dtype=torch.float64)
     by_ssim = (neighbours.ssim >= thresholds.ssim).cpu()
     by_l2 = (neighbours.l2_rms <= thresholds.l2_rms).cpu()
-    by_ncc = ncc >= thresholds.ncc
-    flagged = torch.nonzero(by_ssim | by_l2 | by_ncc).flatten().tolist()
+    by_ncc = raw >= thresholds.ncc
+    by_smoothed = smoothed >= thresholds.ncc_smoothed
+    rules = (("ncc", by_ncc), ("ncc_smoothed", by_smoothed), ("ssim", by_ssim), ("rms_distance", by_l2))
+    flagged = torch.nonzero(by_ssim | by_l2 | by_ncc | by_smoothed).flatten().tolist()
     rows = []
     for i in flagged:
-        rules = [name for name, hit in (("ncc", by_ncc), ("ssim", by_ssim), ("rms_distance", by_l2)) if bool(hit[i])]
-        real_index = (
-            matches[i].real
-            if rules[0] == "ncc"
-            else int(neighbours.ssim_index[i] if rules[0] == "ssim" else neighbours.l2_index[i])
-        )
+        hits = [name for name, hit in rules if bool(hit[i])]
+        match = found[i].raw if hits[0] == "ncc" else found[i].smoothed
+        if hits[0] in ("ncc", "ncc_smoothed") and match is not None:
+            real_index, how = match.real, match.to_dict()
+        else:
+            real_index, how = int(neighbours.ssim_index[i] if hits[0] == "ssim" else neighbours.l2_index[i]), {}
         split, index = where[real_index]
-        rows.append(
-            {
-                "image": i,
-                "rules": rules,
-                "split": split,
-                "index": index,
-                "ssim": float(neighbours.ssim[i]),
-                "rms_distance": float(neighbours.l2_rms[i]),
-                **matches[i].to_dict(),
-            }
-        )
-    top = int(torch.argmax(ncc))
+        row = {"image": i, "rules": hits, "split": split, "index": index}
+        row |= {"ssim": float(neighbours.ssim[i]), "rms_distance": float(neighbours.l2_rms[i]), **how}
+        rows.append(row)
+    top = int(torch.argmax(raw))
+    top_smoothed = int(torch.argmax(smoothed))
+    nearest_smoothed = found[top_smoothed].smoothed
     return {
         "passed": not flagged,
         "near_copies": len(flagged),
@@ -693,12 +726,17 @@ def screen_set(
             "ssim_at_least": thresholds.ssim,
             "rms_distance_at_most": thresholds.l2_rms,
             "ncc_at_least": thresholds.ncc,
+            "ncc_smoothed_at_least": thresholds.ncc_smoothed,
             "family": family.describe(search.native),
         },
         "highest_ssim": float(neighbours.ssim.max()),
         "lowest_rms_distance": float(neighbours.l2_rms.min()),
-        "highest_ncc": float(ncc[top]),
-        "nearest": {"split": where[matches[top].real][0], **matches[top].to_dict()},
+        "highest_ncc": float(raw[top]),
+        "highest_ncc_smoothed": float(smoothed[top_smoothed]),
+        "nearest": {"split": where[found[top].raw.real][0], **found[top].raw.to_dict()},
+        "nearest_smoothed": None
+        if nearest_smoothed is None
+        else {"split": where[nearest_smoothed.real][0], **nearest_smoothed.to_dict()},
         "initialised_from_real": initialised_from_real(synthetic),
         "matches": rows,
     }
@@ -709,7 +747,7 @@ def refusal(screen: dict[str, Any]) -> str:
     transformed, and for a set that started from real images that it stayed too close to them."""
     shown = []
     for row in screen["matches"][:SHOWN_MATCHES]:
-        if row["rules"][0] == "ncc":
+        if row["rules"][0] in ("ncc", "ncc_smoothed"):
             how = f"{row['transform']}; |NCC| {abs(row['ncc']):.3f}"
         else:
             how = f"SSIM {row['ssim']:.3f}, RMS distance {row['rms_distance']:.4f}"
@@ -729,6 +767,7 @@ def refusal(screen: dict[str, Any]) -> str:
 
 __all__ = [
     "DIHEDRAL",
+    "Found",
     "Match",
     "ScreenFamily",
     "Search",
