@@ -965,6 +965,65 @@ def _(folder: Path) -> list[str]:
 
 # --- near-copies under the screen's transformation family -----------------------------------------
 
+def pixel_set(folder: Path, pixels, channels: int = 1) -> list[str]:
+    """`export` arguments for a `dc` set whose images are these [0, 1] pixels of BreastMNIST (gray or as RGB)."""
+    import torch
+
+    from medistill.data import load_dataset
+    from medistill.methods import new_set
+
+    data = breast() if channels == 1 else load_dataset("breastmnist", channels=channels, progress=False)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    labels = torch.arange(len(pixels)) % 2
+    synthetic = new_set(data, (pixels - mean) / std, labels, method="dc", ipc=len(pixels) // 2, seed=0)
+    return ["export", str(synthetic.save(folder / "set")), "--out", str(folder / "bundle"), "--device", "cpu"]
+
+
+def real(split: str, *indices: int):
+    """BreastMNIST images of one split as [0, 1] pixels (N, 1, 28, 28)."""
+    data = breast()
+    return data.denormalize(data.split(split).images[list(indices)])
+
+
+@case("export gate", "two test-split images relabelled `dc`", check=no_file("bundle"), executable=True)
+def _(folder: Path) -> list[str]:
+    return pixel_set(folder, real("test", 4, 90))
+
+
+@case("export gate", "training images flipped left-right and shifted by 2 px", check=no_file("bundle"), executable=True)
+def _(folder: Path) -> list[str]:
+    import torch
+
+    return pixel_set(folder, torch.roll(real("train", 10, 300).flip(-1), 2, dims=-1))
+
+
+@case("export gate", "validation images inverted (1 - x)", check=no_file("bundle"), executable=True)
+def _(folder: Path) -> list[str]:
+    return pixel_set(folder, 1 - real("val", 7, 40))
+
+
+@case("export gate", "one channel of an RGB set holds a real test image, the others noise", check=no_file("bundle"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    import torch
+
+    pixels = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    pixels[:, 1] = real("test", 20, 21)[:, 0]
+    return pixel_set(folder, pixels, channels=3)
+
+
+@case("export gate", "four real images (train, val, test) tiled at half size into one", check=no_file("bundle"),
+      executable=True)
+def _(folder: Path) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    pieces = torch.cat([real("train", 1), real("val", 2), real("test", 3), real("train", 4)])
+    small = F.interpolate(pieces, size=(14, 14), mode="bilinear", antialias=True, align_corners=False)
+    tiled = torch.cat([torch.cat([small[0], small[1]], -1), torch.cat([small[2], small[3]], -1)], -2)
+    return pixel_set(folder, torch.stack([tiled, tiled.flip(-1)]))
+
 # (end of near-copies under transforms)
 
 

@@ -25,12 +25,15 @@ from medistill.atomic import atomic_write
 from medistill.audit.membership import membership_audit
 from medistill.audit.neighbours import (
     DEFAULT_BATCH_ELEMENTS,
+    NCC_SMOOTHED_THRESHOLD,
+    NCC_THRESHOLD,
     CopyThresholds,
     find_neighbours,
     neighbour_summary,
     save_worst_cases,
 )
-from medistill.data.dataset import Dataset
+from medistill.audit.screen import screen_set
+from medistill.data.dataset import SPLITS, Dataset
 from medistill.dp.accounting import privacy_markdown
 from medistill.errors import ConfigError
 from medistill.markdown import cell
@@ -50,6 +53,8 @@ class AuditConfig:
 
     ssim_threshold: float = 0.95
     l2_threshold: float = 0.02  # RMS pixel distance in [0, 1], i.e. L2 / sqrt(C*H*W)
+    ncc_threshold: float = NCC_THRESHOLD  # highest |NCC| over the screen's transformation family (audit/screen.py)
+    ncc_smoothed_threshold: float = NCC_SMOOTHED_THRESHOLD  # the same, whole frame, both sides blurred
     feature_model: str = "convnet"
     feature_epochs: int = 5  # epochs of the feature network trained on the real training set; 0 = no cosine
     reference_images: int = 200  # held-out test images screened the same way, for scale; 0 = none
@@ -76,7 +81,9 @@ class AuditConfig:
             raise ConfigError(f"batch elements must be at least 1, got {self.batch_elements}")
 
     def thresholds(self) -> CopyThresholds:
-        return CopyThresholds(ssim=self.ssim_threshold, l2_rms=self.l2_threshold)
+        return CopyThresholds(
+            ssim=self.ssim_threshold, l2_rms=self.l2_threshold, ncc=self.ncc_threshold, ncc_smoothed=self.ncc_smoothed_threshold
+        )
 
 
 def audit(
@@ -143,6 +150,8 @@ def audit(
             seed=config.seed,
             log=log,
         )
+    log(f"audit: near-copy screen under transforms against all {sum(len(dataset.split(s)) for s in SPLITS)} real images")
+    screen = screen_set(synthetic, dataset, thresholds, batch_elements=config.batch_elements)
     near = summary["near_copies"]
     try:
         privacy, privacy_refused = verified_privacy(synthetic), None
@@ -157,13 +166,10 @@ def audit(
         "config": asdict(config),
         "privacy": privacy,  # the set's (ε, δ) record, verified, when a private method made it
         "privacy_refused": privacy_refused,  # why a record the set carries does not hold
-        "passed": near == 0,
-        "verdict": (
-            f"{near} of {len(synthetic)} synthetic images are near-copies of a real training image"
-            if near
-            else f"no near-copies among {len(synthetic)} synthetic images"
-        ),
+        "passed": near == 0 and screen["passed"],
+        "verdict": _verdict(near, screen, len(synthetic)),
         "neighbours": summary,
+        "near_copy_screen": screen,  # every split, transform-aware (flips, shifts, zooms, scaled copies, inversion)
         "reference_held_out": reference,
         "membership": membership,
         "seconds": time.perf_counter() - start,
@@ -177,21 +183,21 @@ def screen_near_copies(
     *,
     batch_elements: int = DEFAULT_BATCH_ELEMENTS,
 ) -> dict[str, Any]:
-    """Nearest real training image of every synthetic image by L2 and SSIM; `passed` when none is a near-copy."""
-    thresholds = thresholds or CopyThresholds()
-    pixels = dataset.denormalize(renormalize(synthetic, dataset).to(dataset.device))
-    neighbours = find_neighbours(pixels, dataset.denormalize(dataset.train.images), batch_elements=batch_elements)
-    summary = neighbour_summary(neighbours, thresholds)
-    return {
-        "passed": summary["near_copies"] == 0,
-        "near_copies": summary["near_copies"],
-        "images": len(synthetic),
-        "real_images_searched": len(dataset.train),
-        "source": {"name": dataset.name, "md5": dataset.source.md5},
-        "rule": {"ssim_at_least": thresholds.ssim, "rms_distance_at_most": thresholds.l2_rms},
-        "highest_ssim": summary["ssim"]["max"],
-        "lowest_rms_distance": summary["l2_rms"]["min"],
-    }
+    """Every synthetic image against every real image of every split, by SSIM, pixel L2 and the highest |NCC| over the
+    screen's transformation family (`medistill.audit.screen`); `passed` when none is a near-copy."""
+    return screen_set(synthetic, dataset, thresholds, batch_elements=batch_elements)
+
+
+def _verdict(near: int, screen: dict[str, Any], images: int) -> str:
+    parts = []
+    if near:
+        parts.append(f"{near} of {images} synthetic images are near-copies of a real training image")
+    if not screen["passed"]:
+        parts.append(
+            f"{screen['near_copies']} of {images} are near-copies of a real image of some split under the screen's "
+            f"transforms (highest |NCC| {screen['highest_ncc']:.3f})"
+        )
+    return "; ".join(parts) if parts else f"no near-copies among {images} synthetic images"
 
 
 def summarize_audit(report: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +271,17 @@ def audit_markdown(report: dict[str, Any]) -> str:
         f = n["feature_network"]
         rows.append((f"feature cosine ({cell(f['model'])}, {f['epochs']} epochs, test ACC {f['test_acc']:.3f})", n["cosine"]))
     lines += [f"| {name} | {_row(stats)} |" for name, stats in rows]
+    screen = report.get("near_copy_screen")
+    if screen:
+        nearest = screen["nearest"]
+        lines += [
+            "",
+            f"Screen under transforms (flips, shifts, zooms, scaled and tiled copies, inversion, channels) against all "
+            f"{screen['real_images_searched']} real images of every split: highest |NCC| {screen['highest_ncc']:.3f} "
+            f"({cell(nearest['split'])} split: {cell(nearest['transform'])}), blurred {screen['highest_ncc_smoothed']:.3f}; "
+            f"refused at {screen['rule']['ncc_at_least']} and {screen['rule']['ncc_smoothed_at_least']} blurred; "
+            f"{screen['near_copies']} near-copies.",
+        ]
     ref = report.get("reference_held_out")
     if ref:
         lines += [
