@@ -259,6 +259,8 @@ def detection(datasets: dict[str, Dataset], count: dict[str, int], family: Scree
                 "ncc_smoothed_min": float(smoothed.min()),
                 "source_kept_by_prefilter": int(kept.sum()),
                 "lost_by_prefilter": int((oracle_caught & ~caught).sum()),
+                "oracle_raw": [round(float(v), 4) for v in oracle_raw],
+                "oracle_smoothed": [round(float(v), 4) for v in oracle_smoothed],
                 "raw": [round(float(v), 4) for v in raw],
                 "smoothed": [round(float(v), 4) for v in smoothed],
                 "seconds": round(seconds, 2),
@@ -376,20 +378,22 @@ def choose_threshold(attacks: dict[str, Any], sets: dict[str, Any]) -> dict[str,
 
     Must pass: every image of every set distilled from noise (short and longer budgets). Must be caught: for the raw
     |NCC|, every image of every family and tester attack except noise mixing; for the blurred |NCC|, every image mixed
-    0.9 / 0.1 with noise. The threshold is the midpoint, rounded to 0.005; where the two overlap, the lowest attack
-    score (every attack caught, the honest images above it refused). Real held-out images are reported beside it.
+    0.9 / 0.1 with noise; each scored by the exact search on its true source (what the measure can see; what the
+    prefilter loses is counted apart). The threshold is the midpoint, rounded to 0.001; where the two overlap, the
+    lowest attack score (every attack caught, the honest images above it refused). Real held-out images are
+    reported beside it.
     """
     choice = {}
     for measure, noise_only in (("raw", False), ("smoothed", True)):
         caught = [
-            min(r[measure])
+            min(r[f"oracle_{measure}"])
             for rows in attacks.values()
             for name, r in rows.items()
             if r["group"] != "outside" and (name.startswith("mixed 0.9") == noise_only)
         ]
         key = "highest_ncc_smoothed" if noise_only else "highest_ncc"
         low, high = max(r[key] for rows in sets.values() for r in rows if r["init"] == "noise"), min(caught)
-        suggested = round(round((low + high) / 2 / 0.005) * 0.005, 3) if low < high else round(high, 3)
+        suggested = round((low + high) / 2, 3) if low < high else round(high, 3)
         choice[measure] = {"must_pass_up_to": low, "must_catch_from": high, "suggested": suggested}
     choice["in_use"] = {"raw": NCC_THRESHOLD, "smoothed": NCC_SMOOTHED_THRESHOLD}
     return choice

@@ -4,10 +4,10 @@ A synthetic image counts as a near-copy of a real image when, after undoing a tr
 family below, the two are almost perfectly correlated: the highest absolute normalised
 cross-correlation (|NCC|, Pearson's r of the pixel values) over the family reaches `CopyThresholds.ncc`,
 or, over whole-frame comparisons (flips, rotations, shifts, zooms) with both sides blurred by a
-Gaussian of 1 px (at N = 28), reaches `CopyThresholds.ncc_smoothed`. |NCC| ignores any affine change
-of intensity a*x + b with a != 0, inversion (1 - x) included; the blur sees through noise mixed into
-a copy (a 0.9 / 0.1 mix with uniform noise keeps r above 0.99 blurred, down to 0.94 raw on the
-low-contrast Pneumonia images). The thresholds are chosen from `benchmarks/near_copy_screen.py`.
+Gaussian of 1.5 px (at N = 28), reaches `CopyThresholds.ncc_smoothed`. |NCC| ignores any affine
+change of intensity a*x + b with a != 0, inversion (1 - x) included; the blur sees through noise mixed
+into a copy (a 0.9 / 0.1 mix with uniform noise keeps r near 0.99 blurred where it drops to 0.9 raw
+on the low-contrast Pneumonia images). The thresholds are chosen from `benchmarks/near_copy_screen.py`.
 
 The family, at the working side N (the source's native side, at most `ScreenFamily.max_side`):
 
@@ -24,9 +24,10 @@ How: every image is standardised (zero mean, unit variance per channel variant);
 are screened as stored, not clamped to [0, 1]. A real image at a scale is a template (its central crop
 where a shift may carry its border outside the synthetic image), slid over the synthetic image with
 `unfold` and a batched matrix product; the local mean and variance of each window come from the same
-unfolded windows (box statistics), so each position gives the exact Pearson r. For a zoom the
-synthetic image, downscaled to the crop's size, is the template slid over the real image. Scales and
-crops are searched at every whole pixel size.
+unfolded windows (box statistics), so each position gives the exact Pearson r. For a zoom every crop
+of the real image (every side from 0.7 N, every position) is magnified to the synthetic image's side,
+as the family defines it, and compared with the whole synthetic image. Scales and crops are searched
+at every whole pixel size.
 
 Doing that for every real image is too slow, so a prefilter ranks the real images first: |NCC| of
 images box-averaged by `prefilter_factor` (7x7 at N = 28), whitened with the real images' covariance
@@ -72,12 +73,12 @@ class ScreenFamily:
     shift: float = 0.1  # shifts up to round(shift * N) pixels
     embed_min_scale: float = 0.5  # a real image scaled by [embed_min_scale, 1] placed inside the synthetic image
     zoom_min_crop: float = 0.7  # crop-and-resize of crops of [zoom_min_crop, 1) of the real side
-    candidates: int = 16  # K: real images kept by the prefilter per synthetic image, scale band and real-size cell
+    candidates: int = 32  # K: real images kept by the prefilter per synthetic image, scale band and real-size cell
     prefilter_factor: int = 4  # the prefilter compares images downsampled by this factor
     max_side: int = 32  # the search runs at the source's native side, downsampled to at most this
     min_contrast: float = 1e-3  # windows whose std is below this (in units of the image's std) are not compared
     whiten: float = 0.1  # prefilter features are whitened with the real images' covariance, regularised by this
-    smoothing: float = 1.0  # Gaussian sigma in pixels at N = 28 (scaled with N) applied to both sides before comparing
+    smoothing: float = 1.5  # Gaussian sigma in pixels at N = 28 (scaled with N) for the blurred whole-frame search
 
     def __post_init__(self) -> None:
         if not 0 <= self.shift < 0.5:
@@ -254,8 +255,8 @@ class Search:
         for t in sides:
             by_band.setdefault(min(BANDS - 1, max(0, round(4 * math.log2(n / t)))), []).append(t)
 
-        def widened(band_sides: list[int]) -> tuple[int, ...]:  # one side more each way: bands overlap at their edges
-            return tuple(t for t in sides if min(band_sides) - 1 <= t <= max(band_sides) + 1)
+        def widened(band_sides: list[int]) -> tuple[int, ...]:  # two sides more each way: bands overlap at their edges
+            return tuple(t for t in sides if min(band_sides) - 2 <= t <= max(band_sides) + 2)
 
         bands = []
         if s == n:
@@ -438,7 +439,8 @@ class Search:
         q, view_side = first_view.shape[1], first_view.shape[-1]
         unfolded = q * max(t * t * (view_side - t + 1) ** 2 for t in band.sides)  # the synthetic windows, per image
         zooms = self._zoom_sides() if band.zoom else []
-        per_candidate = q * view_side**2 + self.native**2 + max((s * s * (self.native - s + 1) ** 2 for s in zooms), default=0)
+        windows = max(((self.native - s + 1) ** 2 * (s * s + q) for s in zooms), default=0)
+        per_candidate = q * view_side**2 + self.native**2 + windows + 27 * view_side**2
         k_step = max(1, min(k, (self.budget - unfolded) // per_candidate))
         step = max(1, self.budget // (unfolded + k_step * per_candidate))
         sigmas = [0.0, self.sigma] if band.zoom and self.sigma > 0 else [0.0]
@@ -451,12 +453,11 @@ class Search:
                     candidates = self.rows[rows[images, j : j + k_step]]  # (b, kc, N, N)
                     best = trackers[sigma]
                     best.first, best.k0, best.sigma = i, j, sigma
-                    for side in band.sides:
+                    # blurred: the same frame only (shifts; the scaled copies are caught raw, noise or not)
+                    for side in band.sides if sigma == 0 else [t for t in band.sides if t == view_side]:
                         self._slide_real(blurred, candidates, side, sigma, best)
                     if zooms:
-                        blurred_candidates = _smooth(candidates, sigma)
-                        for side in zooms:
-                            self._slide_synthetic(views, blurred_candidates, side, sigma, best)
+                        self._zoom(blurred, candidates, zooms, sigma, best)
         raw, blurred_best = trackers[0.0], trackers[self.sigma]
         matches = [self._match(m, float(raw.score[m]), raw.info[m], band, rows) for m in range(n)]
         if len(sigmas) == 1:
@@ -479,31 +480,65 @@ class Search:
         ncc = torch.bmm(template, windows) / spread.view(b, 1, q * positions)  # (b, kc, Q*L)
         best.keep(ncc, ("slide", side, margin, positions))
 
-    def _slide_synthetic(self, views: torch.Tensor, candidates: torch.Tensor, side: int, sigma: float, best: _Best) -> None:
-        """The whole synthetic view downscaled to `side` (a zoomed crop undone) slid over the real candidates."""
-        b, q = views.shape[0], views.shape[1]
-        kc = candidates.shape[1]
-        template = _normalise(_smooth(_resize(views, side), sigma).reshape(b, q, side * side))
-        windows = F.unfold(candidates.flatten(0, 1).unsqueeze(1), side)  # (b*kc, s*s, L)
-        spread = _window_spread(windows, self.family.min_contrast)
-        positions = windows.shape[-1]
-        windows = windows.view(b, kc, side * side, positions).transpose(1, 2).reshape(b, side * side, kc * positions)
-        ncc = torch.bmm(template, windows) / spread.view(b, 1, kc * positions)  # (b, Q, kc*L)
-        best.keep(ncc, ("zoom", side, 0, positions))
+    def _zoom(self, views: torch.Tensor, candidates: torch.Tensor, sides: list[int], sigma: float, best: _Best) -> None:
+        """Crop-and-resize. First where: the synthetic view downscaled to each crop side, slid over the real candidates;
+        then, around the best crop of each candidate (side and corner +-1), the crops magnified to the view's side as
+        the family defines them (then blurred by `sigma`), against the whole view in each pose (`views` blurred alike)."""
+        b, q, v = views.shape[0], views.shape[1], views.shape[-1]
+        kc, n = candidates.shape[1], self.native
+        blurred = _smooth(candidates, sigma).reshape(b * kc, 1, n, n)
+        top = torch.full((b, kc), -1.0)
+        where = torch.zeros((b, kc, 3), dtype=torch.long)  # crop side, top, left
+        for side in sides:
+            template = _normalise(_resize(views, side).reshape(b, q, side * side))
+            windows = F.unfold(blurred, side)  # (b*kc, s*s, L)
+            spread = _window_spread(windows, self.family.min_contrast)
+            positions = windows.shape[-1]
+            windows = windows.view(b, kc, side * side, positions).transpose(1, 2).reshape(b, side * side, kc * positions)
+            ncc = (torch.bmm(template, windows) / spread.view(b, 1, kc * positions)).abs().nan_to_num(0.0)
+            value, position = ncc.amax(1).view(b, kc, positions).max(-1)
+            better = value > top
+            top = torch.where(better, value, top)
+            found = torch.stack([torch.full_like(position, side), position // (n - side + 1), position % (n - side + 1)], -1)
+            where = torch.where(better[..., None], found, where)
+        steps = torch.tensor([(a, c, d) for a in (-1, 0, 1) for c in (-1, 0, 1) for d in (-1, 0, 1)])
+        tried = (where[:, :, None, :] + steps).reshape(-1, 3)  # (b*kc*27, 3)
+        image = torch.arange(b).repeat_interleave(kc * len(steps))
+        candidate = torch.arange(kc).repeat_interleave(len(steps)).repeat(b)
+        tried[:, 0] = tried[:, 0].clamp(min(sides), max(sides))
+        tried[:, 1:] = torch.minimum(tried[:, 1:].clamp_min(0), (n - tried[:, 0])[:, None])
+        target = _normalise(views.reshape(b, q, v * v))
+        signed = torch.zeros(len(tried))  # the entry's |NCC| with its sign, in its best view
+        view = torch.zeros(len(tried), dtype=torch.long)
+        for side in sorted(set(tried[:, 0].tolist())):
+            pick = torch.nonzero(tried[:, 0] == side).flatten()
+            span = torch.arange(side)
+            down = (tried[pick, 1][:, None] + span)[:, :, None]
+            across = (tried[pick, 2][:, None] + span)[:, None, :]
+            crops = candidates[image[pick][:, None, None], candidate[pick][:, None, None], down, across]  # (E, s, s)
+            magnified = _normalise(_smooth(_resize(crops, v), sigma).reshape(len(pick), v * v))
+            ncc = torch.einsum("ed,eqd->eq", magnified, target[image[pick]]).clamp(-1.0, 1.0).nan_to_num(0.0)
+            view[pick] = ncc.abs().argmax(-1)
+            signed[pick] = ncc.gather(1, view[pick][:, None])[:, 0]
+        per_image = signed.abs().view(b, -1).argmax(-1)  # the best entry of each image of the block
+        for i, entry in enumerate((per_image + torch.arange(b) * (len(tried) // b)).tolist()):
+            side, crop_top, crop_left = (int(t) for t in tried[entry])
+            info = ("zoom", side, int(candidate[entry]), crop_top, crop_left, int(view[entry]), 1 if signed[entry] >= 0 else -1)
+            best.offer(i, float(signed[entry].abs()), info)
 
     def _match(self, image: int, score: float, info: tuple[Any, ...], band: _Band, rows: torch.Tensor) -> Match:
         if not info:
             return Match(0.0, 1, 0, self.real_names[0], self.synthetic_names[0], "identity", "whole", 1.0, (0, 0))
-        k0, sigma, kind, side, margin, positions, index, columns, sign = info
-        width = math.isqrt(positions)
+        k0, sigma, kind, side = info[:4]
         if kind == "slide":  # ncc (b, kc, Q*L): rows are candidates, columns view * L + position
+            margin, positions, index, columns, sign = info[4:]
             candidate, rest = divmod(index, columns)
             view, position = divmod(rest, positions)
-        else:  # ncc (b, Q, kc*L): rows are views, columns candidate * L + position
-            view, rest = divmod(index, columns)
-            candidate, position = divmod(rest, positions)
+            y, x = divmod(position, math.isqrt(positions))
+        else:  # a magnified crop: its candidate, corner in the real image, the view it matched
+            candidate, y, x, view, sign = info[4:]
+            margin = 0
         row = int(rows[image, k0 + candidate])
-        y, x = divmod(position, width)
         pose, channel = view % 8, view // 8
         dihedral = DIHEDRAL[(4 - pose) % 4] if pose < 4 else DIHEDRAL[pose]  # the inverse pose: real -> synthetic
         if kind == "zoom":
@@ -542,16 +577,21 @@ class _Best:
     sigma: float = 0.0
 
     def keep(self, ncc: torch.Tensor, geometry: tuple[Any, ...]) -> None:
+        """Per image of the block (ncc's first axis), its best |NCC| with where it lies in `ncc` (decoded by `_match`)."""
         ncc = ncc.clamp_(-1.0, 1.0).nan_to_num_(0.0)
         flat = ncc.flatten(1)
         value, where = flat.abs().max(dim=1)
         for offset in range(len(value)):
-            image = self.first + offset
-            if float(value[offset]) > float(self.score[image]):
-                self.score[image] = value[offset]
-                index = int(where[offset])
-                sign = 1 if float(flat[offset, index]) >= 0 else -1
-                self.info[image] = (self.k0, self.sigma, *geometry, index, ncc.shape[2], sign)
+            index = int(where[offset])
+            sign = 1 if float(flat[offset, index]) >= 0 else -1
+            self.offer(offset, float(value[offset]), (*geometry, index, ncc.shape[2], sign))
+
+    def offer(self, offset: int, score: float, info: tuple[Any, ...]) -> None:
+        """Image `first + offset` found `score` where `info` says; kept when above its best so far."""
+        image = self.first + offset
+        if score > float(self.score[image]):
+            self.score[image] = score
+            self.info[image] = (self.k0, self.sigma, *info)
 
 
 def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
