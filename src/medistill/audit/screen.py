@@ -47,6 +47,7 @@ image whose local contrast is below `min_contrast` of the synthetic image's.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -190,6 +191,7 @@ class _Band:
     sides: tuple[int, ...]  # real template sides (before cropping the shift margin)
     zoom: bool
     rho: float  # the prefilter rescales the view by this before cutting N-sized windows
+    smallest: int  # the band's own smallest template side (`sides` reaches two further into the next band)
 
 
 class Search:
@@ -260,12 +262,13 @@ class Search:
 
         bands = []
         if s == n:
-            bands.append(_Band("whole", "image", widened(by_band.pop(0, [n])), True, 1.0))
+            own = by_band.pop(0, [n])
+            bands.append(_Band("whole", "image", widened(own), True, 1.0, min(own)))
         else:
-            bands.append(_Band("whole", "whole", (n,), True, 1.0))
-        for b, band_sides in sorted(by_band.items()):
-            band_sides = [t for t in widened(band_sides) if s != n or t < n]  # the same frame is the whole band's
-            bands.append(_Band(f"scale {2 ** (-b / 4):.2f}", "image", tuple(band_sides), False, 2 ** (b / 4)))
+            bands.append(_Band("whole", "whole", (n,), True, 1.0, n))
+        for b, own in sorted(by_band.items()):
+            band_sides = tuple(t for t in widened(own) if s != n or t < n)  # the same frame is the whole band's
+            bands.append(_Band(f"scale {2 ** (-b / 4):.2f}", "image", band_sides, False, 2 ** (b / 4), min(own)))
         return bands
 
     def _view(self, band: _Band, images: slice) -> torch.Tensor:
@@ -309,7 +312,7 @@ class Search:
         """K times the number of real images of the band's smallest scale that fit side by side in the view: a tiling of
         several real images has each of them among the candidates."""
         view = self.native if band.view == "whole" else self.side
-        return self.family.candidates * max(1, view // min(band.sides)) ** 2
+        return self.family.candidates * max(1, view // band.smallest) ** 2
 
     def prefilter(self) -> list[torch.Tensor]:
         """Per band, (n, K * Vr) real rows: the K real images whose downsampled variants best match each synthetic image."""
@@ -447,6 +450,7 @@ class Search:
         for i in range(0, n, step):
             images = slice(i, min(n, i + step))
             views = self._view(band, images)  # (b, Q, V, V)
+            located: dict[int, torch.Tensor] = {}
             for sigma in sigmas:
                 blurred = _smooth(views, sigma)
                 for j in range(0, k, k_step):
@@ -456,8 +460,8 @@ class Search:
                     # blurred: the same frame only (shifts; the scaled copies are caught raw, noise or not)
                     for side in band.sides if sigma == 0 else [t for t in band.sides if t == view_side]:
                         self._slide_real(blurred, candidates, side, sigma, best)
-                    if zooms:
-                        self._zoom(blurred, candidates, zooms, sigma, best)
+                    if zooms:  # the blurred pass looks where the raw pass found each candidate's crop
+                        located[j] = self._zoom(blurred, candidates, zooms, sigma, best, located.get(j) if sigma else None)
         raw, blurred_best = trackers[0.0], trackers[self.sigma]
         matches = [self._match(m, float(raw.score[m]), raw.info[m], band, rows) for m in range(n)]
         if len(sigmas) == 1:
@@ -480,51 +484,62 @@ class Search:
         ncc = torch.bmm(template, windows) / spread.view(b, 1, q * positions)  # (b, kc, Q*L)
         best.keep(ncc, ("slide", side, margin, positions))
 
-    def _zoom(self, views: torch.Tensor, candidates: torch.Tensor, sides: list[int], sigma: float, best: _Best) -> None:
-        """Crop-and-resize. First where: the synthetic view downscaled to each crop side, slid over the real candidates;
-        then, around the best crop of each candidate (side and corner +-1), the crops magnified to the view's side as
-        the family defines them (then blurred by `sigma`), against the whole view in each pose (`views` blurred alike)."""
+    def _zoom(
+        self,
+        views: torch.Tensor,
+        candidates: torch.Tensor,
+        sides: list[int],
+        sigma: float,
+        best: _Best,
+        where: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Crop-and-resize. First where (unless given): the synthetic view downscaled to every other crop side, slid
+        over the real candidates; then, around the best crop of each candidate (side and corner +-1), the crops
+        magnified to the view's side as the family defines them (then blurred by `sigma`), against the whole view in
+        each pose (`views` blurred alike). Returns where, (b, kc, 3): crop side, top, left."""
         b, q, v = views.shape[0], views.shape[1], views.shape[-1]
         kc, n = candidates.shape[1], self.native
-        blurred = _smooth(candidates, sigma).reshape(b * kc, 1, n, n)
-        top = torch.full((b, kc), -1.0)
-        where = torch.zeros((b, kc, 3), dtype=torch.long)  # crop side, top, left
-        for side in sides:
-            template = _normalise(_resize(views, side).reshape(b, q, side * side))
-            windows = F.unfold(blurred, side)  # (b*kc, s*s, L)
-            spread = _window_spread(windows, self.family.min_contrast)
-            positions = windows.shape[-1]
-            windows = windows.view(b, kc, side * side, positions).transpose(1, 2).reshape(b, side * side, kc * positions)
-            ncc = (torch.bmm(template, windows) / spread.view(b, 1, kc * positions)).abs().nan_to_num(0.0)
-            value, position = ncc.amax(1).view(b, kc, positions).max(-1)
-            better = value > top
-            top = torch.where(better, value, top)
-            found = torch.stack([torch.full_like(position, side), position // (n - side + 1), position % (n - side + 1)], -1)
-            where = torch.where(better[..., None], found, where)
+        if where is None:
+            flat = candidates.reshape(b * kc, 1, n, n)
+            top = torch.full((b, kc), -1.0)
+            where = torch.zeros((b, kc, 3), dtype=torch.long)
+            for side in sides[::2]:
+                template = _normalise(_resize(views, side).reshape(b, q, side * side))
+                windows = F.unfold(flat, side)  # (b*kc, s*s, L)
+                spread = _window_spread(windows, self.family.min_contrast)
+                positions = windows.shape[-1]
+                windows = windows.view(b, kc, side * side, positions).transpose(1, 2).reshape(b, side * side, kc * positions)
+                ncc = (torch.bmm(template, windows) / spread.view(b, 1, kc * positions)).abs().nan_to_num(0.0)
+                value, position = ncc.amax(1).view(b, kc, positions).max(-1)
+                better = value > top
+                top = torch.where(better, value, top)
+                width = n - side + 1
+                found = torch.stack([torch.full_like(position, side), position // width, position % width], -1)
+                where = torch.where(better[..., None], found, where)
         steps = torch.tensor([(a, c, d) for a in (-1, 0, 1) for c in (-1, 0, 1) for d in (-1, 0, 1)])
         tried = (where[:, :, None, :] + steps).reshape(-1, 3)  # (b*kc*27, 3)
         image = torch.arange(b).repeat_interleave(kc * len(steps))
         candidate = torch.arange(kc).repeat_interleave(len(steps)).repeat(b)
         tried[:, 0] = tried[:, 0].clamp(min(sides), max(sides))
         tried[:, 1:] = torch.minimum(tried[:, 1:].clamp_min(0), (n - tried[:, 0])[:, None])
-        target = _normalise(views.reshape(b, q, v * v))
-        signed = torch.zeros(len(tried))  # the entry's |NCC| with its sign, in its best view
-        view = torch.zeros(len(tried), dtype=torch.long)
+        magnified = torch.empty(len(tried), v * v)
         for side in sorted(set(tried[:, 0].tolist())):
             pick = torch.nonzero(tried[:, 0] == side).flatten()
             span = torch.arange(side)
             down = (tried[pick, 1][:, None] + span)[:, :, None]
             across = (tried[pick, 2][:, None] + span)[:, None, :]
             crops = candidates[image[pick][:, None, None], candidate[pick][:, None, None], down, across]  # (E, s, s)
-            magnified = _normalise(_smooth(_resize(crops, v), sigma).reshape(len(pick), v * v))
-            ncc = torch.einsum("ed,eqd->eq", magnified, target[image[pick]]).clamp(-1.0, 1.0).nan_to_num(0.0)
-            view[pick] = ncc.abs().argmax(-1)
-            signed[pick] = ncc.gather(1, view[pick][:, None])[:, 0]
+            magnified[pick] = _smooth(_resize(crops, v), sigma).reshape(len(pick), v * v)
+        target = _normalise(views.reshape(b, q, v * v))
+        ncc = torch.bmm(_normalise(magnified).view(b, -1, v * v), target.transpose(1, 2)).clamp(-1.0, 1.0).nan_to_num(0.0)
+        view = ncc.abs().argmax(-1).flatten()  # (b * kc * 27,): each entry's best view
+        signed = ncc.flatten(0, 1).gather(1, view[:, None])[:, 0]
         per_image = signed.abs().view(b, -1).argmax(-1)  # the best entry of each image of the block
         for i, entry in enumerate((per_image + torch.arange(b) * (len(tried) // b)).tolist()):
             side, crop_top, crop_left = (int(t) for t in tried[entry])
             info = ("zoom", side, int(candidate[entry]), crop_top, crop_left, int(view[entry]), 1 if signed[entry] >= 0 else -1)
             best.offer(i, float(signed[entry].abs()), info)
+        return where
 
     def _match(self, image: int, score: float, info: tuple[Any, ...], band: _Band, rows: torch.Tensor) -> Match:
         if not info:
@@ -605,17 +620,30 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _smooth(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (..., H, W) with `sigma` pixels (reflected borders); unchanged for sigma <= 0."""
+    """Gaussian blur of (..., H, W) with `sigma` pixels (reflected borders), as two matrix products; unchanged for
+    sigma <= 0."""
     if sigma <= 0:
         return images
-    radius = min(math.ceil(2.5 * sigma), images.shape[-1] - 1, images.shape[-2] - 1)
-    taps = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    down = _blur_matrix(images.shape[-2], sigma).to(images.dtype)
+    across = _blur_matrix(images.shape[-1], sigma).to(images.dtype)
+    return down @ images @ across.T
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) M with M @ x = x blurred along its first axis by a Gaussian of `sigma` (taps to 2.5 sigma),
+    the border reflected (as `F.pad(mode="reflect")`)."""
+    radius = min(math.ceil(2.5 * sigma), size - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    shape = images.shape
-    flat = F.pad(images.reshape(-1, 1, shape[-2], shape[-1]), (radius, radius, radius, radius), mode="reflect")
-    flat = F.conv2d(F.conv2d(flat, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
-    return flat.reshape(shape)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for i in range(size):
+        for offset, weight in zip(range(-radius, radius + 1), kernel.tolist()):
+            j = i + offset
+            j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)  # reflect without repeating the edge
+            matrix[i, j] += weight
+    return matrix.float()
 
 
 def _channel_views(images: torch.Tensor, *, always: bool) -> tuple[list[str], torch.Tensor]:
